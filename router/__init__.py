@@ -1,0 +1,3 @@
+"""dicom-router: a DICOM store-and-forward compression router."""
+
+__version__ = "0.1.0"

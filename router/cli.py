@@ -1,0 +1,200 @@
+"""The `dicom-router` command: serve, check, explain, transcode, queue.
+
+A thin shell over functions the tests also call. Exit codes: 0 ok, 1 runtime failure,
+2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from router import __version__
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def _load(path: str):  # noqa: ANN202
+    from router import config
+
+    return config.load(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from router import log
+    from router.config import ConfigError
+    from router.service import Router
+
+    log.configure(args.log_format, args.log_level)
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        log.get("cli").error("invalid_configuration", error=str(exc))
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    Router(cfg).serve_forever()
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from router.config import ConfigError
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{cfg.path}: ok")
+    for dest in cfg.destinations:
+        d = dest.destination
+        print(f"{dest.path}: ok: destination {dest.name} -> {d.ae_title}@{d.host}:{d.port}, {len(dest.rules)} rule(s)")
+        last = dest.rules[-1]
+        if last.match:
+            print(f"{dest.path}: note: the last rule has a match table; instances matching no rule are not "
+                  f"forwarded to {dest.name}")
+    if not cfg.destinations:
+        print(f"{cfg.router.rules.dir}: note: no rule files: received instances go nowhere")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pydicom import dcmread
+
+    from router.config import ConfigError
+    from router.rules import Attributes, Context, decide
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    context = Context(calling_ae=args.calling_ae, called_ae=args.called_ae or cfg.router.listen.ae_title,
+                      source_ip=args.source_ip)
+    status = EXIT_OK
+    for name in args.files:
+        try:
+            header = dcmread(name, stop_before_pixels=True)
+        except Exception as exc:  # noqa: BLE001
+            print(f"{name}: cannot read: {exc}")
+            status = EXIT_FAILURE
+            continue
+        ts = header.file_meta.get("TransferSyntaxUID", "?")
+        print(f"{name}: {header.get('Modality', '?')} {header.get('SOPClassUID', '?')} in {ts}")
+        for dest in cfg.destinations:
+            decision = decide(dest.rules, Attributes(header, context), dest.destination.keep_sop_instance_uid)
+            target = decision.syntax if decision.forward else "not forwarded"
+            print(f"  {dest.name}: {target}  ({decision.reason})")
+    return status
+
+
+def cmd_transcode(args: argparse.Namespace) -> int:
+    import shutil
+
+    from router.transcode import Request, TranscodeError, transcode_file
+
+    request = Request(syntax=args.syntax, quality=args.quality, near=args.near, ratio=args.ratio,
+                      fallback=args.fallback, verify=args.verify, max_error=args.max_error,
+                      keep_sop_instance_uid=args.keep_uid)
+    try:
+        outcome = transcode_file(Path(args.input), Path(args.output), request)
+    except (TranscodeError, KeyError, ValueError, OSError) as exc:
+        print(f"{args.input}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not outcome.changed:
+        shutil.copyfile(args.input, args.output)
+    ratio = f", ratio {outcome.ratio:.2f}" if outcome.ratio else ""
+    print(f"{args.output}: {outcome.syntax} ({outcome.transfer_syntax_uid}){ratio}: {outcome.note}")
+    return EXIT_OK
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from router.config import ConfigError
+    from router.service import open_queue
+
+    try:
+        cfg = _load(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    queue = open_queue(cfg)
+    if args.action == "retry":
+        count = queue.retry_dead(args.destination, args.job)
+        print(f"{count} dead letter(s) put back to pending")
+        print("a running router picks them up within a second")
+        return EXIT_OK
+    counts = queue.counts()
+    oldest = queue.oldest_pending()
+    names = sorted({d.name for d in cfg.destinations} | {d for d, _ in counts})
+    print(f"{'destination':20} {'pending':>8} {'in_flight':>9} {'dead':>6} {'oldest_pending':>15}")
+    for name in names:
+        if args.destination and name != args.destination:
+            continue
+        age = oldest.get(name)
+        print(f"{name:20} {counts.get((name, 'pending'), 0):>8} {counts.get((name, 'in_flight'), 0):>9} "
+              f"{counts.get((name, 'dead'), 0):>6} {(f'{age:.0f}s' if age is not None else '-'):>15}")
+    if args.action == "dead" or args.verbose:
+        state = "dead" if args.action == "dead" else None
+        for job in queue.jobs(args.destination, state):
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.instance.received_at))
+            print(f"job {job.id} {job.destination} {job.state} attempts={job.attempts} received={when} "
+                  f"sop_instance_uid={job.instance.sop_instance_uid} error={job.last_error or '-'}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-router", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"dicom-router {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="receive, queue, transcode and forward until SIGTERM")
+    serve.add_argument("--config", required=True, help="path to router.toml")
+    serve.add_argument("--log-format", choices=["json", "console"], default="json",
+                       help="json (default): one event per line; console: for humans")
+    serve.add_argument("--log-level", default="info", help="debug, info (default), warning, error")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate router.toml and every rule file; exit 2 naming what is wrong")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=cmd_check)
+
+    explain = sub.add_parser("explain", help="print, per file and destination, the rule that matches and why")
+    explain.add_argument("--config", required=True)
+    explain.add_argument("--calling-ae", default="", help="CallingAE to assume (default: empty)")
+    explain.add_argument("--called-ae", default="", help="CalledAE to assume (default: the listen AE title)")
+    explain.add_argument("--source-ip", default="", help="SourceIP to assume (default: empty)")
+    explain.add_argument("files", nargs="+")
+    explain.set_defaults(func=cmd_explain)
+
+    transcode = sub.add_parser("transcode", help="run the router's transcoder on one file, offline")
+    transcode.add_argument("--syntax", required=True, help="registry name (e.g. jpeg-ls-lossless) or UID")
+    transcode.add_argument("--quality", type=int, help="1-100 for lossy syntaxes")
+    transcode.add_argument("--near", type=int, help="JPEG-LS near-lossless maximum error")
+    transcode.add_argument("--ratio", type=float, help="target ratio for lossy JPEG 2000 / HTJ2K")
+    transcode.add_argument("--fallback", help="syntax for images the chosen one cannot carry")
+    transcode.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
+                           help="decode again and compare (default: on for lossless syntaxes)")
+    transcode.add_argument("--max-error", type=int, help="lossy: largest allowed absolute pixel difference")
+    transcode.add_argument("--keep-uid", action="store_true", help="lossy output keeps the SOP Instance UID")
+    transcode.add_argument("input")
+    transcode.add_argument("output")
+    transcode.set_defaults(func=cmd_transcode)
+
+    queue = sub.add_parser("queue", help="show pending, in-flight and dead jobs; 'retry' puts dead letters back")
+    queue.add_argument("action", nargs="?", choices=["list", "dead", "retry"], default="list")
+    queue.add_argument("--config", required=True)
+    queue.add_argument("--destination", help="only this destination (rule file name without .toml)")
+    queue.add_argument("--job", type=int, action="append", help="retry: only this job id (repeatable)")
+    queue.add_argument("-v", "--verbose", action="store_true", help="list: also print every job")
+    queue.set_defaults(func=cmd_queue)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

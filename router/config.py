@@ -1,0 +1,332 @@
+"""The configuration contract: `router.toml` and one rule file per destination.
+
+Pydantic models validate at the edge; the rest of the router works with the
+validated objects. Every error names the file, the rule and the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydicom.datadict import keyword_dict
+
+from router import syntaxes
+
+CONTEXT_KEYS = ("CallingAE", "CalledAE", "SourceIP")
+SKIP = "skip"
+_COMPARISON = re.compile(r"^\s*(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?)\s*$")
+
+
+class ConfigError(Exception):
+    """A configuration or rule file is invalid; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _ae_title(value: str) -> str:
+    if not value or len(value) > 16 or "\\" in value or not value.isprintable():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return value
+
+
+class AllowedCaller(_Strict):
+    ae_title: str
+    hosts: list[str] = Field(default_factory=list, description="source addresses or networks; empty: any")
+
+    @field_validator("hosts")
+    @classmethod
+    def _networks(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            ipaddress.ip_network(host, strict=False)
+        return hosts
+
+
+class Listen(_Strict):
+    ae_title: str = "ROUTER"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_callers: list[str | AllowedCaller] = Field(default_factory=list)
+    require_called_ae_title: bool = True
+    max_associations: int = Field(32, ge=1)
+    max_pdu: int = Field(0, ge=0, description="0: unlimited")
+    acse_timeout_s: float = Field(30, gt=0)
+    dimse_timeout_s: float = Field(60, gt=0)
+    network_timeout_s: float = Field(60, gt=0)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str) -> str:
+        return _ae_title(value)
+
+
+class Storage(_Strict):
+    spool_dir: Path = Path("/var/lib/dicom-router/spool")
+    min_free_mb: int = Field(1024, ge=0)
+
+
+class Metrics(_Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(9110, ge=0, le=65535, description="0: no metrics endpoint")
+
+
+class RulesDir(_Strict):
+    dir: Path = Path("rules")
+
+
+class Transcode(_Strict):
+    workers: int = Field(0, ge=0, description="codec worker processes; 0: one per core")
+
+
+class RouterConfig(_Strict):
+    listen: Listen = Field(default_factory=Listen)
+    storage: Storage = Field(default_factory=Storage)
+    metrics: Metrics = Field(default_factory=Metrics)
+    rules: RulesDir = Field(default_factory=RulesDir)
+    transcode: Transcode = Field(default_factory=Transcode)
+
+
+class Retry(_Strict):
+    max_attempts: int = Field(20, ge=1)
+    backoff_s: float = Field(5, ge=0)
+    max_backoff_s: float = Field(600, ge=0)
+
+
+class Timeouts(_Strict):
+    connect_s: float = Field(10, gt=0)
+    acse_s: float = Field(30, gt=0)
+    dimse_s: float = Field(120, gt=0)
+    network_s: float = Field(120, gt=0)
+
+
+StatusOutcome = Literal["success", "retry", "permanent"]
+
+
+class Destination(_Strict):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    calling_ae_title: str | None = None
+    max_associations: int = Field(1, ge=1, le=16)
+    batch_size: int = Field(32, ge=1, le=1000)
+    keep_sop_instance_uid: bool = False
+    max_pdu: int = Field(0, ge=0)
+    retry: Retry = Field(default_factory=Retry)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    statuses: dict[str, StatusOutcome] = Field(
+        default_factory=dict,
+        description="C-STORE status (hex, e.g. '0xA700' or a range 'A700-A7FF') to outcome; overrides the defaults",
+    )
+
+    @field_validator("ae_title", "calling_ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return value if value is None else _ae_title(value)
+
+    @field_validator("statuses")
+    @classmethod
+    def _status_keys(cls, statuses: dict[str, str]) -> dict[str, str]:
+        for key in statuses:
+            parse_status_range(key)
+        return statuses
+
+
+def parse_status_range(text: str) -> tuple[int, int]:
+    """'0xA700' -> (0xA700, 0xA700); 'A700-A7FF' -> (0xA700, 0xA7FF)."""
+    parts = [p.strip() for p in text.split("-")]
+    if len(parts) not in (1, 2):
+        raise ValueError(f"status {text!r}: write one code like 0xA700 or a range like 0xA700-0xA7FF")
+    try:
+        low, high = (int(p, 16) for p in (parts * 2)[:2])
+    except ValueError:
+        raise ValueError(f"status {text!r} is not hexadecimal (write 0xA700 or A700-A7FF)") from None
+    if not (0 <= low <= high <= 0xFFFF):
+        raise ValueError(f"status range {text!r} is empty or outside 0x0000-0xFFFF")
+    return low, high
+
+
+MatchValue = str | int | float | list[str | int | float]
+
+
+class Rule(_Strict):
+    name: str = ""
+    match: dict[str, MatchValue] = Field(default_factory=dict)
+    syntax: str
+    quality: int | None = Field(None, ge=1, le=100)
+    near: int | None = Field(None, ge=0, le=255)
+    ratio: float | None = Field(None, gt=1)
+    fallback: str | None = None
+    verify: bool | None = None
+    max_error: int | None = Field(None, ge=0)
+
+    @field_validator("match")
+    @classmethod
+    def _keys_and_values(cls, match: dict[str, Any]) -> dict[str, Any]:
+        for key, value in match.items():
+            if key not in CONTEXT_KEYS and key not in keyword_dict:
+                hint = _close_keyword(key)
+                raise ValueError(
+                    f"match key {key!r} is neither a DICOM keyword nor one of {', '.join(CONTEXT_KEYS)}"
+                    + (f"; did you mean {hint!r}?" if hint else "")
+                )
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and item.strip()[:1] in "<>!" and item.strip():
+                    if not _COMPARISON.match(item):
+                        raise ValueError(
+                            f"match {key} = {item!r}: a comparison is an operator and a number, e.g. '>12'"
+                        )
+        return match
+
+    @field_validator("syntax")
+    @classmethod
+    def _syntax(cls, value: str) -> str:
+        if value == SKIP:
+            return value
+        _known_syntax(value)
+        return value
+
+    @field_validator("fallback")
+    @classmethod
+    def _fallback(cls, value: str | None) -> str | None:
+        if value is not None:
+            if value == SKIP:
+                raise ValueError("fallback cannot be 'skip': an image is never dropped because a codec cannot carry it")
+            _known_syntax(value)
+        return value
+
+    @model_validator(mode="after")
+    def _parameters_fit_syntax(self) -> Rule:
+        if self.syntax == SKIP:
+            return self
+        syntax = syntaxes.get(self.syntax)
+        if self.near is not None and "near" not in syntax.name:
+            raise ValueError(f"'near' applies to jpeg-ls-near-lossless, not to {syntax.name!r}")
+        if self.quality is not None and not syntax.lossy:
+            raise ValueError(f"'quality' applies to lossy syntaxes; {syntax.name!r} is lossless")
+        if self.max_error is not None and not syntax.lossy:
+            raise ValueError(f"'max_error' applies to lossy syntaxes; {syntax.name!r} is lossless (verify compares exactly)")
+        return self
+
+
+def _known_syntax(value: str) -> None:
+    try:
+        syntaxes.get(value)
+    except KeyError as exc:
+        raise ValueError(exc.args[0] if exc.args else f"unknown syntax {value!r}") from None
+
+
+def _close_keyword(key: str) -> str | None:
+    import difflib
+
+    found = difflib.get_close_matches(key, list(keyword_dict) + list(CONTEXT_KEYS), n=1)
+    return found[0] if found else None
+
+
+class RuleFile(_Strict):
+    destination: Destination
+    rule: list[Rule] = Field(min_length=1)
+
+
+class DestinationRules(BaseModel):
+    """A validated rule file: the destination and its ordered rules."""
+
+    model_config = ConfigDict(frozen=True)
+    name: str
+    path: Path
+    destination: Destination
+    rules: list[Rule]
+
+
+class Loaded(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    path: Path
+    router: RouterConfig
+    destinations: list[DestinationRules]
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.router.storage.spool_dir
+
+    def destination(self, name: str) -> DestinationRules:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def _describe(path: Path, exc: ValidationError, data: dict[str, Any] | None = None) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = list(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(file)"
+        if data is not None and len(loc) >= 2 and loc[0] == "rule" and isinstance(loc[1], int):
+            index = loc[1]
+            rules = data.get("rule") or []
+            name = rules[index].get("name", "") if index < len(rules) and isinstance(rules[index], dict) else ""
+            field = ".".join(str(p) for p in loc[2:]) or "(rule)"
+            where = f"rule {index + 1}" + (f" ({name!r})" if name else "") + f", field {field}"
+        else:
+            where = f"field {where}"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown field (not part of the configuration contract)"
+        lines.append(f"{path}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def load_rule_file(path: Path) -> DestinationRules:
+    data = _read_toml(path)
+    try:
+        parsed = RuleFile.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc, data)) from None
+    return DestinationRules(name=path.stem, path=path, destination=parsed.destination, rules=parsed.rule)
+
+
+def load(path: Path | str) -> Loaded:
+    """Load `router.toml` and every rule file; relative paths are relative to the config file.
+
+    Raises ConfigError listing every problem found, each naming its file.
+    """
+    path = Path(path).resolve()
+    data = _read_toml(path)
+    try:
+        router = RouterConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from None
+    base = path.parent
+    storage = router.storage.model_copy(update={"spool_dir": (base / router.storage.spool_dir).resolve()})
+    rules_dir = (base / router.rules.dir).resolve()
+    router = router.model_copy(update={"storage": storage, "rules": RulesDir(dir=rules_dir)})
+    return Loaded(path=path, router=router, destinations=load_rules_dir(rules_dir))
+
+
+def load_rules_dir(rules_dir: Path) -> list[DestinationRules]:
+    if not rules_dir.is_dir():
+        raise ConfigError(f"{rules_dir}: rules directory not found")
+    errors: list[str] = []
+    destinations: list[DestinationRules] = []
+    for file in sorted(rules_dir.glob("*.toml")):
+        try:
+            destinations.append(load_rule_file(file))
+        except ConfigError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return destinations

@@ -1,0 +1,412 @@
+"""Forwarding: one sender per destination association, claiming due jobs in batches.
+
+For each batch: decide (rules), transcode on the codec pool, then send over an association
+that is kept open while work keeps coming. Each SOP class is proposed with the chosen syntax
+and, in separate presentation contexts, Explicit and Implicit VR Little Endian, so a
+destination that refuses the compressed syntax still gets the image, decompressed.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config
+from pynetdicom.presentation import PresentationContext
+
+from router import log, metrics, syntaxes
+from router.config import Destination, DestinationRules, parse_status_range
+from router.queue import Job, Queue
+from router.rules import Attributes, Context, Decision, decide
+from router.spool import Spool
+from router.transcode import Outcome, Request
+from router.workers import CodecCrash, CodecPool, Task
+
+MAX_CONTEXTS = 128
+IDLE_RELEASE_S = 5.0
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# a destination offered a lossy JPEG also gets the baseline the standard makes the default
+_COMPANIONS = {"1.2.840.10008.1.2.4.51": "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.57": "1.2.840.10008.1.2.4.70"}
+
+DEFAULT_STATUSES: list[tuple[int, int, str]] = [
+    (0x0000, 0x0000, "success"),
+    (0x0001, 0x0001, "success"),
+    (0xB000, 0xBFFF, "success"),
+    (0xA700, 0xA7FF, "retry"),
+    (0xA900, 0xA9FF, "permanent"),
+    (0xC000, 0xCFFF, "permanent"),
+    (0x0122, 0x0122, "permanent"),
+    (0x0124, 0x0124, "permanent"),
+]
+
+
+def classify_status(code: int, overrides: dict[str, str] | None = None) -> str:
+    """C-STORE status -> 'success' | 'retry' | 'permanent'. Overrides win; unknown codes retry."""
+    for key, outcome in (overrides or {}).items():
+        low, high = parse_status_range(key)
+        if low <= code <= high:
+            return outcome
+    for low, high, outcome in DEFAULT_STATUSES:
+        if low <= code <= high:
+            return outcome
+    return "retry"
+
+
+def backoff_delay(attempts: int, backoff_s: float, max_backoff_s: float) -> float:
+    """Exponential backoff with jitter: the n-th retry waits about backoff_s * 2**(n-1), capped."""
+    base = min(max_backoff_s, backoff_s * (2 ** max(0, attempts - 1)))
+    return base / 2 + random.uniform(0, base / 2)
+
+
+@dataclass
+class Item:
+    job: Job
+    log: object
+    decision: Decision | None = None
+    path: Path | None = None
+    transfer_syntax_uid: str = ""
+    syntax_label: str = "original"
+    outcome: Outcome | None = None
+    request: Request | None = None
+
+
+class Forwarder:
+    """Sends one destination's jobs; runs `max_associations` sender threads."""
+
+    def __init__(
+        self,
+        name: str,
+        rules: Callable[[str], DestinationRules | None],
+        queue: Queue,
+        spool: Spool,
+        pool: CodecPool,
+        calling_ae_title: str,
+    ) -> None:
+        self.name = name
+        self.rules = rules
+        self.queue = queue
+        self.spool = spool
+        self.pool = pool
+        self.calling_ae_title = calling_ae_title
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.log = log.get("forwarder").bind(destination=name)
+
+    def start(self) -> None:
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        dest = self.rules(self.name)
+        count = dest.destination.max_associations if dest else 1
+        for index in range(count):
+            thread = threading.Thread(target=self._run, name=f"forward-{self.name}-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    # -- the sender loop ----------------------------------------------------------------------
+    def _run(self) -> None:
+        sender = _Sender(self)
+        try:
+            while not self._stop.is_set():
+                dest = self.rules(self.name)
+                if dest is None:
+                    break
+                jobs = self.queue.claim(self.name, dest.destination.batch_size)
+                if not jobs:
+                    sender.release_if_idle()
+                    due = self.queue.next_due(self.name)
+                    wait = 1.0 if due is None else min(1.0, max(0.02, due - time.time()))
+                    self._wake.wait(wait)
+                    self._wake.clear()
+                    continue
+                try:
+                    sender.process(dest, jobs)
+                except Exception as exc:  # noqa: BLE001 - never let one batch kill the sender
+                    self.log.exception("batch_failed", error=str(exc))
+                    sender.abort()
+                    for job in sender.unresolved:
+                        self._retry(dest.destination, job, f"internal error: {exc}")
+                    sender.unresolved.clear()
+        finally:
+            if sender.unresolved:
+                self.queue.release([j.id for j in sender.unresolved])
+            sender.release()
+
+    # -- job outcomes ---------------------------------------------------------------------------
+    def _done(self, item: Item, size: int, started: float) -> None:
+        path = self.queue.complete(item.job.id)
+        if path:
+            self.spool.remove(path)
+        if item.path is not None and item.path != Path(item.job.instance.path):
+            self.spool.remove(item.path)
+        metrics.FORWARDED_INSTANCES.labels(destination=self.name, syntax=item.syntax_label).inc()
+        metrics.FORWARDED_BYTES.labels(destination=self.name, syntax=item.syntax_label).inc(size)
+        metrics.END_TO_END_SECONDS.labels(destination=self.name).observe(
+            max(0.0, time.time() - item.job.instance.received_at)
+        )
+
+    def _retry(self, dest: Destination, job: Job, error: str) -> None:
+        attempts = job.attempts + 1
+        if attempts >= dest.retry.max_attempts:
+            self.queue.dead(job.id, error)
+            metrics.FORWARD_FAILURES.labels(destination=self.name, outcome="dead").inc()
+            self.log.error("dead_letter", sop_instance_uid=job.instance.sop_instance_uid, attempts=attempts,
+                           error=error)
+            return
+        delay = backoff_delay(attempts, dest.retry.backoff_s, dest.retry.max_backoff_s)
+        self.queue.retry(job.id, error, time.time() + delay)
+        metrics.FORWARD_FAILURES.labels(destination=self.name, outcome="retry").inc()
+        self.log.warning("retry_scheduled", sop_instance_uid=job.instance.sop_instance_uid, attempts=attempts,
+                         retry_in_s=round(delay, 1), error=error)
+
+    def _dead(self, job: Job, error: str) -> None:
+        self.queue.dead(job.id, error)
+        metrics.FORWARD_FAILURES.labels(destination=self.name, outcome="dead").inc()
+        self.log.error("dead_letter", sop_instance_uid=job.instance.sop_instance_uid, error=error)
+
+
+class _Sender:
+    """One association slot of a forwarder: prepares batches and sends them."""
+
+    def __init__(self, forwarder: Forwarder) -> None:
+        self.f = forwarder
+        self.assoc = None
+        self.proposed: set[tuple[str, str]] = set()
+        self.last_used = 0.0
+        self.unresolved: list[Job] = []
+
+    # -- preparing ----------------------------------------------------------------------------
+    def _prepare(self, dest: DestinationRules, jobs: list[Job]) -> list[Item]:
+        f = self.f
+        items: list[Item] = []
+        tasks: list[tuple[Item, Task]] = []
+        for job in jobs:
+            inst = job.instance
+            item_log = f.log.bind(sop_instance_uid=inst.sop_instance_uid, study_instance_uid=inst.study_instance_uid)
+            src = Path(inst.path)
+            if not src.exists():
+                f._dead(job, f"spool file missing: {src}")
+                self.unresolved.remove(job)
+                continue
+            context = Context(inst.calling_ae, inst.called_ae, inst.source_ip)
+            try:
+                header = dcmread(src, stop_before_pixels=True)
+                decision = decide(dest.rules, Attributes(header, context), dest.destination.keep_sop_instance_uid)
+            except Exception as exc:  # noqa: BLE001 - it was accepted: send it as received
+                item_log.warning("header_unreadable", error=str(exc), action="forwarded as received")
+                decision = Decision(True, "", None, Request(syntax="original"), f"header unreadable: {exc}")
+            if not decision.forward:
+                metrics.SKIPPED.labels(destination=f.name).inc()
+                item_log.info("skipped", reason=decision.reason)
+                path = f.queue.complete(job.id)
+                if path:
+                    f.spool.remove(path)
+                self.unresolved.remove(job)
+                continue
+            item = Item(job=job, log=item_log, decision=decision, request=decision.request)
+            syntax = syntaxes.get(decision.request.syntax)
+            if syntax.name == "original" or syntax.uid == inst.transfer_syntax_uid:
+                item.path, item.transfer_syntax_uid, item.syntax_label = src, inst.transfer_syntax_uid, "original"
+            else:
+                tasks.append((item, Task(src, f.spool.out_path(job.id), decision.request)))
+            items.append(item)
+        if tasks:
+            results = f.pool.run_many([t for _, t in tasks])
+            for (item, task), result in zip(tasks, results):
+                self._apply(item, task, result)
+        return items
+
+    def _apply(self, item: Item, task: Task, result: Outcome | BaseException) -> None:
+        f = self.f
+        if isinstance(result, BaseException):
+            reason = "codec_crash" if isinstance(result, CodecCrash) else "codec_error"
+            metrics.FALLBACKS.labels(destination=f.name, reason=reason).inc()
+            item.log.error("transcode_failed", syntax=task.request.syntax, error=str(result) or type(result).__name__,
+                           action="forwarded as received")
+            item.path, item.transfer_syntax_uid, item.syntax_label = (
+                task.src, item.job.instance.transfer_syntax_uid, "original")
+            return
+        item.outcome = result
+        item.path = result.path
+        item.transfer_syntax_uid = result.transfer_syntax_uid
+        item.syntax_label = result.syntax
+        if result.changed:
+            metrics.TRANSCODE_SECONDS.labels(syntax=result.syntax).observe(result.seconds)
+        if result.fallback_reason:
+            metrics.FALLBACKS.labels(destination=f.name, reason=result.fallback_reason).inc()
+            item.log.warning("fallback", reason=result.fallback_reason, note=result.note, syntax=result.syntax)
+
+    # -- associations ---------------------------------------------------------------------------
+    @staticmethod
+    def _wanted(items: list[Item]) -> dict[str, set[str]]:
+        wanted: dict[str, set[str]] = {}
+        for item in items:
+            uids = wanted.setdefault(item.job.instance.sop_class_uid, set(UNCOMPRESSED))
+            uids.add(item.transfer_syntax_uid)
+            if item.transfer_syntax_uid in _COMPANIONS:
+                uids.add(_COMPANIONS[item.transfer_syntax_uid])
+        return wanted
+
+    def _groups(self, items: list[Item]) -> list[list[Item]]:
+        """Split a batch so that no association needs more than 128 presentation contexts."""
+        by_class: dict[str, list[Item]] = {}
+        for item in items:
+            by_class.setdefault(item.job.instance.sop_class_uid, []).append(item)
+        groups: list[list[Item]] = []
+        current: list[Item] = []
+        for class_items in by_class.values():
+            if current and sum(len(v) for v in self._wanted(current + class_items).values()) > MAX_CONTEXTS:
+                groups.append(current)
+                current = []
+            current.extend(class_items)
+        if current:
+            groups.append(current)
+        return groups
+
+    def _associate(self, dest: Destination, wanted: dict[str, set[str]]) -> str | None:
+        """Make sure an association covering `wanted` is open; returns an error or None."""
+        pairs = {(sop, ts) for sop, uids in wanted.items() for ts in uids}
+        if self.assoc is not None and self.assoc.is_established and pairs <= self.proposed:
+            return None
+        self.release()
+        ae = AE(ae_title=dest.calling_ae_title or self.f.calling_ae_title)
+        ae.acse_timeout = dest.timeouts.acse_s
+        ae.dimse_timeout = dest.timeouts.dimse_s
+        ae.network_timeout = dest.timeouts.network_s
+        ae.connection_timeout = dest.timeouts.connect_s
+        contexts = []
+        for sop, uids in wanted.items():
+            for ts in sorted(uids, key=lambda u: (u in UNCOMPRESSED, u)):
+                cx = PresentationContext()
+                cx.abstract_syntax = sop
+                cx.transfer_syntax = [ts]
+                contexts.append(cx)
+        ae.requested_contexts = contexts
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=dest.max_pdu)
+        if not assoc.is_established:
+            if assoc.is_rejected:
+                return "association rejected by the destination"
+            if assoc.is_aborted:
+                return "association aborted by the destination"
+            return f"cannot connect to {dest.host}:{dest.port}"
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.assoc, self.proposed = assoc, pairs
+        return None
+
+    def release(self) -> None:
+        if self.assoc is not None:
+            try:
+                if self.assoc.is_established:
+                    self.assoc.release()
+            except Exception:  # noqa: BLE001 - the peer may already be gone
+                self.assoc.abort()
+            self.assoc = None
+            self.proposed = set()
+
+    def abort(self) -> None:
+        if self.assoc is not None:
+            self.assoc.abort()
+            self.assoc = None
+            self.proposed = set()
+
+    def release_if_idle(self) -> None:
+        if self.assoc is not None and time.monotonic() - self.last_used > IDLE_RELEASE_S:
+            self.release()
+
+    def _accepted(self, sop: str, ts: str) -> bool:
+        return any(
+            cx.abstract_syntax == sop and cx.transfer_syntax[0] == ts for cx in self.assoc.accepted_contexts
+        )
+
+    # -- sending ----------------------------------------------------------------------------------
+    def process(self, dest: DestinationRules, jobs: list[Job]) -> None:
+        f = self.f
+        self.unresolved = list(jobs)
+        items = self._prepare(dest, jobs)
+        for group in self._groups(items):
+            if f._stop.is_set():
+                break
+            error = self._associate(dest.destination, self._wanted(group))
+            if error:
+                f.log.warning("association_failed", error=error, host=dest.destination.host,
+                              port=dest.destination.port)
+                for item in group:
+                    f._retry(dest.destination, item.job, error)
+                    self.unresolved.remove(item.job)
+                continue
+            for item in group:
+                if f._stop.is_set() or self.assoc is None or not self.assoc.is_established:
+                    break
+                self._send(dest.destination, item)
+                self.unresolved.remove(item.job)
+                self.last_used = time.monotonic()
+        if self.unresolved:
+            f.queue.release([j.id for j in self.unresolved])
+            self.unresolved = []
+
+    def _send(self, dest: Destination, item: Item) -> None:
+        f = self.f
+        sop = item.job.instance.sop_class_uid
+        if not self._accepted(sop, item.transfer_syntax_uid):
+            fallback = next((ts for ts in UNCOMPRESSED if self._accepted(sop, ts)), None)
+            if fallback is None:
+                f._dead(item.job, f"destination accepts no presentation context for SOP class {sop}")
+                return
+            refused = item.transfer_syntax_uid
+            name = syntaxes.get(fallback).name
+            request = Request(syntax=name, keep_sop_instance_uid=dest.keep_sop_instance_uid)
+            task = Task(Path(item.job.instance.path), f.spool.out_path(item.job.id, "-" + name), request)
+            result = f.pool.run_many([task])[0]
+            if isinstance(result, BaseException):
+                f._retry(dest, item.job, f"cannot decompress for a destination that refused {refused}: {result}")
+                return
+            if item.path is not None and item.path != Path(item.job.instance.path):
+                f.spool.remove(item.path)
+            item.path, item.transfer_syntax_uid, item.syntax_label = result.path, result.transfer_syntax_uid, name
+            metrics.FALLBACKS.labels(destination=f.name, reason="refused_by_destination").inc()
+            item.log.warning("syntax_refused", refused=refused, sent_as=result.transfer_syntax_uid,
+                             action="decompressed and sent")
+        size = item.path.stat().st_size
+        started = time.monotonic()
+        try:
+            status = self.assoc.send_c_store(item.path)
+        except Exception as exc:  # noqa: BLE001 - unreadable file, encoding problem, lost peer
+            self.abort()
+            f._retry(dest, item.job, f"C-STORE failed: {exc}")
+            return
+        elapsed = time.monotonic() - started
+        metrics.FORWARD_SECONDS.labels(destination=f.name).observe(elapsed)
+        if "Status" not in status:
+            self.abort()
+            f._retry(dest, item.job, "no C-STORE response (DIMSE timeout or association aborted)")
+            return
+        code = int(status.Status)
+        outcome = classify_status(code, dest.statuses)
+        if outcome == "success":
+            f._done(item, size, started)
+            ratio = item.outcome.ratio if item.outcome else None
+            item.log.info("forwarded", syntax=item.syntax_label, transfer_syntax=item.transfer_syntax_uid,
+                          status=f"0x{code:04X}", size=size, ratio=round(ratio, 2) if ratio else None,
+                          duration=round(elapsed, 4))
+        elif outcome == "retry":
+            f._retry(dest, item.job, f"destination answered 0x{code:04X}")
+        else:
+            f._dead(item.job, f"destination answered 0x{code:04X} (permanent failure)")

@@ -1,0 +1,147 @@
+"""Prometheus metrics and the HTTP endpoint that serves them with /healthz and /readyz.
+
+Labels are few and of low cardinality: destination, syntax, outcome, reason, caller (AE title).
+Never UIDs or patient data.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from router import __version__
+
+RECEIVED_INSTANCES = Counter(
+    "dicom_router_received_instances", "Instances received and made durable (C-STORE success sent)", ["caller"]
+)
+RECEIVED_BYTES = Counter("dicom_router_received_bytes", "Bytes of instances received and made durable", ["caller"])
+REJECTED = Counter(
+    "dicom_router_rejected",
+    "C-STORE requests or associations refused (reason: disk_full, not_allowed, malformed, too_large, busy, error)",
+    ["reason"],
+)
+ASSOCIATIONS = Counter("dicom_router_associations", "Inbound associations accepted", ["caller"])
+FORWARDED_INSTANCES = Counter(
+    "dicom_router_forwarded_instances", "Instances stored at a destination", ["destination", "syntax"]
+)
+FORWARDED_BYTES = Counter(
+    "dicom_router_forwarded_bytes", "Bytes of the files sent to a destination", ["destination", "syntax"]
+)
+FORWARD_FAILURES = Counter(
+    "dicom_router_forward_failures", "Failed sends (outcome: retry, dead)", ["destination", "outcome"]
+)
+FALLBACKS = Counter(
+    "dicom_router_fallbacks",
+    "Instances not sent in the rule's syntax (reason: refused_by_destination, codec_cannot_carry, "
+    "verify_mismatch, codec_error, codec_crash)",
+    ["destination", "reason"],
+)
+SKIPPED = Counter("dicom_router_skipped", "Instances a destination's rules chose not to forward", ["destination"])
+TRANSCODE_SECONDS = Histogram(
+    "dicom_router_transcode_seconds",
+    "Time to encode (and verify) one instance",
+    ["syntax"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+FORWARD_SECONDS = Histogram(
+    "dicom_router_forward_seconds",
+    "Time for one C-STORE to a destination, request to response",
+    ["destination"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+END_TO_END_SECONDS = Histogram(
+    "dicom_router_end_to_end_seconds",
+    "Time from receipt to the destination's success status",
+    ["destination"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
+)
+BUILD_INFO = Info("dicom_router_build", "Version of the running router")
+BUILD_INFO.info({"version": __version__})
+
+
+class StateCollector(Collector):
+    """Gauges read at scrape time from the queue and the spool, so they are never stale."""
+
+    def __init__(
+        self,
+        queue_counts: Callable[[], dict[tuple[str, str], int]],
+        oldest_pending: Callable[[], dict[str, float]],
+        spool_free_bytes: Callable[[], int],
+        destinations: Callable[[], list[str]],
+    ) -> None:
+        self._queue_counts = queue_counts
+        self._oldest_pending = oldest_pending
+        self._spool_free_bytes = spool_free_bytes
+        self._destinations = destinations
+
+    def collect(self):  # noqa: ANN201 - prometheus_client protocol
+        names = self._destinations()
+        jobs = GaugeMetricFamily(
+            "dicom_router_queue_jobs", "Jobs in the queue by destination and state", labels=["destination", "state"]
+        )
+        counts = self._queue_counts()
+        for name in sorted(set(names) | {d for d, _ in counts}):
+            for state in ("pending", "in_flight", "dead"):
+                jobs.add_metric([name, state], counts.get((name, state), 0))
+        yield jobs
+        oldest = GaugeMetricFamily(
+            "dicom_router_oldest_pending_seconds",
+            "Age of the oldest job not yet delivered, by destination (0 when none)",
+            labels=["destination"],
+        )
+        ages = self._oldest_pending()
+        for name in sorted(set(names) | set(ages)):
+            oldest.add_metric([name], ages.get(name, 0.0))
+        yield oldest
+        yield GaugeMetricFamily(
+            "dicom_router_spool_free_bytes", "Free bytes on the spool's filesystem", value=self._spool_free_bytes()
+        )
+
+
+_collector: StateCollector | None = None
+
+
+def install_state_collector(collector: StateCollector) -> None:
+    global _collector
+    if _collector is not None:
+        REGISTRY.unregister(_collector)
+    REGISTRY.register(collector)
+    _collector = collector
+
+
+class _Handler(BaseHTTPRequestHandler):
+    ready: Callable[[], tuple[bool, str]] = staticmethod(lambda: (True, "ok"))  # type: ignore[assignment]
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server API
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
+        elif path == "/healthz":
+            body, ctype, code = b"ok\n", "text/plain; charset=utf-8", 200
+        elif path == "/readyz":
+            ok, why = type(self).ready()
+            body, ctype, code = (why + "\n").encode(), "text/plain; charset=utf-8", 200 if ok else 503
+        else:
+            body, ctype, code = b"not found: try /metrics, /healthz or /readyz\n", "text/plain", 404
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - http.server API
+        pass
+
+
+def serve_http(host: str, port: int, ready: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
+    """Start /metrics, /healthz and /readyz on a daemon thread; returns the server (call shutdown())."""
+    handler = type("MetricsHandler", (_Handler,), {"ready": staticmethod(ready)})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

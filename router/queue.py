@@ -1,0 +1,285 @@
+"""The durable queue: one job per (instance, destination), in SQLite (WAL, synchronous=FULL).
+
+States: pending -> in_flight -> (done: row deleted) | pending again (retry) | dead (kept, retryable).
+An instance row and its spool file live as long as any of its jobs does.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    study_instance_uid TEXT NOT NULL DEFAULT '',
+    transfer_syntax_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    called_ae TEXT NOT NULL DEFAULT '',
+    source_ip TEXT NOT NULL DEFAULT '',
+    size INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    instance_id INTEGER NOT NULL REFERENCES instances(id),
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'in_flight', 'dead')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS jobs_instance ON jobs (instance_id);
+"""
+
+
+@dataclass(frozen=True)
+class Instance:
+    path: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    called_ae: str
+    source_ip: str
+    size: int
+    received_at: float
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str
+    instance_id: int
+    instance: Instance
+
+
+_JOB_COLUMNS = (
+    "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.instance_id, "
+    "i.path, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid, i.transfer_syntax_uid, "
+    "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at"
+)
+
+
+def _job(row: tuple) -> Job:
+    return Job(*row[:7], instance=Instance(*row[7:]))
+
+
+class Queue:
+    """Thread-safe: each thread gets its own SQLite connection; writers serialise in SQLite."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._local = threading.local()
+        with self._tx() as db:
+            db.executescript(SCHEMA)
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA foreign_keys=ON")
+            self._local.db = db
+        return db
+
+    class _Tx:
+        def __init__(self, db: sqlite3.Connection) -> None:
+            self.db = db
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.db.execute("BEGIN IMMEDIATE")
+            return self.db
+
+        def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+
+    def _tx(self) -> _Tx:
+        return self._Tx(self._db())
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # -- receiving -------------------------------------------------------------------------
+    def add(self, instance: Instance, destinations: Iterable[str]) -> int:
+        """Record an instance and its jobs in one committed transaction; returns the instance id."""
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
+                "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    instance.path,
+                    instance.sop_class_uid,
+                    instance.sop_instance_uid,
+                    instance.study_instance_uid,
+                    instance.transfer_syntax_uid,
+                    instance.calling_ae,
+                    instance.called_ae,
+                    instance.source_ip,
+                    instance.size,
+                    instance.received_at,
+                ),
+            )
+            instance_id = int(cur.lastrowid)
+            db.executemany(
+                "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at) "
+                "VALUES (?, ?, 'pending', ?, ?)",
+                [(instance_id, name, now, now) for name in destinations],
+            )
+        return instance_id
+
+    # -- forwarding ------------------------------------------------------------------------
+    def claim(self, destination: str, limit: int, now: float | None = None) -> list[Job]:
+        """Move up to `limit` due pending jobs of `destination` to in_flight and return them."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id "
+                "WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? "
+                "ORDER BY j.next_attempt_at, j.id LIMIT ?",
+                (destination, now, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE jobs SET state = 'in_flight', updated_at = ? WHERE id = ?", [(now, r[0]) for r in rows]
+            )
+        return [_job(r) for r in rows]
+
+    def next_due(self, destination: str) -> float | None:
+        row = self._db().execute(
+            "SELECT MIN(next_attempt_at) FROM jobs WHERE destination = ? AND state = 'pending'", (destination,)
+        ).fetchone()
+        return row[0]
+
+    def complete(self, job_id: int) -> str | None:
+        """Delete a finished job; returns the spool path when no job of that instance remains."""
+        with self._tx() as db:
+            return self._finish(db, job_id)
+
+    def _finish(self, db: sqlite3.Connection, job_id: int) -> str | None:
+        row = db.execute(
+            "SELECT j.instance_id, i.path FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = ?",
+            (job_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        instance_id, path = row
+        db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        if db.execute("SELECT 1 FROM jobs WHERE instance_id = ? LIMIT 1", (instance_id,)).fetchone():
+            return None
+        db.execute("DELETE FROM instances WHERE id = ?", (instance_id,))
+        return path
+
+    def release(self, job_ids: Iterable[int]) -> None:
+        """Put claimed jobs back to pending without counting an attempt (shutdown, batch cut short)."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE jobs SET state = 'pending', updated_at = ? WHERE id = ? AND state = 'in_flight'",
+                [(now, i) for i in job_ids],
+            )
+
+    def retry(self, job_id: int, error: str, next_attempt_at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'pending', attempts = attempts + 1, next_attempt_at = ?, last_error = ?, "
+                "updated_at = ? WHERE id = ?",
+                (next_attempt_at, error, time.time(), job_id),
+            )
+
+    def dead(self, job_id: int, error: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'dead', attempts = attempts + 1, last_error = ?, updated_at = ? WHERE id = ?",
+                (error, time.time(), job_id),
+            )
+
+    # -- start-up and operation -------------------------------------------------------------
+    def recover(self) -> int:
+        """Jobs left in flight by a crash go back to pending; returns how many."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = 'pending', next_attempt_at = MIN(next_attempt_at, ?) WHERE state = 'in_flight'",
+                (time.time(),),
+            )
+            # instances whose every job finished but whose row survived (should not happen)
+            db.execute("DELETE FROM instances WHERE id NOT IN (SELECT instance_id FROM jobs)")
+            return cur.rowcount
+
+    def paths(self) -> list[str]:
+        return [r[0] for r in self._db().execute("SELECT path FROM instances")]
+
+    def fail_missing_files(self, exists: callable) -> int:  # type: ignore[valid-type]
+        """Jobs whose spool file vanished become dead letters saying so; returns how many."""
+        missing = [(i, p) for i, p in self._db().execute("SELECT id, path FROM instances") if not exists(p)]
+        with self._tx() as db:
+            for instance_id, path in missing:
+                db.execute(
+                    "UPDATE jobs SET state = 'dead', last_error = ?, updated_at = ? WHERE instance_id = ?",
+                    (f"spool file missing: {path}", time.time(), instance_id),
+                )
+        return len(missing)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        return {
+            (d, s): n
+            for d, s, n in self._db().execute("SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state")
+        }
+
+    def oldest_pending(self, now: float | None = None) -> dict[str, float]:
+        now = time.time() if now is None else now
+        return {
+            d: max(0.0, now - t)
+            for d, t in self._db().execute(
+                "SELECT j.destination, MIN(i.received_at) FROM jobs j JOIN instances i ON i.id = j.instance_id "
+                "WHERE j.state IN ('pending', 'in_flight') GROUP BY j.destination"
+            )
+        }
+
+    def jobs(self, destination: str | None = None, state: str | None = None, limit: int = 1000) -> list[Job]:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE 1=1"
+        args: list = []
+        if destination:
+            sql += " AND j.destination = ?"
+            args.append(destination)
+        if state:
+            sql += " AND j.state = ?"
+            args.append(state)
+        sql += " ORDER BY j.id LIMIT ?"
+        args.append(limit)
+        return [_job(r) for r in self._db().execute(sql, args)]
+
+    def retry_dead(self, destination: str | None = None, job_ids: Iterable[int] | None = None) -> int:
+        """Put dead letters back to pending with a fresh attempt count; returns how many."""
+        sql = "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ? WHERE state = 'dead'"
+        now = time.time()
+        args: list = [now, now]
+        if destination:
+            sql += " AND destination = ?"
+            args.append(destination)
+        ids = list(job_ids or [])
+        if ids:
+            sql += f" AND id IN ({','.join('?' * len(ids))})"
+            args.extend(ids)
+        with self._tx() as db:
+            return db.execute(sql, args).rowcount

@@ -1,0 +1,206 @@
+"""Receiving: the C-STORE / C-ECHO service class provider.
+
+The network layer writes each incoming dataset to a file in the spool's `incoming/` without
+decoding it. The handler reads only the header (for the rules), makes the file durable, records
+the instance and its jobs, and only then answers success.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from router import log, metrics
+from router.config import AllowedCaller, DestinationRules, Listen
+from router.queue import Instance, Queue
+from router.rules import Attributes, Context, decide
+from router.spool import Spool
+
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+SUCCESS = 0x0000
+
+_log = log.get("scp")
+
+
+def _caller_allowed(allowed: list[str | AllowedCaller], ae_title: str, address: str) -> bool:
+    if not allowed:
+        return True
+    for entry in allowed:
+        if isinstance(entry, str):
+            if entry.strip() == ae_title.strip():
+                return True
+            continue
+        if entry.ae_title.strip() != ae_title.strip():
+            continue
+        if not entry.hosts:
+            return True
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            continue
+        if any(ip in ipaddress.ip_network(h, strict=False) for h in entry.hosts):
+            return True
+    return False
+
+
+class Receiver:
+    """The inbound side: owns the pynetdicom AE and the C-STORE handler."""
+
+    def __init__(
+        self,
+        listen: Listen,
+        spool: Spool,
+        queue: Queue,
+        destinations: Callable[[], list[DestinationRules]],
+        on_enqueued: Callable[[list[str]], None] = lambda names: None,
+    ) -> None:
+        self.listen = listen
+        self.spool = spool
+        self.queue = queue
+        self.destinations = destinations
+        self.on_enqueued = on_enqueued
+        self.server = None
+        self._lock = threading.Lock()
+
+    # -- handlers ----------------------------------------------------------------------------
+    def _on_conn_open(self, event: evt.Event) -> None:
+        sock = getattr(event.assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event: evt.Event) -> None:
+        calling = event.assoc.requestor.primitive.calling_ae_title
+        address = event.assoc.requestor.address
+        if not _caller_allowed(self.listen.allowed_callers, calling, address):
+            metrics.REJECTED.labels(reason="not_allowed").inc()
+            _log.warning("association_rejected", reason="calling AE title or address not allowed",
+                         calling_ae=calling, source_ip=address)
+            # rejected-permanent, service-user, calling AE title not recognised
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_established(self, event: evt.Event) -> None:
+        metrics.ASSOCIATIONS.labels(caller=event.assoc.requestor.ae_title.strip()).inc()
+
+    def _on_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        started = time.monotonic()
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        context = Context(calling_ae=calling, called_ae=assoc.acceptor.ae_title.strip(),
+                          source_ip=assoc.requestor.address)
+        request = event.request
+        bound = _log.bind(calling_ae=calling, association=assoc.native_id,
+                          sop_instance_uid=str(request.AffectedSOPInstanceUID))
+        received = Path(event.dataset_path)
+        try:
+            size = received.stat().st_size
+            if not self.spool.has_room(0):
+                metrics.REJECTED.labels(reason="disk_full").inc()
+                bound.error("store_refused", reason="spool below min_free_mb", status="0xA700",
+                            free_bytes=self.spool.free_bytes())
+                return OUT_OF_RESOURCES
+            try:
+                header = dcmread(received, stop_before_pixels=True)
+                transfer_syntax = str(header.file_meta.TransferSyntaxUID)
+                study = str(header.get("StudyInstanceUID", ""))
+            except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError, OSError) as exc:
+                metrics.REJECTED.labels(reason="malformed").inc()
+                bound.error("store_refused", reason=f"data set cannot be parsed: {exc}", status="0xC000")
+                return CANNOT_UNDERSTAND
+            attributes = Attributes(header, context)
+            targets = []
+            for dest in self.destinations():
+                decision = decide(dest.rules, attributes, dest.destination.keep_sop_instance_uid)
+                if decision.forward:
+                    targets.append(dest.name)
+                else:
+                    metrics.SKIPPED.labels(destination=dest.name).inc()
+            final = self.spool.accept(received)
+            instance = Instance(
+                path=str(final),
+                sop_class_uid=str(request.AffectedSOPClassUID),
+                sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                study_instance_uid=study,
+                transfer_syntax_uid=transfer_syntax,
+                calling_ae=calling,
+                called_ae=context.called_ae,
+                source_ip=context.source_ip,
+                size=size,
+                received_at=time.time(),
+            )
+            try:
+                if targets:
+                    self.queue.add(instance, targets)
+            except Exception:
+                self.spool.remove(final)
+                raise
+            if not targets:
+                # no destination wants it: nothing to keep once it has been accepted
+                self.spool.remove(final)
+        except OSError as exc:
+            metrics.REJECTED.labels(reason="disk_full" if exc.errno in (28, 122) else "error").inc()
+            bound.error("store_refused", reason=f"cannot spool: {exc}", status="0xA700")
+            return OUT_OF_RESOURCES
+        except Exception as exc:  # the queue is unavailable: the modality must retry
+            metrics.REJECTED.labels(reason="error").inc()
+            bound.exception("store_refused", reason=f"cannot record in queue: {exc}", status="0xA700")
+            return OUT_OF_RESOURCES
+        metrics.RECEIVED_INSTANCES.labels(caller=calling).inc()
+        metrics.RECEIVED_BYTES.labels(caller=calling).inc(size)
+        bound.info("stored", study_instance_uid=study, transfer_syntax=transfer_syntax, size=size,
+                   destinations=targets, duration=round(time.monotonic() - started, 4))
+        if targets:
+            self.on_enqueued(targets)
+        return SUCCESS
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def make_ae(self) -> AE:
+        ae = AE(ae_title=self.listen.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.require_called_aet = self.listen.require_called_ae_title
+        ae.maximum_associations = self.listen.max_associations
+        ae.maximum_pdu_size = self.listen.max_pdu
+        ae.acse_timeout = self.listen.acse_timeout_s
+        ae.dimse_timeout = self.listen.dimse_timeout_s
+        ae.network_timeout = self.listen.network_timeout_s
+        return ae
+
+    def start(self) -> None:
+        # incoming datasets stream to files on the spool's filesystem so that accepting one is a rename
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.spool.incoming)
+        ae = self.make_ae()
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+        ]
+        self.server = ae.start_server((self.listen.host, self.listen.port), block=False, evt_handlers=handlers)
+        self.port = self.server.server_address[1]
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+
+def listening(receiver: Receiver) -> bool:
+    return receiver.server is not None and os.path.isdir(receiver.spool.incoming)

@@ -1,0 +1,104 @@
+"""The spool: one file per received instance, made durable before the sender hears success.
+
+Layout under the spool directory (created owner-only):
+  incoming/   files being received (the network layer writes here); never trusted after a crash
+  instances/  durable instances, named by a random id; the queue refers to them by path
+  out/        transcoded copies waiting to be sent; always re-creatable, swept at start-up
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class Spool:
+    def __init__(self, root: Path, min_free_mb: int = 0) -> None:
+        self.root = Path(root)
+        self.min_free_bytes = min_free_mb * 1024 * 1024
+        self.incoming = self.root / "incoming"
+        self.instances = self.root / "instances"
+        self.out = self.root / "out"
+        for directory in (self.root, self.incoming, self.instances, self.out):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def has_room(self, size: int) -> bool:
+        """Whether `size` more bytes still leave at least `min_free_mb` free."""
+        return self.free_bytes() - size >= self.min_free_bytes
+
+    def writable(self) -> bool:
+        return os.access(self.instances, os.W_OK | os.X_OK)
+
+    def accept(self, received: Path) -> Path:
+        """Make a fully received file durable in `instances/` and return its new path.
+
+        The file is fsynced, renamed (atomic on one filesystem) and the directory fsynced, so after
+        this returns the instance survives a crash or power loss.
+        """
+        fd = os.open(received, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final = self.instances / f"{uuid.uuid4().hex}.dcm"
+        try:
+            os.rename(received, final)
+        except OSError:
+            # a different filesystem: copy, then the same guarantees
+            shutil.copyfile(received, final)
+            fd = os.open(final, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(self.instances)
+        return final
+
+    def write(self, data: bytes) -> Path:
+        """Write bytes durably as a new instance file (temp file, fsync, rename, fsync dir)."""
+        tmp = self.incoming / f"{uuid.uuid4().hex}.part"
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+        return self.accept(tmp)
+
+    def out_path(self, job_id: int, suffix: str = "") -> Path:
+        return self.out / f"{job_id}{suffix}.dcm"
+
+    def remove(self, path: Path | str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+    def sweep(self, known: Iterable[str]) -> list[Path]:
+        """Delete what no queue row refers to: partial receptions, orphan instances, stale outputs.
+
+        An instance file without a queue row was never acknowledged (the crash came between the
+        rename and the commit), so the sender was not told success and will send it again.
+        Returns the instance files removed.
+        """
+        keep = {os.path.realpath(p) for p in known}
+        removed = []
+        for path in self.instances.iterdir():
+            if os.path.realpath(path) not in keep:
+                self.remove(path)
+                removed.append(path)
+        for directory in (self.incoming, self.out):
+            for path in directory.iterdir():
+                self.remove(path)
+        return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

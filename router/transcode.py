@@ -1,0 +1,612 @@
+"""Re-encode one DICOM file in an outbound transfer syntax.
+
+``transcode_file`` is a pure function of its (picklable) arguments, run in the
+worker processes of a pool: a native codec that crashes takes a worker down,
+not the router.  It never raises for an image a syntax cannot carry (the
+``Outcome`` says so and the caller sends the fallback or the original); it
+raises ``TranscodeError`` only when the input's pixels cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
+from pydicom.filewriter import dcmwrite
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+
+from router import syntaxes
+from router.syntaxes import (
+    DEFLATED,
+    EXPLICIT_BE,
+    IMPLICIT_LE,
+    NATIVE_TRANSFER_SYNTAXES,
+    VIDEO_TRANSFER_SYNTAXES,
+    ImageInfo,
+    Params,
+    Syntax,
+    is_lossy_input,
+    to_pattern,
+    to_signed,
+)
+
+__all__ = ["Request", "Outcome", "TranscodeError", "transcode_file"]
+
+CODEC_CANNOT_CARRY = "codec_cannot_carry"
+VERIFY_MISMATCH = "verify_mismatch"
+
+# Offsets in a Basic Offset Table are 32-bit
+_BOT_LIMIT = 2**32 - 1
+
+
+class TranscodeError(ValueError):
+    """The input's pixels cannot be decoded (corrupt codestream, data too short)."""
+
+
+@dataclass(frozen=True)
+class Request:
+    syntax: str
+    quality: int | None = None
+    near: int | None = None
+    ratio: float | None = None
+    fallback: str | None = None
+    verify: bool | None = None
+    max_error: int | None = None
+    keep_sop_instance_uid: bool = False
+
+    def __post_init__(self) -> None:
+        syntaxes.get(self.syntax)
+        if self.fallback is not None:
+            syntaxes.get(self.fallback)
+        if self.quality is not None and not 1 <= self.quality <= 100:
+            raise ValueError(f"quality must be 1..100, got {self.quality}")
+        if self.near is not None and not 0 <= self.near <= 255:
+            raise ValueError(f"near (JPEG-LS maximum error) must be 0..255, got {self.near}")
+        if self.ratio is not None and not self.ratio > 1:
+            raise ValueError(f"ratio must be > 1, got {self.ratio}")
+        if self.max_error is not None and self.max_error < 0:
+            raise ValueError(f"max_error must be >= 0, got {self.max_error}")
+
+    @property
+    def params(self) -> Params:
+        return Params(quality=self.quality, near=self.near, ratio=self.ratio)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    path: Path
+    changed: bool
+    transfer_syntax_uid: str
+    syntax: str
+    sop_instance_uid: str
+    ratio: float | None
+    note: str
+    fallback_reason: str | None
+    seconds: float
+
+
+@dataclass
+class _Pixels:
+    """Decoded pixels: signed values when signed, unsigned otherwise."""
+
+    frames: list[np.ndarray]
+    image: ImageInfo
+
+
+class _CannotCarry(Exception):
+    pass
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def transcode_file(src: Path, dst: Path, request: Request) -> Outcome:
+    """Write ``src`` to ``dst`` in ``request.syntax``, or say why it was left alone.
+
+    When the result has ``changed=False`` nothing was written and ``path`` is
+    ``src``: send the original.  Lossy output follows PS3.3 C.7.6.1.1.5 (2110,
+    2112, 2114, DERIVED, new SOP Instance UID).  Raises ``TranscodeError`` when
+    the input's pixels cannot be decoded and ``KeyError`` for an unknown syntax.
+    """
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    target = syntaxes.get(request.syntax)
+    try:
+        ds = pydicom.dcmread(src)
+    except Exception as exc:
+        raise TranscodeError(f"{src}: not readable as DICOM: {exc}") from exc
+    job = _Job(src, dst, request, ds, start)
+    return job.run(target)
+
+
+class _Job:
+    def __init__(self, src: Path, dst: Path, request: Request, ds: Dataset, start: float) -> None:
+        self.src, self.dst, self.request, self.ds, self.start = src, dst, request, ds, start
+        meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+        ds.file_meta = meta
+        self.ts = str(meta.get("TransferSyntaxUID", "") or _guess_ts(ds))
+        self.sop = str(ds.get("SOPInstanceUID", ""))
+        self.lossy_input = is_lossy_input(self.ts, ds.get("LossyImageCompression"))
+        self._pixels: _Pixels | None = None
+
+    # -- outcomes
+
+    def unchanged(self, note: str, reason: str | None = None) -> Outcome:
+        return Outcome(
+            path=self.src,
+            changed=False,
+            transfer_syntax_uid=self.ts,
+            syntax="original",
+            sop_instance_uid=self.sop,
+            ratio=None,
+            note=note,
+            fallback_reason=reason,
+            seconds=time.perf_counter() - self.start,
+        )
+
+    def written(self, syntax: Syntax, uid: str, ratio: float | None, note: str, reason: str | None) -> Outcome:
+        return Outcome(
+            path=self.dst,
+            changed=True,
+            transfer_syntax_uid=uid,
+            syntax=syntax.name,
+            sop_instance_uid=str(self.ds.SOPInstanceUID),
+            ratio=ratio,
+            note=note,
+            fallback_reason=reason,
+            seconds=time.perf_counter() - self.start,
+        )
+
+    # -- decisions
+
+    def run(self, target: Syntax) -> Outcome:
+        verdict = self.try_syntax(target)
+        if isinstance(verdict, Outcome):
+            return verdict
+        reason = verdict
+        fb_name = self.request.fallback
+        if not fb_name or syntaxes.get(fb_name).name == target.name:
+            return self.unchanged(f"{reason}: forwarded as received", CODEC_CANNOT_CARRY)
+        fallback = syntaxes.get(fb_name)
+        verdict = self.try_syntax(fallback, because=reason)
+        if isinstance(verdict, Outcome):
+            return replace(verdict, fallback_reason=CODEC_CANNOT_CARRY)
+        return self.unchanged(
+            f"{reason}; fallback {verdict}: forwarded as received", CODEC_CANNOT_CARRY
+        )
+
+    def try_syntax(self, syntax: Syntax, because: str | None = None) -> Outcome | str:
+        """An Outcome, or the reason ``syntax`` cannot carry this object."""
+        prefix = f"{because}: fallback {syntax.name}; " if because else ""
+        ds, ts = self.ds, self.ts
+        if syntax.name == "original":
+            return self.unchanged(f"{prefix}original requested: forwarded as received")
+        if ts in syntax.uids:
+            return self.unchanged(f"{prefix}already in {syntax.name} ({ts}): forwarded as received")
+        if syntax.lossy and self.lossy_input:
+            why = (
+                "0028,2110=01"
+                if str(ds.get("LossyImageCompression", "")).strip() == "01"
+                else f"received in lossy {_ts_name(ts)}"
+            )
+            return self.unchanged(f"{prefix}already lossy ({why}): forwarded as received")
+        if "PixelData" not in ds:
+            if not syntax.encapsulated:
+                return self.rewrite_native(syntax, None, prefix + "no pixel data: dataset re-encoded")
+            return self.unchanged(f"{prefix}no pixel data (float pixels, document or non-image): forwarded as received")
+        if ts in VIDEO_TRANSFER_SYNTAXES:
+            return self.unchanged(f"{prefix}video ({_ts_name(ts)}) is never transcoded: forwarded as received")
+        if syntax.uid == syntaxes.JPEGXL_JPEG:
+            return self.repack_jpeg(syntax, prefix)
+        pixels = self.pixels()
+        if pixels is None:
+            if not syntax.encapsulated and ts in NATIVE_TRANSFER_SYNTAXES and ts != EXPLICIT_BE:
+                return self.rewrite_native(syntax, None, prefix + "dataset re-encoded, pixels as received")
+            ba = ds.get("BitsAllocated")
+            return f"{syntax.name} cannot carry {ba}-bit allocated pixels"
+        if not syntax.encapsulated:
+            if ts in NATIVE_TRANSFER_SYNTAXES and ts != EXPLICIT_BE:
+                return self.rewrite_native(syntax, None, prefix + "dataset re-encoded, pixels as received")
+            return self.rewrite_native(syntax, pixels, prefix + f"decompressed from {_ts_name(ts)}")
+        image = pixels.image
+        if syntax.codes_allocated_bits:
+            image = replace(image, precision=image.bits_allocated)
+        if syntax.lossy and image.photometric == "YBR_FULL":
+            pixels = _ybr_to_rgb(pixels)
+            image = pixels.image
+        reason = syntax.cannot_carry(image, self.request.params)
+        if reason:
+            return reason
+        return self.encode(syntax, pixels, image, prefix)
+
+    # -- pixels
+
+    def pixels(self) -> _Pixels | None:
+        if self._pixels is None:
+            self._pixels = _decode(self.ds, self.ts)
+        return self._pixels
+
+    # -- writers
+
+    def encode(self, syntax: Syntax, pixels: _Pixels, image: ImageInfo, prefix: str) -> Outcome:
+        assert syntax.encode is not None
+        request = self.request
+        params = request.params
+        bits = image.bits
+        encoded: list[bytes] = []
+        for values in pixels.frames:
+            pattern = np.ascontiguousarray(to_pattern(values, bits) if image.signed else values)
+            data = syntax.encode(pattern, image, params)
+            verify = request.verify if request.verify is not None else not syntax.lossy
+            if verify or request.max_error is not None:
+                mismatch = self.check(syntax, data, pattern, image)
+                if mismatch:
+                    return self.unchanged(f"{prefix}{mismatch}: forwarded as received", VERIFY_MISMATCH)
+            encoded.append(data if len(data) % 2 == 0 else data + b"\x00")
+        raw_bytes = image.rows * image.columns * image.samples_per_pixel * image.frames * image.bits_allocated // 8
+        ratio = raw_bytes / max(sum(len(f) for f in encoded), 1)
+        uid = syntax.uid_for(image)
+        ds = self.ds
+        _set_encapsulated(ds, encoded)
+        photometric = syntax.photometric_for(image)
+        ds.PhotometricInterpretation = photometric
+        if image.samples_per_pixel > 1:
+            ds.PlanarConfiguration = 0
+        if uid == syntaxes.JPEG_BASELINE and image.bits_allocated != 8:
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, min(image.bits_stored, 8), min(image.bits_stored, 8) - 1
+        note = f"{prefix}{_ts_name(self.ts)} -> {syntax.name} ({uid}), ratio {ratio:.2f}:1"
+        if pixels.image.bits > image.bits_stored:
+            note += f"; values above Bits Stored kept: coded at {image.bits} bits"
+        if syntax.lossy:
+            self.lossy_bookkeeping(syntax, ratio, params)
+            note += "; lossy: new SOP Instance UID" if not request.keep_sop_instance_uid else "; lossy"
+        elif self.lossy_input:
+            ds.LossyImageCompression = "01"
+        self.write(uid)
+        return self.written(syntax, uid, ratio, note, None)
+
+    def check(self, syntax: Syntax, data: bytes, pattern: np.ndarray, image: ImageInfo) -> str | None:
+        """None when the frame decodes back as required, else what went wrong."""
+        assert syntax.decode is not None
+        try:
+            decoded = np.asarray(syntax.decode(data, image))
+        except Exception as exc:
+            return f"{syntax.name} output does not decode ({exc})"
+        if decoded.ndim == 3 and pattern.ndim == 2 and decoded.shape[-1] == 1:
+            decoded = decoded[..., 0]
+        if decoded.shape != pattern.shape:
+            return f"{syntax.name} output decodes to shape {decoded.shape}, expected {pattern.shape}"
+        tolerance = self.request.max_error
+        if tolerance is None and syntax.lossy:
+            tolerance = (2 if self.request.near is None else self.request.near) if syntax.uid == syntaxes.JPEG_LS_NEAR else None
+        if not syntax.lossy and tolerance is None:
+            if not np.array_equal(decoded, pattern):
+                return f"{syntax.name} output decodes to different pixels"
+            return None
+        if tolerance is None:
+            return None
+        if image.signed:
+            a = to_signed(decoded.astype(pattern.dtype), image.bits).astype(np.int64)
+            b = to_signed(pattern, image.bits).astype(np.int64)
+        else:
+            a, b = decoded.astype(np.int64), pattern.astype(np.int64)
+        error = int(np.abs(a - b).max()) if a.size else 0
+        if error > tolerance:
+            return f"{syntax.name} error {error} exceeds max_error {tolerance}"
+        return None
+
+    def lossy_bookkeeping(self, syntax: Syntax, ratio: float, params: Params) -> None:
+        ds = self.ds
+        ds.LossyImageCompression = "01"
+        ratios = _values(ds.get("LossyImageCompressionRatio"))
+        methods = _values(ds.get("LossyImageCompressionMethod"))
+        ratios.append(_ds_str(ratio))
+        methods.append(syntax.method or "")
+        ds.LossyImageCompressionRatio = ratios if len(ratios) > 1 else ratios[0]
+        ds.LossyImageCompressionMethod = methods if len(methods) > 1 else methods[0]
+        image_type = _values(ds.get("ImageType"))
+        if image_type:
+            image_type[0] = "DERIVED"
+        else:
+            image_type = ["DERIVED", "SECONDARY"]
+        ds.ImageType = image_type if len(image_type) > 1 else image_type[0]
+        setting = ""
+        if syntax.uid == syntaxes.JPEG_LS_NEAR:
+            setting = f" near={2 if params.near is None else params.near}"
+        elif params.ratio and "j2k" in syntax.name:
+            setting = f" target ratio {params.ratio:g}"
+        else:
+            setting = f" quality {90 if params.quality is None else params.quality}"
+        text = f"Lossy compression {syntax.title} ({syntax.method}){setting}, compression ratio {ratio:.2f}:1"
+        old = str(ds.get("DerivationDescription", "") or "").strip()
+        ds.DerivationDescription = (f"{old}; {text}" if old else text)[:1024]
+        if not self.request.keep_sop_instance_uid:
+            source = Dataset()
+            source.ReferencedSOPClassUID = ds.SOPClassUID
+            source.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+            purpose = Dataset()
+            purpose.CodeValue = "121320"
+            purpose.CodingSchemeDesignator = "DCM"
+            purpose.CodeMeaning = "Uncompressed predecessor"
+            source.PurposeOfReferenceCodeSequence = Sequence([purpose])
+            existing = list(ds.get("SourceImageSequence", []) or [])
+            ds.SourceImageSequence = Sequence(existing + [source])
+            ds.SOPInstanceUID = generate_uid()
+
+    def rewrite_native(self, syntax: Syntax, pixels: _Pixels | None, note: str) -> Outcome:
+        ds = self.ds
+        if pixels is not None:
+            image = pixels.image
+            dtype = np.dtype(f"<{'i' if image.signed else 'u'}{image.bits_allocated // 8}")
+            data = b"".join(np.ascontiguousarray(f, dtype=dtype).tobytes() for f in pixels.frames)
+            if len(data) % 2:
+                data += b"\x00"
+            ds.PixelData = data
+            elem = ds["PixelData"]
+            elem.VR = "OW" if image.bits_allocated > 8 else "OB"
+            elem.is_undefined_length = False
+            ds.PhotometricInterpretation = image.photometric
+            if image.samples_per_pixel > 1:
+                ds.PlanarConfiguration = 0
+            for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+                if keyword in ds:
+                    del ds[keyword]
+            if self.lossy_input:
+                ds.LossyImageCompression = "01"
+        elif "PixelData" in ds and self.ts == EXPLICIT_BE:
+            raise TranscodeError(f"{self.src}: big endian pixel data could not be decoded")
+        self.write(syntax.uid)
+        return self.written(syntax, syntax.uid, None, note, None)
+
+    def repack_jpeg(self, syntax: Syntax, prefix: str) -> Outcome | str:
+        if self.ts != syntaxes.JPEG_BASELINE:
+            return f"jpegxl-jpeg only re-packs JPEG Baseline input, not {_ts_name(self.ts)}"
+        import imagecodecs
+
+        ds = self.ds
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        source = list(generate_frames(ds.PixelData, number_of_frames=frames))
+        packed = []
+        for jpeg in source:
+            jpeg = _strip_jpeg_padding(jpeg)
+            try:
+                data = bytes(imagecodecs.jpegxl_encode_jpeg(jpeg))
+            except Exception as exc:
+                return f"jpegxl-jpeg cannot re-pack this JPEG ({exc})"
+            verify = self.request.verify if self.request.verify is not None else True
+            if verify and bytes(imagecodecs.jpegxl_decode_jpeg(data)) != jpeg:
+                return self.unchanged(f"{prefix}jpegxl-jpeg does not give back the JPEG: forwarded as received", VERIFY_MISMATCH)
+            packed.append(data if len(data) % 2 == 0 else data + b"\x00")
+        ratio = sum(len(j) for j in source) / max(sum(len(p) for p in packed), 1)
+        _set_encapsulated(ds, packed)
+        ds.LossyImageCompression = "01"
+        self.write(syntax.uid)
+        return self.written(syntax, syntax.uid, ratio, f"{prefix}JPEG Baseline re-packed as JPEG XL, {ratio:.2f}:1 smaller than the JPEG", None)
+
+    def write(self, uid: str) -> None:
+        ds = self.ds
+        if self.ts == EXPLICIT_BE:
+            _swap_other_words(ds)
+        meta = ds.file_meta
+        meta.TransferSyntaxUID = uid
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        if "MediaStorageSOPClassUID" not in meta and "SOPClassUID" in ds:
+            meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.preamble = ds.preamble if getattr(ds, "preamble", None) else b"\x00" * 128
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        if self.ts == EXPLICIT_BE:
+            # pydicom only re-encodes big endian on request; OW values were swapped above
+            dcmwrite(self.dst, ds, implicit_vr=uid == IMPLICIT_LE, little_endian=True, force_encoding=True)
+        else:
+            dcmwrite(self.dst, ds, implicit_vr=uid == IMPLICIT_LE, little_endian=True, enforce_file_format=True)
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _decode(ds: Dataset, ts: str) -> _Pixels | None:
+    """Decoded pixels, or None when they are not something a codec can take (1-bit)."""
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    ba = int(ds.BitsAllocated)
+    bs = int(ds.get("BitsStored", ba) or ba)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    if ba not in (8, 16, 32):
+        return None
+    try:
+        if ts in NATIVE_TRANSFER_SYNTAXES and ts != EXPLICIT_BE and pi not in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+            frames = _native_frames(ds, rows, columns, spp, ba, nframes)
+        else:
+            frames, pi = _pydicom_frames(ds, ts, pi)
+    except TranscodeError:
+        raise
+    except Exception as exc:
+        raise TranscodeError(f"pixel data cannot be decoded ({_ts_name(ts)}): {exc}") from exc
+    if len(frames) != nframes:
+        raise TranscodeError(f"pixel data holds {len(frames)} frames, Number of Frames says {nframes}")
+    precision, frames, lo, hi = _fit(frames, ba, bs, signed)
+    image = ImageInfo(
+        rows=rows,
+        columns=columns,
+        samples_per_pixel=spp,
+        bits_allocated=ba,
+        bits_stored=bs,
+        signed=signed,
+        photometric=pi,
+        frames=nframes,
+        precision=precision,
+        minimum=lo,
+        maximum=hi,
+    )
+    return _Pixels(frames, image)
+
+
+def _native_frames(ds: Dataset, rows: int, columns: int, spp: int, ba: int, nframes: int) -> list[np.ndarray]:
+    # Read the stored bits ourselves: pydicom masks bits above Bits Stored,
+    # and those bits (old overlays) must survive a lossless transcode.
+    raw = ds.PixelData
+    count = rows * columns * spp * nframes
+    need = count * ba // 8
+    if len(raw) < need:
+        raise TranscodeError(f"pixel data too short: {len(raw)} bytes, {need} expected")
+    arr = np.frombuffer(raw, dtype=np.dtype(f"<u{ba // 8}"), count=count)
+    planar = int(ds.get("PlanarConfiguration", 0) or 0)
+    if spp == 1:
+        arr = arr.reshape(nframes, rows, columns)
+    elif planar == 1:
+        arr = np.moveaxis(arr.reshape(nframes, spp, rows, columns), 1, -1)
+    else:
+        arr = arr.reshape(nframes, rows, columns, spp)
+    return [np.ascontiguousarray(f) for f in arr]
+
+
+def _pydicom_frames(ds: Dataset, ts: str, pi: str) -> tuple[list[np.ndarray], str]:
+    from pydicom.pixels import get_decoder
+
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError:
+        return _registry_frames(ds, ts, pi)
+    # Subsampled YBR decodes to RGB; other colour data stays as stored, so a
+    # lossless transcode keeps the exact sample values
+    as_rgb = pi in ("YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420")
+    frames, out_pi = [], pi
+    for arr, meta in decoder.iter_array(ds, as_rgb=as_rgb):
+        frames.append(np.ascontiguousarray(arr))
+        out_pi = str(meta.get("photometric_interpretation", out_pi))
+    if out_pi in ("YBR_RCT", "YBR_ICT"):
+        out_pi = "RGB"
+    return frames, out_pi
+
+
+def _registry_frames(ds: Dataset, ts: str, pi: str) -> tuple[list[np.ndarray], str]:
+    """Frames of a syntax pydicom cannot decode (JPEG XL) through our own decoder."""
+    syntax = syntaxes.get(ts)
+    if syntax.decode is None:
+        raise TranscodeError(f"no decoder for {_ts_name(ts)}")
+    image = ImageInfo(
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        samples_per_pixel=int(ds.get("SamplesPerPixel", 1) or 1),
+        bits_allocated=int(ds.BitsAllocated),
+        bits_stored=int(ds.get("BitsStored", ds.BitsAllocated)),
+        signed=False,
+        photometric=pi,
+    )
+    nframes = int(ds.get("NumberOfFrames", 1) or 1)
+    frames = [np.asarray(syntax.decode(f, image)) for f in generate_frames(ds.PixelData, number_of_frames=nframes)]
+    if ts == syntaxes.JPEGXL_JPEG and pi.startswith("YBR"):
+        pi = "RGB"  # libjxl returns the JPEG's pixels converted to RGB
+    return frames, pi
+
+
+def _fit(frames: list[np.ndarray], ba: int, bs: int, signed: bool) -> tuple[int, list[np.ndarray], int, int]:
+    """Coding precision, the pixel values (signed when signed), their min and max.
+
+    Precision is Bits Stored unless some stored value does not fit it, then
+    Bits Allocated: such bits are kept, never truncated.
+    """
+    if not frames:
+        return bs, frames, 0, 0
+    utype = np.dtype(f"u{ba // 8}")
+    itype = np.dtype(f"i{ba // 8}")
+    if not signed:
+        frames = [f if f.dtype == utype else f.astype(utype) for f in frames]
+        hi = max(int(f.max()) for f in frames)
+        lo = min(int(f.min()) for f in frames)
+        return (bs if hi < (1 << bs) else ba), frames, lo, hi
+    patterns = [f.view(utype) if f.dtype.itemsize == ba // 8 else f.astype(itype).view(utype) for f in frames]
+    fits = bs >= ba
+    if not fits:
+        top = (1 << (ba - bs)) - 1
+        sign = 1 << (bs - 1)
+        fits = all(
+            bool(np.all(((p >> bs) == 0) | (((p >> bs) == top) & ((p & sign) != 0)))) for p in patterns
+        )
+    precision = bs if fits else ba
+    values = [to_signed(p, precision).astype(itype, copy=False) for p in patterns]
+    lo = min(int(v.min()) for v in values)
+    hi = max(int(v.max()) for v in values)
+    return precision, values, lo, hi
+
+
+def _ybr_to_rgb(pixels: _Pixels) -> _Pixels:
+    from pydicom.pixels import convert_color_space
+
+    frames = [convert_color_space(f, "YBR_FULL", "RGB") for f in pixels.frames]
+    return _Pixels(frames, replace(pixels.image, photometric="RGB"))
+
+
+# ---------------------------------------------------------------- writing helpers
+
+
+def _set_encapsulated(ds: Dataset, fragments: list[bytes]) -> None:
+    for keyword in ("ExtendedOffsetTable", "ExtendedOffsetTableLengths"):
+        if keyword in ds:
+            del ds[keyword]
+    total = sum(len(f) + 8 for f in fragments)
+    if total > _BOT_LIMIT:
+        data, offsets, lengths = encapsulate_extended(fragments)
+        ds.PixelData = data
+        ds.ExtendedOffsetTable = offsets
+        ds.ExtendedOffsetTableLengths = lengths
+    else:
+        ds.PixelData = encapsulate(fragments, has_bot=True)
+    elem = ds["PixelData"]
+    elem.VR = "OB"
+    elem.is_undefined_length = True
+
+
+def _swap_other_words(ds: Dataset) -> None:
+    """Big endian OW/OL/OF/OD values are raw bytes to pydicom: swap them for LE."""
+    sizes = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
+
+    def swap(dataset: Dataset, elem: pydicom.DataElement) -> None:
+        size = sizes.get(elem.VR)
+        if size and elem.tag != 0x7FE00010 and isinstance(elem.value, (bytes, bytearray)) and elem.value:
+            arr = np.frombuffer(elem.value, dtype=f">u{size}")
+            elem.value = arr.astype(f"<u{size}").tobytes()
+
+    ds.walk(swap)
+
+
+def _strip_jpeg_padding(jpeg: bytes) -> bytes:
+    end = jpeg.rfind(b"\xff\xd9")
+    return jpeg[: end + 2] if end >= 0 else jpeg
+
+
+def _values(value: object) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return [str(v) for v in value]  # type: ignore[union-attr]
+    return [str(value)]
+
+
+def _ds_str(ratio: float) -> str:
+    return f"{ratio:.2f}" if ratio < 1e10 else f"{ratio:.6g}"
+
+
+def _ts_name(ts: str) -> str:
+    try:
+        name = pydicom.uid.UID(ts).name
+    except Exception:
+        name = ts
+    return name if name and name != ts else ts or "unknown syntax"
+
+
+def _guess_ts(ds: Dataset) -> str:
+    if ds.is_little_endian is False:
+        return EXPLICIT_BE
+    return IMPLICIT_LE if ds.is_implicit_VR else syntaxes.EXPLICIT_LE
+
+
+__all__ += ["CODEC_CANNOT_CARRY", "VERIFY_MISMATCH", "DEFLATED"]

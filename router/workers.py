@@ -1,0 +1,101 @@
+"""Codec worker processes: CPU-bound transcoding off the receive path, on every core.
+
+Native codecs can abort or segfault on an image they dislike. Encoding therefore runs in
+separate processes: a crash kills a worker, never the router. The image that crashed a worker
+is tried once more on its own; if it crashes again it goes out as received.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+from router.transcode import Outcome, Request, transcode_file
+
+
+class CodecCrash(Exception):
+    """The worker process died while transcoding this image (twice: once with others, once alone)."""
+
+
+@dataclass(frozen=True)
+class Task:
+    src: Path
+    dst: Path
+    request: Request
+
+
+def _run(task: Task) -> Outcome:
+    return transcode_file(task.src, task.dst, task.request)
+
+
+class CodecPool:
+    def __init__(self, workers: int = 0) -> None:
+        self.workers = workers or os.cpu_count() or 1
+        self._lock = threading.Lock()
+        self._context = multiprocessing.get_context("forkserver")
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context)
+
+    def _submit(self, task: Task) -> Future:
+        with self._lock:
+            try:
+                return self._pool.submit(_run, task)
+            except (BrokenProcessPool, RuntimeError):
+                self._pool = self._new_pool()
+                return self._pool.submit(_run, task)
+
+    def _replace_broken(self, broken: ProcessPoolExecutor) -> None:
+        with self._lock:
+            if self._pool is broken:
+                broken.shutdown(wait=False, cancel_futures=True)
+                self._pool = self._new_pool()
+
+    def run_many(self, tasks: list[Task]) -> list[Outcome | BaseException]:
+        """Transcode in parallel; each result is an Outcome or the exception that task raised.
+
+        A task whose worker died is retried alone; a second death gives CodecCrash.
+        """
+        pool = self._pool
+        futures = [self._submit(t) for t in tasks]
+        results: list[Outcome | BaseException] = []
+        crashed: list[int] = []
+        for index, future in enumerate(futures):
+            try:
+                results.append(future.result())
+            except BrokenProcessPool:
+                results.append(CodecCrash("worker died"))
+                crashed.append(index)
+            except BaseException as exc:  # noqa: BLE001 - reported per task
+                results.append(exc)
+        if crashed:
+            self._replace_broken(pool)
+            for index in crashed:
+                results[index] = self._run_alone(tasks[index])
+        return results
+
+    def _run_alone(self, task: Task) -> Outcome | BaseException:
+        pool = self._pool
+        try:
+            return self._submit(task).result()
+        except BrokenProcessPool:
+            self._replace_broken(pool)
+            return CodecCrash(f"a codec worker died twice on {task.src.name} ({task.request.syntax})")
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+
+    def run(self, task: Task) -> Outcome:
+        result = self.run_many([task])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._pool.shutdown(wait=True, cancel_futures=True)

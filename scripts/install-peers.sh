@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the independent DICOM programs the tests and the benchmark talk to:
+# DCMTK (storescu, storescp, dcmdjpeg, dcmdjpls, ...), GDCM (gdcmconv), Orthanc, Prometheus (promtool).
+set -euo pipefail
+packages=(dcmtk libgdcm-tools orthanc prometheus)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+    exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+echo "installing ${missing[*]}"
+$SUDO apt-get update -qq
+# the Debian packages start their own services; tests start private instances instead
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+for svc in orthanc prometheus; do
+    $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
+done

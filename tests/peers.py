@@ -1,0 +1,281 @@
+"""Real DICOM peers for tests: the router as a subprocess, a pynetdicom storage SCP as the
+PACS, and a pynetdicom SCU as the modality. All on 127.0.0.1, on ports chosen free at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import data_store
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, build_context, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+DATA = Path(data_store.__file__).parent / "data"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def data(name: str) -> Path:
+    return DATA / name
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition") -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# -- the PACS -----------------------------------------------------------------------------------
+@dataclass
+class Received:
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae: str
+    path: Path
+
+    def dataset(self) -> Dataset:
+        return dcmread(self.path)
+
+
+@dataclass
+class Pacs:
+    """A pynetdicom storage SCP that keeps every instance it receives as a file."""
+
+    directory: Path
+    ae_title: str = "PACS"
+    transfer_syntaxes: list[str] = field(default_factory=lambda: list(ALL_TRANSFER_SYNTAXES))
+    status: int = 0x0000
+    port: int = 0
+    received: list[Received] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.server = None
+        self.port = self.port or free_port()
+
+    def _on_store(self, event: evt.Event) -> int:
+        if self.status not in (0x0000, 0xB000, 0xB006, 0xB007):
+            return self.status
+        uid = str(event.request.AffectedSOPInstanceUID)
+        with self._lock:
+            path = self.directory / f"{len(self.received):05d}_{uid}.dcm"
+            path.write_bytes(event.encoded_dataset())
+            self.received.append(
+                Received(uid, str(event.context.transfer_syntax), event.assoc.requestor.ae_title.strip(), path)
+            )
+        return self.status
+
+    def start(self) -> Pacs:
+        ae = AE(ae_title=self.ae_title)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, self.transfer_syntaxes)
+        ae.add_supported_context(Verification)
+        ae.maximum_pdu_size = 0
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def by_uid(self) -> dict[str, Received]:
+        with self._lock:
+            return {r.sop_instance_uid: r for r in self.received}
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.received)
+
+
+# -- the modality ---------------------------------------------------------------------------------
+def send(port: int, files: list[Path], calling_ae: str = "MODALITY", called_ae: str = "ROUTER") -> list[int]:
+    """C-STORE each file over one association, proposing each file's own transfer syntax.
+
+    Returns one status per file (-1 when no response came).
+    """
+    ae = AE(ae_title=calling_ae)
+    contexts: dict[tuple[str, str], None] = {}
+    metas = []
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        pair = (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))
+        contexts[pair] = None
+        metas.append(pair)
+    for sop, ts in contexts:
+        ae.add_requested_context(sop, [ts])
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, max_pdu=0)
+    if not assoc.is_established:
+        return [-1] * len(files)
+    statuses = []
+    try:
+        for path in files:
+            rsp = assoc.send_c_store(dcmread(path))
+            statuses.append(int(rsp.Status) if "Status" in rsp else -1)
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return statuses
+
+
+def echo(port: int, called_ae: str = "ROUTER") -> bool:
+    ae = AE(ae_title="ECHOSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    if not assoc.is_established:
+        return False
+    try:
+        rsp = assoc.send_c_echo()
+        return "Status" in rsp and rsp.Status == 0
+    finally:
+        assoc.release()
+
+
+# -- the router ---------------------------------------------------------------------------------------
+@dataclass
+class Destination:
+    name: str
+    port: int
+    rules: str  # the [[rule]] tables, TOML
+    ae_title: str = "PACS"
+    extra: str = ""  # more [destination] keys, TOML lines
+    retry: str = "{ max_attempts = 5, backoff_s = 0.2, max_backoff_s = 1 }"
+
+    def toml(self) -> str:
+        return (
+            "[destination]\n"
+            f'ae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f"retry = {self.retry}\n"
+            "timeouts = { connect_s = 2, acse_s = 5, dimse_s = 20, network_s = 20 }\n"
+            f"{textwrap.dedent(self.extra)}\n"
+            f"{textwrap.dedent(self.rules)}\n"
+        )
+
+
+class RouterProcess:
+    """`dicom-router serve` as a subprocess, stopped by its PID."""
+
+    def __init__(self, workdir: Path, destinations: list[Destination], listen_extra: str = "",
+                 min_free_mb: int = 0, metrics: bool = True, spool_dir: Path | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.metrics_port = free_port() if metrics else 0
+        self.spool = spool_dir or workdir / "spool"
+        self.rules_dir = workdir / "rules"
+        self.rules_dir.mkdir(parents=True, exist_ok=True)
+        for dest in destinations:
+            (self.rules_dir / f"{dest.name}.toml").write_text(dest.toml())
+        self.config = workdir / "router.toml"
+        self.config.write_text(
+            "[listen]\n"
+            f'ae_title = "ROUTER"\nhost = "127.0.0.1"\nport = {self.port}\n{textwrap.dedent(listen_extra)}\n'
+            f'[storage]\nspool_dir = "{self.spool}"\nmin_free_mb = {min_free_mb}\n'
+            f'[metrics]\nhost = "127.0.0.1"\nport = {self.metrics_port}\n'
+            '[rules]\ndir = "rules"\n'
+        )
+        self.log_path = workdir / "router.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30) -> RouterProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router", "serve", "--config", str(self.config)],
+            stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"router exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if echo(self.port):
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"router did not answer C-ECHO within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self._close_log()
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+                raise AssertionError(f"router did not stop within {timeout}s of SIGTERM")
+        self._close_log()
+        return self.proc.returncode
+
+    def _close_log(self) -> None:
+        log = getattr(self, "_log", None)
+        if log is not None and not log.closed:
+            log.close()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as rsp:
+            return rsp.read().decode()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "router", *args, "--config", str(self.config)],
+            capture_output=True, text=True, timeout=60, cwd=self.workdir,
+        )
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        metric, _, label_text = head.partition("{")
+        if metric != name:
+            continue
+        got = dict(
+            part.split("=", 1) for part in label_text.rstrip("}").split(",") if "=" in part
+        )
+        got = {k: v.strip('"') for k, v in got.items()}
+        if all(got.get(k) == v for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+__all__ = ["build_context"]
