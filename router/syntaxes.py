@@ -342,15 +342,16 @@ def _j2k_encode(frame: np.ndarray, image: ImageInfo, params: Params, lossy: bool
     mct = image.samples_per_pixel == 3
     if lossy and params.ratio:
         # OpenJPEG's rate control is only reachable through pylibjpeg-openjpeg
-        import openjpeg
+        from openjpeg.utils import encode_array
 
         return bytes(
-            openjpeg.encode_array(
+            encode_array(
                 values,
                 bits_stored=image.bits,
                 photometric_interpretation=1 if mct else 0,  # 1: RGB, apply MCT
                 use_mct=mct,
-                compression_ratios=[float(params.ratio)],
+                # OpenJPEG counts the raw size at the coded precision, we at Bits Allocated
+                compression_ratios=[float(params.ratio) * image.bits / (8 * values.dtype.itemsize)],
             )
         )
     import imagecodecs
@@ -485,22 +486,13 @@ def _rle_segments(image: ImageInfo, params: Params) -> str | None:
 
 
 def _rle_encode(frame: np.ndarray, image: ImageInfo, params: Params) -> bytes:
-    from pydicom.pixels.encoders import RLELosslessEncoder
+    # pylibjpeg-rle, the backend of pydicom's "pylibjpeg" RLE plugin, called
+    # directly: pydicom's front end refuses 32-bit colour that RLE can carry
+    from rle.utils import encode_frame
 
+    data = np.ascontiguousarray(frame, dtype=frame.dtype.newbyteorder("<")).tobytes()
     return bytes(
-        RLELosslessEncoder.encode(
-            np.ascontiguousarray(frame).tobytes(),
-            encoding_plugin="pylibjpeg",
-            rows=image.rows,
-            columns=image.columns,
-            samples_per_pixel=image.samples_per_pixel,
-            bits_allocated=image.bits_allocated,
-            bits_stored=image.bits_allocated,
-            pixel_representation=0,
-            photometric_interpretation=image.photometric,
-            planar_configuration=0,
-            number_of_frames=1,
-        )
+        encode_frame(data, image.rows, image.columns, image.samples_per_pixel, image.bits_allocated, "<")
     )
 
 
@@ -708,8 +700,10 @@ def get(name_or_uid: str) -> Syntax:
         return _REGISTRY[key.lower()]
     if key in _BY_UID:
         return _BY_UID[key]
-    close = difflib.get_close_matches(key.lower(), list(_REGISTRY), n=3, cutoff=0.5)
-    close += [n for n in _REGISTRY if key and n.startswith(key.lower()) and n not in close]
+    # a name the user started typing beats one that merely looks alike
+    bare = key.lower().replace("-", "").replace("_", "")
+    close = [n for n in _REGISTRY if bare and n.replace("-", "").startswith(bare) and n != bare]
+    close += [n for n in difflib.get_close_matches(key.lower(), list(_REGISTRY), n=3, cutoff=0.5) if n not in close]
     hint = f"; did you mean {' or '.join(repr(n) for n in close[:3])}?" if close else ""
     if key.startswith("1.2.840.10008.1.2"):
         try:

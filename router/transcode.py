@@ -121,6 +121,8 @@ def transcode_file(src: Path, dst: Path, request: Request) -> Outcome:
         ds = pydicom.dcmread(src)
     except Exception as exc:
         raise TranscodeError(f"{src}: not readable as DICOM: {exc}") from exc
+    if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
+        raise TranscodeError(f"{src}: not a DICOM instance (no SOP Class / Instance UID)")
     job = _Job(src, dst, request, ds, start)
     return job.run(target)
 
@@ -187,15 +189,18 @@ class _Job:
         ds, ts = self.ds, self.ts
         if syntax.name == "original":
             return self.unchanged(f"{prefix}original requested: forwarded as received")
-        if ts in syntax.uids:
-            return self.unchanged(f"{prefix}already in {syntax.name} ({ts}): forwarded as received")
-        if syntax.lossy and self.lossy_input:
+        # already-lossy pixels are never re-encoded into another codestream: that would lose more
+        # (lossy) or only grow the file (lossless); the JPEG XL re-pack of a JPEG is the exception
+        recompress = syntax.lossy or (syntax.encapsulated and syntax.name != "jpegxl-jpeg")
+        if recompress and self.lossy_input:
             why = (
                 "0028,2110=01"
                 if str(ds.get("LossyImageCompression", "")).strip() == "01"
                 else f"received in lossy {_ts_name(ts)}"
             )
             return self.unchanged(f"{prefix}already lossy ({why}): forwarded as received")
+        if ts in syntax.uids:
+            return self.unchanged(f"{prefix}already in {syntax.name} ({ts}): forwarded as received")
         if "PixelData" not in ds:
             if not syntax.encapsulated:
                 return self.rewrite_native(syntax, None, prefix + "no pixel data: dataset re-encoded")

@@ -8,6 +8,7 @@ is tried once more on its own; if it crashes again it goes out as received.
 from __future__ import annotations
 
 import multiprocessing
+from multiprocessing import forkserver
 import os
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -38,6 +39,9 @@ class CodecPool:
         self.workers = workers or os.cpu_count() or 1
         self._lock = threading.Lock()
         self._context = multiprocessing.get_context("forkserver")
+        # the fork server's socket lives in the temporary directory of the moment: start it now,
+        # before the receiver points that directory at the spool
+        forkserver.ensure_running()
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
