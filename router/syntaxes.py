@@ -457,7 +457,7 @@ def _jxl_lossless(frame: np.ndarray, image: ImageInfo, params: Params) -> bytes:
     import imagecodecs
 
     frame = _u8_or_u16(frame, image.bits)
-    return bytes(imagecodecs.jpegxl_encode(frame, lossless=True, effort=3, bitspersample=image.bits))
+    return bytes(imagecodecs.jpegxl_encode(frame, lossless=True, effort=1, bitspersample=image.bits))
 
 
 def _jxl_lossy(frame: np.ndarray, image: ImageInfo, params: Params) -> bytes:

@@ -66,6 +66,7 @@ class Pacs:
     ae_title: str = "PACS"
     transfer_syntaxes: list[str] = field(default_factory=lambda: list(ALL_TRANSFER_SYNTAXES))
     status: int = 0x0000
+    delay: float = 0.0  # seconds before answering each C-STORE: a slow destination
     port: int = 0
     received: list[Received] = field(default_factory=list)
 
@@ -76,6 +77,8 @@ class Pacs:
         self.port = self.port or free_port()
 
     def _on_store(self, event: evt.Event) -> int:
+        if self.delay:
+            time.sleep(self.delay)
         if self.status not in (0x0000, 0xB000, 0xB006, 0xB007):
             return self.status
         uid = str(event.request.AffectedSOPInstanceUID)
@@ -112,6 +115,24 @@ class Pacs:
             return len(self.received)
 
 
+def make_series(source: Path, count: int, directory: Path) -> list[Path]:
+    """Copies of a real image as one new study: new Study, Series and SOP Instance UIDs."""
+    from pydicom.uid import generate_uid
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = dcmread(source)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for index in range(count):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = index + 1
+        path = directory / f"{index:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 # -- the modality ---------------------------------------------------------------------------------
 def send(port: int, files: list[Path], calling_ae: str = "MODALITY", called_ae: str = "ROUTER") -> list[int]:
     """C-STORE each file over one association, proposing each file's own transfer syntax.
@@ -134,7 +155,14 @@ def send(port: int, files: list[Path], calling_ae: str = "MODALITY", called_ae: 
     statuses = []
     try:
         for path in files:
-            rsp = assoc.send_c_store(dcmread(path))
+            if not assoc.is_established:
+                statuses.append(-1)
+                continue
+            try:
+                rsp = assoc.send_c_store(dcmread(path))
+            except (RuntimeError, OSError):
+                statuses.append(-1)
+                continue
             statuses.append(int(rsp.Status) if "Status" in rsp else -1)
     finally:
         if assoc.is_established:

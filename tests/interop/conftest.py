@@ -287,10 +287,11 @@ def storescp(tmp_path):
     require("storescp", "echoscu")
     started: list[StoreSCP] = []
 
-    def make(*flags: str, ae_title: str = "STORESCP") -> StoreSCP:
+    def make(*flags: str, ae_title: str = "STORESCP", first_start: Iterable[str] = ()) -> StoreSCP:
+        """`first_start`: flags for this first run only (e.g. --sleep-after 1); a restart drops them."""
         scp = StoreSCP(tmp_path / f"storescp{len(started)}", list(flags), ae_title)
         started.append(scp)
-        return scp.start()
+        return scp.start(first_start)
 
     yield make
     for scp in started:
@@ -378,3 +379,103 @@ def psnr(original: Dataset, received: Dataset) -> float:
     mse = float(np.mean((a - b) ** 2))
     peak = float(2 ** int(original.BitsStored) - 1)
     return float("inf") if mse == 0 else 10 * np.log10(peak * peak / mse)
+
+
+# -- non-image objects ------------------------------------------------------------------------------
+TINY_PDF = (
+    b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
+    b"2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+    b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 72 72]>>endobj\n"
+    b"trailer<</Root 1 0 R>>\n%%EOF\n"
+)
+
+
+def _common(ds: Dataset, sop_class: str, modality: str, study: Dataset) -> Dataset:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+                    "StudyDate", "StudyTime", "AccessionNumber", "ReferringPhysicianName", "StudyID"):
+        setattr(ds, keyword, study.get(keyword, ""))
+    ds.Modality = modality
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 900
+    ds.InstanceNumber = 1
+    ds.Manufacturer = "dicom-router tests"
+    if modality != "PR":
+        ds.ContentDate = "20240101"
+        ds.ContentTime = "120000"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def basic_text_sr(study: Dataset) -> Dataset:
+    ds = _common(Dataset(), "1.2.840.10008.5.1.4.1.1.88.11", "SR", study)
+    ds.ReferencedPerformedProcedureStepSequence = []
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.PerformedProcedureCodeSequence = []
+    ds.ValueType = "CONTAINER"
+    ds.ConceptNameCodeSequence = [_code("11528-7", "LN", "Radiology Report")]
+    ds.ContinuityOfContent = "SEPARATE"
+    text = Dataset()
+    text.RelationshipType = "CONTAINS"
+    text.ValueType = "TEXT"
+    text.ConceptNameCodeSequence = [_code("121071", "DCM", "Finding")]
+    text.TextValue = "No change since the prior study."
+    ds.ContentSequence = [text]
+    return ds
+
+
+def grayscale_presentation_state(study: Dataset, image: Dataset) -> Dataset:
+    ds = _common(Dataset(), "1.2.840.10008.5.1.4.1.1.11.1", "PR", study)
+    ds.Laterality = ""
+    ds.ContentLabel = "ROUTER_TEST"
+    ds.ContentDescription = "window for soft tissue"
+    ds.PresentationCreationDate = "20240101"
+    ds.PresentationCreationTime = "120000"
+    ds.ContentCreatorName = "Test^Reader"
+    referenced = Dataset()
+    referenced.ReferencedSOPClassUID = image.SOPClassUID
+    referenced.ReferencedSOPInstanceUID = image.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = image.SeriesInstanceUID
+    series.ReferencedImageSequence = [referenced]
+    ds.ReferencedSeriesSequence = [series]
+    area = Dataset()
+    area.DisplayedAreaTopLeftHandCorner = [1, 1]
+    area.DisplayedAreaBottomRightHandCorner = [int(image.Columns), int(image.Rows)]
+    area.PresentationSizeMode = "SCALE TO FIT"
+    area.PresentationPixelSpacing = [1, 1]
+    ds.DisplayedAreaSelectionSequence = [area]
+    voi = Dataset()
+    voi.WindowCenter = 40
+    voi.WindowWidth = 400
+    ds.SoftcopyVOILUTSequence = [voi]
+    ds.PresentationLUTShape = "IDENTITY"
+    return ds
+
+
+def encapsulated_pdf(study: Dataset) -> Dataset:
+    ds = _common(Dataset(), "1.2.840.10008.5.1.4.1.1.104.1", "DOC", study)
+    ds.ConversionType = "WSD"
+    ds.AcquisitionDateTime = "20240101120000"
+    ds.BurnedInAnnotation = "YES"
+    ds.DocumentTitle = "Referral"
+    ds.ConceptNameCodeSequence = []
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = TINY_PDF + (b"\0" if len(TINY_PDF) % 2 else b"")
+    ds.EncapsulatedDocumentLength = len(TINY_PDF)
+    return ds

@@ -1,0 +1,88 @@
+"""Ratio and encode/decode speed of every outbound syntax on the pydicom-data images.
+
+    python bench/codecs.py [--seconds 0.5] [--syntax NAME ...]
+
+Prints a markdown table: ratio · encode MB/s / decode MB/s, on one core, in MB of
+raw pixel bytes (Bits Allocated) per second. The encoders and decoders are the
+ones the router uses (router.syntaxes), fed the frames the transcoder feeds them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from router import syntaxes  # noqa: E402
+from router.syntaxes import Params, to_pattern  # noqa: E402
+from router.transcode import _decode  # noqa: E402
+
+IMAGES = {
+    "CR 15-bit": "RG1_UNCR.dcm",
+    "MR 12-bit": "MR2_UNCR.dcm",
+    "CT signed 14-bit": "693_UNCR.dcm",
+    "US RGB 8-bit": "US1_UNCR.dcm",
+}
+
+
+def _timed(fn, seconds: float) -> tuple[float, object]:
+    """Seconds per call (best of repeated runs within the time budget) and the result."""
+    result = fn()
+    best, spent = float("inf"), 0.0
+    while spent < seconds:
+        t0 = time.perf_counter()
+        result = fn()
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+    return best, result
+
+
+def measure(syntax: syntaxes.Syntax, path: Path, seconds: float) -> str:
+    ds = pydicom.dcmread(path)
+    pixels = _decode(ds, str(ds.file_meta.TransferSyntaxUID))
+    image = pixels.image
+    if syntax.codes_allocated_bits:
+        image = replace(image, precision=image.bits_allocated)
+    if syntax.cannot_carry(image, Params()):
+        return "—"
+    values = pixels.frames[0]
+    frame = np.ascontiguousarray(to_pattern(values, image.bits) if image.signed else values)
+    raw = image.rows * image.columns * image.samples_per_pixel * image.bits_allocated // 8
+    enc_s, data = _timed(lambda: syntax.encode(frame, image, Params()), seconds)
+    dec_s, _ = _timed(lambda: syntax.decode(data, image), seconds)
+    mb = raw / 1e6
+    return f"{raw / len(data):.2f} · {mb / enc_s:.0f}/{mb / dec_s:.0f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=0.5, help="time budget per measurement (default 0.5)")
+    parser.add_argument("--syntax", action="append", help="only these registry names (repeatable)")
+    args = parser.parse_args(argv)
+    import data_store
+
+    data = Path(data_store.__file__).parent / "data"
+    chosen = [
+        s for s in syntaxes.all_syntaxes()
+        if s.encapsulated and s.encode is not None and (not args.syntax or s.name in args.syntax)
+    ]
+    print("ratio · encode/decode MB/s per core (raw pixel bytes); — = cannot carry\n")
+    print("| syntax | " + " | ".join(IMAGES) + " |")
+    print("|---|" + "---|" * len(IMAGES))
+    for syntax in chosen:
+        cells = [measure(syntax, data / name, args.seconds) for name in IMAGES.values()]
+        label = f"{syntax.name} ({syntax.uid.rsplit('.', 2)[-2] + '.' + syntax.uid.rsplit('.', 1)[-1]})"
+        print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
+    print("\nDefaults: jpeg-lossy quality 90, jpeg-ls-near-lossless near 2, j2k/htj2k/jpegxl quality 90.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
