@@ -82,6 +82,9 @@ class RulesDir(_Strict):
 
 class Transcode(_Strict):
     workers: int = Field(0, ge=0, description="codec worker processes; 0: one per core")
+    plugins: list[str] = Field(
+        default_factory=list, description="codec plugin modules or .py files that register extra syntaxes"
+    )
 
 
 class RouterConfig(_Strict):
@@ -313,7 +316,13 @@ def load(path: Path | str) -> Loaded:
     base = path.parent
     storage = router.storage.model_copy(update={"spool_dir": (base / router.storage.spool_dir).resolve()})
     rules_dir = (base / router.rules.dir).resolve()
-    router = router.model_copy(update={"storage": storage, "rules": RulesDir(dir=rules_dir)})
+    plugins = [str((base / p).resolve()) if p.endswith(".py") else p for p in router.transcode.plugins]
+    transcode = router.transcode.model_copy(update={"plugins": plugins})
+    router = router.model_copy(update={"storage": storage, "rules": RulesDir(dir=rules_dir), "transcode": transcode})
+    try:
+        syntaxes.load_plugins(plugins)
+    except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error
+        raise ConfigError(f"{path}: field transcode.plugins: cannot load: {exc}") from None
     return Loaded(path=path, router=router, destinations=load_rules_dir(rules_dir))
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import PresentationContext
 
 from router import log, metrics, syntaxes
@@ -237,6 +237,16 @@ class _Sender:
         if isinstance(result, BaseException):
             reason = "codec_crash" if isinstance(result, CodecCrash) else "codec_error"
             metrics.FALLBACKS.labels(destination=f.name, reason=reason).inc()
+            fallback = task.request.fallback
+            if fallback:
+                retry = Task(task.src, task.dst, Request(syntax=fallback,
+                                                         keep_sop_instance_uid=task.request.keep_sop_instance_uid))
+                second = f.pool.run_many([retry])[0]
+                if not isinstance(second, BaseException):
+                    item.log.error("transcode_failed", syntax=task.request.syntax,
+                                   error=str(result) or type(result).__name__, action=f"fallback {fallback}")
+                    self._apply(item, retry, second)
+                    return
             item.log.error("transcode_failed", syntax=task.request.syntax, error=str(result) or type(result).__name__,
                            action="forwarded as received")
             item.path, item.transfer_syntax_uid, item.syntax_label = (
@@ -298,13 +308,20 @@ class _Sender:
                 cx.transfer_syntax = [ts]
                 contexts.append(cx)
         ae.requested_contexts = contexts
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=dest.max_pdu)
+        connected = threading.Event()
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=dest.max_pdu,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set())])
         if not assoc.is_established:
+            if not connected.is_set():
+                return f"cannot connect to {dest.host}:{dest.port}"
             if assoc.is_rejected:
-                return "association rejected by the destination"
+                result = assoc.acceptor.primitive
+                detail = f" (result {result.result}, source {result.result_source}, reason {result.diagnostic})" \
+                    if result is not None else ""
+                return f"association rejected by the destination{detail}"
             if assoc.is_aborted:
                 return "association aborted by the destination"
-            return f"cannot connect to {dest.host}:{dest.port}"
+            return "association not established (ACSE timeout)"
         sock = getattr(assoc.dul.socket, "socket", None)
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -103,7 +103,7 @@ class Router:
 
     def start(self) -> None:
         self.recover()
-        self.pool = CodecPool(self.cfg.router.transcode.workers)
+        self.pool = CodecPool(self.cfg.router.transcode.workers, self.cfg.router.transcode.plugins)
         metrics.install_state_collector(
             metrics.StateCollector(
                 queue_counts=self.queue.counts,

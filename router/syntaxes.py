@@ -712,3 +712,38 @@ def get(name_or_uid: str) -> Syntax:
             ts = key
         hint = f" ({ts}) is not an outbound syntax of this router" + hint
     raise KeyError(f"unknown syntax {key!r}{hint} (known: {', '.join(_REGISTRY)})")
+
+
+def register(syntax: Syntax) -> None:
+    """Add an outbound syntax to the registry (codec plugins call this when imported).
+
+    A name already in the registry is replaced; a UID keeps resolving to its first entry.
+    """
+    _REGISTRY[syntax.name] = syntax
+    for uid in syntax.uids:
+        _BY_UID.setdefault(uid, syntax)
+
+
+def load_plugins(specs: list[str] | tuple[str, ...]) -> None:
+    """Import codec plugin modules, by module name or by path to a .py file.
+
+    Each plugin registers its syntaxes with `register` when imported. The same list is
+    loaded in the router and in every codec worker process.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    for spec in specs:
+        if spec.endswith(".py"):
+            name = "dicom_router_plugin_" + spec.rsplit("/", 1)[-1][:-3]
+            if name in sys.modules:
+                continue
+            loader = importlib.util.spec_from_file_location(name, spec)
+            if loader is None or loader.loader is None:
+                raise ImportError(f"cannot load codec plugin {spec}")
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[name] = module
+            loader.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)

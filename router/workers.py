@@ -16,6 +16,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
+from router import syntaxes
 from router.transcode import Outcome, Request, transcode_file
 
 
@@ -35,8 +36,9 @@ def _run(task: Task) -> Outcome:
 
 
 class CodecPool:
-    def __init__(self, workers: int = 0) -> None:
+    def __init__(self, workers: int = 0, plugins: list[str] | None = None) -> None:
         self.workers = workers or os.cpu_count() or 1
+        self.plugins = list(plugins or [])
         self._lock = threading.Lock()
         self._context = multiprocessing.get_context("forkserver")
         # the fork server's socket lives in the temporary directory of the moment: start it now,
@@ -45,7 +47,10 @@ class CodecPool:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(max_workers=self.workers, mp_context=self._context)
+        return ProcessPoolExecutor(
+            max_workers=self.workers, mp_context=self._context,
+            initializer=syntaxes.load_plugins, initargs=(self.plugins,),
+        )
 
     def _submit(self, task: Task) -> Future:
         with self._lock:

@@ -192,13 +192,14 @@ class Destination:
     ae_title: str = "PACS"
     extra: str = ""  # more [destination] keys, TOML lines
     retry: str = "{ max_attempts = 5, backoff_s = 0.2, max_backoff_s = 1 }"
+    timeouts: str = "{ connect_s = 2, acse_s = 5, dimse_s = 20, network_s = 20 }"
 
     def toml(self) -> str:
         return (
             "[destination]\n"
             f'ae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
             f"retry = {self.retry}\n"
-            "timeouts = { connect_s = 2, acse_s = 5, dimse_s = 20, network_s = 20 }\n"
+            f"timeouts = {self.timeouts}\n"
             f"{textwrap.dedent(self.extra)}\n"
             f"{textwrap.dedent(self.rules)}\n"
         )
@@ -208,7 +209,8 @@ class RouterProcess:
     """`dicom-router serve` as a subprocess, stopped by its PID."""
 
     def __init__(self, workdir: Path, destinations: list[Destination], listen_extra: str = "",
-                 min_free_mb: int = 0, metrics: bool = True, spool_dir: Path | None = None) -> None:
+                 min_free_mb: int = 0, metrics: bool = True, spool_dir: Path | None = None,
+                 extra: str = "") -> None:
         self.workdir = workdir
         self.port = free_port()
         self.metrics_port = free_port() if metrics else 0
@@ -224,6 +226,7 @@ class RouterProcess:
             f'[storage]\nspool_dir = "{self.spool}"\nmin_free_mb = {min_free_mb}\n'
             f'[metrics]\nhost = "127.0.0.1"\nport = {self.metrics_port}\n'
             '[rules]\ndir = "rules"\n'
+            f"{textwrap.dedent(extra)}\n"
         )
         self.log_path = workdir / "router.log"
         self.proc: subprocess.Popen | None = None

@@ -102,7 +102,7 @@ def exported_names(exposition: str) -> set[str]:
             base = family.removesuffix("_total") if kind == "counter" else family
             names.update(base + s for s in suffixes.get(kind, ("",)))
         elif line and not line.startswith("#"):
-            names.add(re.split(r"[{ ]", line, 1)[0])
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
     return names
 
 
@@ -115,7 +115,7 @@ def families(exposition: str, prefix: str = "dicom_router_") -> dict[str, str]:
     # prometheus_client also types each counter's and histogram's creation time as a gauge
     return {
         f: k for f, k in found.items()
-        if not (f.endswith("_created") and {f.removesuffix("_created"), f.removesuffix("_created") + "_total"} & set(found))
+        if not (f.endswith("_created") and {f[:-8], f[:-8] + "_total"} & set(found))
     }
 
 
@@ -306,6 +306,11 @@ def alert_rule_test(rules_file: Path, tmp_path: Path, tests: list[dict]) -> subp
     return subprocess.run([PROMTOOL, "test", "rules", str(path)], capture_output=True, text=True, timeout=60)
 
 
+def series(name: str, values: str, **labels: str) -> dict:
+    labels = {"job": JOB, "instance": "r1:9110", **labels}
+    return {"series": name + "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}", "values": values}
+
+
 def fires(name: str, at: str, *labels: dict) -> dict:
     return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": dict(lab)} for lab in labels]}
 
@@ -331,22 +336,15 @@ def test_alerts_fire_when_they_should_and_only_then(scraped, tmp_path):
     tests = [{
         "interval": "1m",
         "input_series": [
-            {"series": f'up{{job="{JOB}",instance="r1:9110"}}', "values": "1 1 1 0 0 0 0 0"},
+            series("up", "1 1 1 0 0 0 0 0"),
             # PACS: the oldest job ages a minute a minute with jobs pending; ARCHIVE: drains in time
-            {"series": f'dicom_router_oldest_pending_seconds{{job="{JOB}",instance="r1:9110",destination="PACS"}}',
-             "values": "0+60x40"},
-            {"series": f'dicom_router_queue_jobs{{job="{JOB}",instance="r1:9110",destination="PACS",state="pending"}}',
-             "values": "5x40"},
-            {"series": f'dicom_router_oldest_pending_seconds{{job="{JOB}",instance="r1:9110",destination="ARCHIVE"}}',
-             "values": "0x40"},
-            {"series": f'dicom_router_queue_jobs{{job="{JOB}",instance="r1:9110",destination="ARCHIVE",state="pending"}}',
-             "values": "0x40"},
-            {"series": f'dicom_router_queue_jobs{{job="{JOB}",instance="r1:9110",destination="PACS",state="dead"}}',
-             "values": "0 0 0 0 0 1x35"},
-            {"series": f'dicom_router_forward_failures_total{{job="{JOB}",instance="r1:9110",destination="PACS",outcome="dead"}}',
-             "values": "0 0 0 0 0 1x35"},
-            {"series": f'dicom_router_spool_free_bytes{{job="{JOB}",instance="r1:9110"}}',
-             "values": f"{50 * gib}x10 {2 * gib}x30"},
+            series("dicom_router_oldest_pending_seconds", "0+60x40", destination="PACS"),
+            series("dicom_router_queue_jobs", "5x40", destination="PACS", state="pending"),
+            series("dicom_router_oldest_pending_seconds", "0x40", destination="ARCHIVE"),
+            series("dicom_router_queue_jobs", "0x40", destination="ARCHIVE", state="pending"),
+            series("dicom_router_queue_jobs", "0 0 0 0 0 1x35", destination="PACS", state="dead"),
+            series("dicom_router_forward_failures_total", "0 0 0 0 0 1x35", destination="PACS", outcome="dead"),
+            series("dicom_router_spool_free_bytes", f"{50 * gib}x10 {2 * gib}x30"),
         ],
         "alert_rule_test": [
             fires("DicomRouterDown", "2m"),

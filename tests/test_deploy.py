@@ -37,7 +37,8 @@ def unit() -> configparser.ConfigParser:
     return parser
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (Debian package systemd)")
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not installed (Debian package systemd)")
 def test_unit_file_passes_systemd_analyze_verify_without_warnings(tmp_path):
     # verify checks that ExecStart exists: point it at this installation's command
     command = venv_tool("dicom-router")
@@ -100,8 +101,10 @@ MDWE_CHILD = textwrap.dedent("""
     from router.transcode import Request, transcode_file
     results = []
     out = Path(tempfile.mkdtemp()) / "out.dcm"
+    images, jpeg = sys.argv[1:-1], sys.argv[-1]
     for name in [s.name for s in syntaxes.all_syntaxes() if s.encapsulated]:
-        for src in sys.argv[1:]:
+        # re-packing an existing JPEG needs a JPEG to start from
+        for src in [jpeg] if name == "jpegxl-jpeg" else images:
             try:
                 outcome = transcode_file(Path(src), out, Request(syntax=name))
                 results.append([name, Path(src).name, outcome.syntax, outcome.fallback_reason])
@@ -117,7 +120,7 @@ def test_every_codec_encodes_under_memory_deny_write_execute():
     Enforced here with the kernel's prctl(PR_SET_MDWE) (Linux 6.3+), the same policy systemd
     applies with a seccomp filter.
     """
-    files = [str(data(n)) for n in ("MR2_UNCR.dcm", "US1_UNCR.dcm", "693_UNCR.dcm")]
+    files = [str(data(n)) for n in ("MR2_UNCR.dcm", "US1_UNCR.dcm", "693_UNCR.dcm", "color3d_jpeg_baseline.dcm")]
     result = subprocess.run([sys.executable, "-c", MDWE_CHILD, *files], capture_output=True, text=True,
                             timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr

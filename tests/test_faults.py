@@ -1,0 +1,168 @@
+"""Faults on purpose: crashing codecs, full disks, dead, failing and hanging destinations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
+
+from tests.peers import REPO, Destination, Pacs, data, echo, free_port, make_series, metric_value, send, wait_until
+
+PLUGIN = REPO / "tests" / "plugins" / "aborting_codec.py"
+
+
+def events(router, name: str) -> list[dict]:
+    found = []
+    for line in router.log().splitlines():
+        if line.startswith("{") and f'"event": "{name}"' in line:
+            found.append(json.loads(line))
+    return found
+
+
+def test_codec_crash_kills_a_worker_never_the_router(router_factory, pacs, tmp_path):
+    router = router_factory(
+        [Destination("PACS", pacs.port, '[[rule]]\nname = "crashy"\nsyntax = "jpeg-ls-aborts-on-marker"\n'
+                                        'fallback = "explicit-le"\n')],
+        extra=f'[transcode]\nplugins = ["{PLUGIN}"]\n',
+    )
+    series = make_series(data("MR2_UNCR.dcm"), 4, tmp_path / "series")
+    marked = dcmread(series[1])
+    pixels = marked.pixel_array.copy()
+    pixels[0, 0] = 3333
+    marked.PixelData = pixels.tobytes()
+    marked.save_as(series[1])
+    assert send(router.port, series) == [0, 0, 0, 0]
+    wait_until(lambda: pacs.count() == 4, 60, what=f"all four\n{router.log()}")
+    received = pacs.by_uid()
+    crashed = received[str(marked.SOPInstanceUID)]
+    assert crashed.transfer_syntax_uid == ExplicitVRLittleEndian  # the rule's fallback
+    assert np.array_equal(crashed.dataset().pixel_array, pixels)
+    others = [received[str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)] for p in (series[0], series[2], series[3])]
+    assert {r.transfer_syntax_uid for r in others} == {JPEGLSLossless}
+    text = router.metrics()
+    assert metric_value(text, "dicom_router_fallbacks_total", destination="PACS", reason="codec_crash") == 1
+    assert router.proc.poll() is None and echo(router.port)
+
+
+def _mount_tmpfs(path: Path, size_mb: int) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None:
+        return False
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(path)],
+                            capture_output=True, text=True)
+    return result.returncode == 0
+
+
+def test_full_disk_answers_out_of_resources_and_recovers_by_itself(router_factory, tmp_path):
+    spool = tmp_path / "small-fs"
+    if not _mount_tmpfs(spool, 24):
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    try:
+        port = free_port()
+        router = router_factory([Destination("PACS", port, '[[rule]]\nsyntax = "original"\n',
+                                             retry="{ max_attempts = 1000, backoff_s = 0.2, max_backoff_s = 0.5 }")],
+                                min_free_mb=8, spool_dir=spool / "spool")
+        series = make_series(data("MR2_UNCR.dcm"), 12, tmp_path / "series")  # 2 MB each, 24 MB in all
+        statuses = send(router.port, series)
+        assert 0xA700 in statuses, statuses
+        accepted = [p for p, s in zip(series, statuses) if s == 0]
+        assert 3 <= len(accepted) < len(series)
+        assert set(statuses) <= {0, 0xA700}
+        assert metric_value(router.metrics(), "dicom_router_rejected_total", reason="disk_full") >= 1
+        assert list((spool / "spool" / "incoming").iterdir()) == []  # nothing half-written left behind
+        pacs = Pacs(tmp_path / "pacs", port=port).start()
+        try:
+            accepted_uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in accepted}
+            wait_until(lambda: accepted_uids <= set(pacs.by_uid()), 60, what="accepted instances delivered")
+            wait_until(lambda: not list((spool / "spool" / "instances").iterdir()), 20, what="spool drained")
+            refused = [p for p, s in zip(series, statuses) if s != 0]
+            assert send(router.port, refused) == [0] * len(refused)  # the modality's retry now succeeds
+            wait_until(lambda: len(pacs.by_uid()) == len(series), 60, what="every instance")
+        finally:
+            pacs.stop()
+        router.kill()
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], capture_output=True)
+
+
+def test_dead_destination_backs_off_dead_letters_and_does_not_slow_others(router_factory, pacs_factory, tmp_path):
+    live = pacs_factory(name="live")
+    dead_port = free_port()
+    router = router_factory([
+        Destination("DOWN", dead_port, '[[rule]]\nsyntax = "original"\n',
+                    retry="{ max_attempts = 5, backoff_s = 0.2, max_backoff_s = 0.8 }"),
+        Destination("LIVE", live.port, '[[rule]]\nsyntax = "original"\n'),
+    ])
+    series = make_series(data("693_UNCR.dcm"), 10, tmp_path / "series")
+    started = time.monotonic()
+    assert send(router.port, series) == [0] * 10
+    wait_until(lambda: live.count() == 10, 20, what="the live destination")
+    assert time.monotonic() - started < 15
+    wait_until(lambda: "10 dead letter" in router.cli("queue", "retry", "--destination", "NONE").stdout
+               or metric_value(router.metrics(), "dicom_router_queue_jobs", destination="DOWN", state="dead") == 10,
+               40, what="dead letters")
+    delays = [e["retry_in_s"] for e in events(router, "retry_scheduled") if e.get("destination") == "DOWN"]
+    assert delays and max(delays) <= 0.8 + 1e-9
+    assert max(delays) > min(delays)  # it grew
+    dead = [e for e in events(router, "dead_letter") if e.get("destination") == "DOWN"]
+    assert len(dead) == 10 and all(e["attempts"] == 5 for e in dead)
+    assert "cannot connect" in dead[0]["error"]
+    late = Pacs(tmp_path / "late", port=dead_port).start()
+    try:
+        assert "10 dead letter(s) put back" in router.cli("queue", "retry", "--destination", "DOWN").stdout
+        wait_until(lambda: late.count() == 10, 30, what="dead letters delivered after queue retry")
+    finally:
+        late.stop()
+
+
+@pytest.mark.parametrize("status, statuses, expect", [
+    (0xA700, "", "retry"),
+    (0xC000, "", "dead"),
+    (0xA900, "", "dead"),
+    (0x0122, "", "dead"),
+    (0xB000, "", "delivered"),
+    (0xA700, 'statuses = { "0xA700-0xA7FF" = "permanent" }', "dead"),
+    (0xC001, 'statuses = { "0xC001" = "success" }', "delivered"),
+])
+def test_destination_status_decides_the_outcome(router_factory, pacs_factory, status, statuses, expect):
+    pacs = pacs_factory(status=status)
+    router = router_factory([Destination("PACS", pacs.port, '[[rule]]\nsyntax = "original"\n', extra=statuses,
+                                         retry="{ max_attempts = 50, backoff_s = 0.1, max_backoff_s = 0.2 }")])
+    assert send(router.port, [data("693_UNCR.dcm")]) == [0]
+
+    def state(name: str) -> float:
+        return metric_value(router.metrics(), "dicom_router_queue_jobs", destination="PACS", state=name)
+
+    if expect == "delivered":
+        wait_until(lambda: metric_value(router.metrics(), "dicom_router_forwarded_instances_total",
+                                        destination="PACS") == 1, 20, what="delivered")
+        assert state("pending") + state("dead") == 0
+    elif expect == "dead":
+        wait_until(lambda: state("dead") == 1, 20, what="dead letter")
+        assert f"0x{status:04X}" in router.cli("queue", "dead").stdout
+        assert metric_value(router.metrics(), "dicom_router_forward_failures_total", outcome="retry") == 0
+    else:
+        wait_until(lambda: metric_value(router.metrics(), "dicom_router_forward_failures_total",
+                                        outcome="retry") >= 3, 20, what="retries")
+        assert state("dead") == 0
+
+
+def test_hanging_destination_is_aborted_and_retried(router_factory, pacs_factory):
+    pacs = pacs_factory(delay=4.0)
+    router = router_factory([Destination("PACS", pacs.port, '[[rule]]\nsyntax = "original"\n',
+                                         timeouts="{ connect_s = 2, acse_s = 2, dimse_s = 1, network_s = 5 }",
+                                         retry="{ max_attempts = 50, backoff_s = 0.2, max_backoff_s = 0.5 }")])
+    assert send(router.port, [data("693_UNCR.dcm")]) == [0]
+    wait_until(lambda: any("no C-STORE response" in e.get("error", "") for e in events(router, "retry_scheduled")),
+               20, what="a DIMSE timeout")
+    pacs.delay = 0.0
+    wait_until(lambda: metric_value(router.metrics(), "dicom_router_forwarded_instances_total",
+                                    destination="PACS") == 1, 30, what="delivery once the destination answers")
+    assert echo(router.port)
