@@ -246,6 +246,7 @@ end
 def start_orthanc(workdir: Path, dest_port: int, ingest_transcoding: str | None) -> Server:
     """Orthanc 1.10 as a compress-and-forward peer: store (optionally transcoding), Lua forwards."""
     port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
     lua = workdir / "forward.lua"
     lua.write_text(ORTHANC_LUA)
     config = {

@@ -48,6 +48,22 @@ class AllowedCaller(_Strict):
         return hosts
 
 
+class Tls(_Strict):
+    """DICOM TLS (PS3.15 B.1): our certificate and key, the CA that signs the peer's, and whether
+    the peer must present one. Paths are relative to router.toml."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_peer_cert: bool = True
+    verify_hostname: bool = False  # outbound: check the destination's certificate names its host
+
+    def resolved(self, base: Path) -> Tls:
+        return self.model_copy(update={
+            k: (base / v).resolve() for k in ("cert", "key", "ca") if (v := getattr(self, k)) is not None
+        })
+
+
 class Listen(_Strict):
     ae_title: str = "ROUTER"
     host: str = "0.0.0.0"
@@ -59,6 +75,8 @@ class Listen(_Strict):
     acse_timeout_s: float = Field(30, gt=0)
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
+    max_instance_mb: int = Field(0, ge=0, description="largest instance accepted; 0: no limit")
+    tls: Tls | None = None
 
     @field_validator("ae_title")
     @classmethod
@@ -122,6 +140,7 @@ class Destination(_Strict):
     max_pdu: int = Field(0, ge=0)
     retry: Retry = Field(default_factory=Retry)
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    tls: Tls | None = None
     statuses: dict[str, StatusOutcome] = Field(
         default_factory=dict,
         description="C-STORE status (hex, e.g. '0xA700' or a range 'A700-A7FF') to outcome; overrides the defaults",
@@ -293,13 +312,25 @@ def _describe(path: Path, exc: ValidationError, data: dict[str, Any] | None = No
     return "\n".join(lines)
 
 
+def _tls_files(tls: Tls | None) -> list[tuple[str, Path]]:
+    if tls is None:
+        return []
+    return [(k, v) for k in ("cert", "key", "ca") if (v := getattr(tls, k)) is not None and not v.is_file()]
+
+
 def load_rule_file(path: Path) -> DestinationRules:
     data = _read_toml(path)
     try:
         parsed = RuleFile.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_describe(path, exc, data)) from None
-    return DestinationRules(name=path.stem, path=path, destination=parsed.destination, rules=parsed.rule)
+    destination = parsed.destination
+    if destination.tls is not None:
+        destination = destination.model_copy(update={"tls": destination.tls.resolved(path.parent)})
+        missing = [f"{path}: field destination.tls.{k}: file not found: {v}" for k, v in _tls_files(destination.tls)]
+        if missing:
+            raise ConfigError("\n".join(missing))
+    return DestinationRules(name=path.stem, path=path, destination=destination, rules=parsed.rule)
 
 
 def load(path: Path | str) -> Loaded:
@@ -318,7 +349,14 @@ def load(path: Path | str) -> Loaded:
     rules_dir = (base / router.rules.dir).resolve()
     plugins = [str((base / p).resolve()) if p.endswith(".py") else p for p in router.transcode.plugins]
     transcode = router.transcode.model_copy(update={"plugins": plugins})
-    router = router.model_copy(update={"storage": storage, "rules": RulesDir(dir=rules_dir), "transcode": transcode})
+    listen = router.listen
+    if listen.tls is not None:
+        listen = listen.model_copy(update={"tls": listen.tls.resolved(base)})
+    router = router.model_copy(update={"storage": storage, "rules": RulesDir(dir=rules_dir), "transcode": transcode,
+                                       "listen": listen})
+    missing = [f"{path}: field listen.tls.{k}: file not found: {v}" for k, v in _tls_files(listen.tls)]
+    if missing:
+        raise ConfigError("\n".join(missing))
     try:
         syntaxes.load_plugins(plugins)
     except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error

@@ -26,6 +26,7 @@ from router.config import Destination, DestinationRules, parse_status_range
 from router.queue import Job, Queue
 from router.rules import Attributes, Context, Decision, decide
 from router.spool import Spool
+from router.tls import client_context
 from router.transcode import Outcome, Request
 from router.workers import CodecCrash, CodecPool, Task
 
@@ -309,7 +310,8 @@ class _Sender:
                 contexts.append(cx)
         ae.requested_contexts = contexts
         connected = threading.Event()
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=dest.max_pdu,
+        tls_args = (client_context(dest.tls), dest.host) if dest.tls is not None else None
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=dest.max_pdu, tls_args=tls_args,
                              evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set())])
         if not assoc.is_established:
             if not connected.is_set():

@@ -26,6 +26,7 @@ from router.config import AllowedCaller, DestinationRules, Listen
 from router.queue import Instance, Queue
 from router.rules import Attributes, Context, decide
 from router.spool import Spool
+from router.tls import server_context
 
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
@@ -83,6 +84,19 @@ class Receiver:
     def _on_requested(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.primitive.calling_ae_title
         address = event.assoc.requestor.address
+        active = [a for a in event.assoc.ae.active_associations if a.is_acceptor]
+        if len(active) > self.listen.max_associations:
+            # pynetdicom refuses it (local limit exceeded); say so in our log and metrics
+            metrics.REJECTED.labels(reason="busy").inc()
+            _log.warning("association_rejected", reason=f"more than {self.listen.max_associations} associations",
+                         calling_ae=calling, source_ip=address)
+            return
+        called = event.assoc.requestor.primitive.called_ae_title
+        if self.listen.require_called_ae_title and called.strip() != self.listen.ae_title.strip():
+            metrics.REJECTED.labels(reason="not_allowed").inc()
+            _log.warning("association_rejected", reason=f"called AE title {called.strip()!r} is not ours",
+                         calling_ae=calling, source_ip=address)
+            return
         if not _caller_allowed(self.listen.allowed_callers, calling, address):
             metrics.REJECTED.labels(reason="not_allowed").inc()
             _log.warning("association_rejected", reason="calling AE title or address not allowed",
@@ -108,6 +122,12 @@ class Receiver:
         received = Path(event.dataset_path)
         try:
             size = received.stat().st_size
+            limit = self.listen.max_instance_mb * 1024 * 1024
+            if limit and size > limit:
+                metrics.REJECTED.labels(reason="too_large").inc()
+                bound.error("store_refused", reason=f"instance of {size} bytes exceeds max_instance_mb "
+                            f"({self.listen.max_instance_mb})", status="0xA700")
+                return OUT_OF_RESOURCES
             if not self.spool.has_room(0):
                 metrics.REJECTED.labels(reason="disk_full").inc()
                 bound.error("store_refused", reason="spool below min_free_mb", status="0xA700",
@@ -193,7 +213,9 @@ class Receiver:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
         ]
-        self.server = ae.start_server((self.listen.host, self.listen.port), block=False, evt_handlers=handlers)
+        ssl_context = server_context(self.listen.tls) if self.listen.tls is not None else None
+        self.server = ae.start_server((self.listen.host, self.listen.port), block=False, evt_handlers=handlers,
+                                      ssl_context=ssl_context)
         self.port = self.server.server_address[1]
 
     def stop(self) -> None:

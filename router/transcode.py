@@ -404,6 +404,10 @@ class _Job:
         if "MediaStorageSOPClassUID" not in meta and "SOPClassUID" in ds:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.preamble = ds.preamble if getattr(ds, "preamble", None) else b"\x00" * 128
+        # elements still raw from the input get their VR now: a file that declares explicit VR
+        # but is encoded implicit (it happens) would otherwise fail to write as explicit
+        for _ in ds.iterall():
+            pass
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         if self.ts == EXPLICIT_BE:
             # pydicom only re-encodes big endian on request; OW values were swapped above

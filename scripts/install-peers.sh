@@ -2,7 +2,7 @@
 # Install the independent DICOM programs the tests and the benchmark talk to:
 # DCMTK (storescu, storescp, dcmdjpeg, dcmdjpls, ...), GDCM (gdcmconv), Orthanc, Prometheus (promtool).
 set -euo pipefail
-packages=(dcmtk libgdcm-tools orthanc prometheus)
+packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import pydicom
 from pydicom import dcmread
-from pydicom.filereader import read_preamble, _read_file_meta_info  # noqa: PLC2701
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble  # noqa: PLC2701
+from pydicom.filewriter import write_file_meta_info
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
@@ -85,8 +88,32 @@ class Seed:
     def element(self, tag: int) -> Element:
         return next(e for e in self.elements() if e.tag == tag)
 
-    def file(self, body: bytes) -> bytes:
-        return self.meta + body
+    def file(self, body: bytes, sop_instance_uid: str | None = None) -> bytes:
+        """Preamble, file meta and ``body``; the meta names ``sop_instance_uid`` when given."""
+        if sop_instance_uid is None:
+            return self.meta + body
+        return file_meta(self.transfer_syntax_uid, self.sop_class_uid, sop_instance_uid) + body
+
+
+def file_meta(transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    """A valid preamble, "DICM" prefix and group 0002."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    meta.ImplementationClassUID = "1.2.826.0.1.3680043.8.498.1"
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_file_meta_info(fp, meta, enforce_standard=True)
+    return b"\x00" * 128 + b"DICM" + fp.getvalue()
+
+
+def split(data: bytes) -> tuple[bytes, bytes]:
+    """(preamble + file meta, data set) of a DICOM file's bytes."""
+    fp = DicomBytesIO(data)
+    read_preamble(fp, False)
+    _read_file_meta_info(fp)
+    return data[: fp.tell()], data[fp.tell() :]
 
 
 @cache
@@ -314,9 +341,15 @@ def random_body(size: int, seed_value: int) -> bytes:
 class Case:
     """A malformed file and what a router must do with it.
 
-    expect: "reject" - the data set cannot be parsed: a 0xC000-range status, counted as
-    malformed; "fallback" - the header is fine but the pixels cannot be decoded: stored,
-    forwarded byte for byte as received, counted as a codec_error fallback.
+    expect:
+      "reject" - the data set cannot be parsed: a 0xC000-range status, counted as malformed,
+        never forwarded;
+      "fallback" - the header is fine but the pixels cannot be decoded: stored, forwarded byte
+        for byte as received, counted as a codec_error fallback;
+      "stored" - a damaged codestream a decoder may conceal: stored and forwarded, either as
+        received (a codec_error fallback) or decoded;
+      "either" - elements are well delimited but a value does not fit its VR: "reject" or
+        "fallback".
     """
 
     name: str
@@ -329,13 +362,28 @@ class Case:
     def source(self) -> Seed:
         return seed(self.seed)
 
-    def data(self) -> bytes:
-        return self.source.file(self.body)
+    def body_for(self, sop_instance_uid: str | None) -> bytes:
+        """The body with the seed's SOP Instance UID replaced (same length, same offsets)."""
+        if sop_instance_uid is None:
+            return self.body
+        old = self.source.sop_instance_uid
+        assert len(sop_instance_uid) == len(old)
+        return self.body.replace(old.encode(), sop_instance_uid.encode())
 
-    def write(self, directory: Path) -> Path:
+    def unique_uid(self, rng: random.Random | None = None) -> str:
+        """A new UID as long as the seed's, so that it can replace it in the body."""
+        rng = rng or random.Random()
+        size = len(self.source.sop_instance_uid) - 5
+        return "2.25." + str(rng.randint(1, 9)) + "".join(str(rng.randint(0, 9)) for _ in range(size - 1))
+
+    def data(self, sop_instance_uid: str | None = None) -> bytes:
+        """The file; a given UID goes in the file meta and replaces the seed's in the body."""
+        return self.source.file(self.body_for(sop_instance_uid), sop_instance_uid)
+
+    def write(self, directory: Path, sop_instance_uid: str | None = None) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.name}.dcm"
-        path.write_bytes(self.data())
+        path.write_bytes(self.data(sop_instance_uid))
         return path
 
 
@@ -370,7 +418,7 @@ def _catalogue() -> list[Case]:
     rows = s.element(0x00280010)
     add("native-bits-stored-3-bytes", "native",
         set_length(s, s.body[: bits_stored.end] + b"\x00" + s.body[bits_stored.end :], bits_stored, 3), "reject")
-    add("native-rows-as-FD", "native", set_vr(s.body, rows, b"FD"), "reject")
+    add("native-rows-as-FD", "native", set_vr(s.body, rows, b"FD"), "either")
     add("native-rows-as-SQ", "native", set_vr(s.body, rows, b"SQ"), "reject")
     add("native-vr-not-letters", "native", set_vr(s.body, s.element(0x00080060), b"\x00\x01"), "reject")
     # random bytes behind a valid file meta
@@ -381,7 +429,8 @@ def _catalogue() -> list[Case]:
     for name in ENCAPSULATED_SEEDS:
         target = "explicit-le"
         for how in ("noise", "zeros", "header", "short"):
-            add(f"{name}-codestream-{how}", name, corrupt_fragment(seed(name), how), "fallback", target)
+            expect = "fallback" if how == "header" or name == "jpeg" else "stored"
+            add(f"{name}-codestream-{how}", name, corrupt_fragment(seed(name), how), expect, target)
     return cases
 
 

@@ -67,6 +67,7 @@ class Pacs:
     transfer_syntaxes: list[str] = field(default_factory=lambda: list(ALL_TRANSFER_SYNTAXES))
     status: int = 0x0000
     delay: float = 0.0  # seconds before answering each C-STORE: a slow destination
+    ssl_context: object = None
     port: int = 0
     received: list[Received] = field(default_factory=list)
 
@@ -97,7 +98,8 @@ class Pacs:
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = 0
         self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)]
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ssl_context=self.ssl_context,
         )
         return self
 
@@ -134,7 +136,8 @@ def make_series(source: Path, count: int, directory: Path) -> list[Path]:
 
 
 # -- the modality ---------------------------------------------------------------------------------
-def send(port: int, files: list[Path], calling_ae: str = "MODALITY", called_ae: str = "ROUTER") -> list[int]:
+def send(port: int, files: list[Path], calling_ae: str = "MODALITY", called_ae: str = "ROUTER",
+         tls_args: tuple | None = None) -> list[int]:
     """C-STORE each file over one association, proposing each file's own transfer syntax.
 
     Returns one status per file (-1 when no response came).
@@ -149,7 +152,7 @@ def send(port: int, files: list[Path], calling_ae: str = "MODALITY", called_ae: 
         metas.append(pair)
     for sop, ts in contexts:
         ae.add_requested_context(sop, [ts])
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, max_pdu=0)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae, max_pdu=0, tls_args=tls_args)
     if not assoc.is_established:
         return [-1] * len(files)
     statuses = []
@@ -243,13 +246,23 @@ class RouterProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"router exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if echo(self.port):
+                if self.ready():
                     return self
             except OSError:
                 pass
             time.sleep(0.1)
         self.kill()
         raise AssertionError(f"router did not answer C-ECHO within {timeout}s:\n{self.log()}")
+
+    def ready(self) -> bool:
+        """/readyz when metrics are served (works whoever may call), else a C-ECHO."""
+        if not self.metrics_port:
+            return echo(self.port)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=2) as rsp:
+                return rsp.status == 200
+        except (OSError, ValueError):
+            return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

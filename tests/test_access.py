@@ -1,0 +1,120 @@
+"""Who may connect, how much they may send, DICOM TLS, and what the spool lets others read."""
+
+from __future__ import annotations
+
+import ssl
+import sys
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from tests.peers import Destination, data, metric_value, send, wait_until
+
+RULE = '[[rule]]\nsyntax = "original"\n'
+
+
+def test_only_allowed_callers_may_store(router_factory, pacs):
+    router = router_factory(
+        [Destination("PACS", pacs.port, RULE)],
+        listen_extra='allowed_callers = ["CT1", { ae_title = "CT2", hosts = ["10.9.0.0/16"] },'
+                     ' { ae_title = "CT3", hosts = ["127.0.0.0/8"] }]',
+    )
+    assert send(router.port, [data("693_UNCR.dcm")], calling_ae="MODALITY") == [-1]
+    assert send(router.port, [data("693_UNCR.dcm")], calling_ae="CT2") == [-1]  # right AE, wrong network
+    assert send(router.port, [data("693_UNCR.dcm")], calling_ae="CT1") == [0]
+    assert send(router.port, [data("MR2_UNCR.dcm")], calling_ae="CT3") == [0]
+    wait_until(lambda: pacs.count() == 2, 20, what="allowed callers' instances")
+    assert metric_value(router.metrics(), "dicom_router_rejected_total", reason="not_allowed") == 2
+    assert router.log().count('"event": "association_rejected"') == 2
+
+
+def test_called_ae_title_must_match(router_factory, pacs):
+    router = router_factory([Destination("PACS", pacs.port, RULE)])
+    assert send(router.port, [data("693_UNCR.dcm")], called_ae="SOMEONE_ELSE") == [-1]
+    assert metric_value(router.metrics(), "dicom_router_rejected_total", reason="not_allowed") == 1
+
+
+def test_association_limit_refuses_clearly(router_factory, pacs):
+    router = router_factory([Destination("PACS", pacs.port, RULE)], listen_extra="max_associations = 1")
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
+    assert held.is_established
+    try:
+        assert send(router.port, [data("693_UNCR.dcm")]) == [-1]
+        assert metric_value(router.metrics(), "dicom_router_rejected_total", reason="busy") == 1
+    finally:
+        held.release()
+    assert send(router.port, [data("693_UNCR.dcm")]) == [0]
+
+
+def test_instance_size_limit(router_factory, pacs):
+    router = router_factory([Destination("PACS", pacs.port, RULE)], listen_extra="max_instance_mb = 1")
+    assert send(router.port, [data("MR2_UNCR.dcm"), data("693_UNCR.dcm")]) == [0xA700, 0]
+    assert metric_value(router.metrics(), "dicom_router_rejected_total", reason="too_large") == 1
+    wait_until(lambda: pacs.count() == 1, 20, what="the small instance")
+
+
+def test_spool_is_owner_only(router_factory, pacs):
+    router = router_factory([Destination("PACS", pacs.port, RULE)])
+    for directory in (router.spool, router.spool / "instances", router.spool / "incoming"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
+# -- DICOM TLS -------------------------------------------------------------------------------------
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a certificate for 127.0.0.1/localhost and one for a modality, all made here."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=Test DICOM CA", cwd=d)
+    for name, san in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "subjectAltName=DNS:ct1")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(san + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+def _client(pki: Path, with_cert: bool) -> tuple[ssl.SSLContext, str]:
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.pem"))
+    ctx.check_hostname = False
+    if with_cert:
+        ctx.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+    return ctx, "127.0.0.1"
+
+
+def test_tls_inbound_requires_a_client_certificate_and_outbound_verifies_the_destination(
+        router_factory, pacs_factory, pki):
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
+    server.load_cert_chain(str(pki / "server.pem"), str(pki / "server.key"))
+    server.verify_mode = ssl.CERT_REQUIRED
+    pacs = pacs_factory(ssl_context=server)
+    tls = (f'{{ cert = "{pki}/server.pem", key = "{pki}/server.key", ca = "{pki}/ca.pem", '
+           "require_peer_cert = true }")
+    outbound = (f'tls = {{ cert = "{pki}/client.pem", key = "{pki}/client.key", ca = "{pki}/ca.pem", '
+                "verify_hostname = true }")
+    router = router_factory([Destination("PACS", pacs.port, RULE, extra=outbound)], listen_extra=f"tls = {tls}")
+    assert send(router.port, [data("693_UNCR.dcm")], tls_args=_client(pki, with_cert=True)) == [0]
+    wait_until(lambda: pacs.count() == 1, 20, what=f"delivery over TLS\n{router.log()}")
+    assert send(router.port, [data("693_UNCR.dcm")], tls_args=_client(pki, with_cert=False)) == [-1]
+    assert send(router.port, [data("693_UNCR.dcm")]) == [-1]  # plain TCP to a TLS port
+    assert pacs.count() == 1
+
+
+def test_check_reports_missing_certificate_files(tmp_path):
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "router.toml").write_text('[listen]\ntls = { cert = "nope.pem", key = "nope.key" }\n')
+    result = subprocess.run([sys.executable, "-m", "router", "check", "--config", str(tmp_path / "router.toml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "field listen.tls.cert: file not found" in result.stderr
