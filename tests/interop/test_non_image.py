@@ -59,7 +59,8 @@ def test_sr_presentation_state_and_pdf_pass_through_unchanged(orthanc, storescp,
                 f"removed {sorted(set(original.keys()) - set(got.keys()))}"
             )
             assert got == original, f"{what}: content changed"
-    assert stored[str(originals[next(iter(originals))].SOPInstanceUID)][0] == "1.2.840.10008.1.2.1"
+    for uid, original in originals.items():
+        assert stored[uid][0] == original.file_meta.TransferSyntaxUID, "Orthanc's TransferSyntax metadata"
     pdf = next(ds for ds in received.values() if ds.Modality == "DOC")
     assert pdf.EncapsulatedDocument.startswith(b"%PDF-1.4") and b"%%EOF" in pdf.EncapsulatedDocument
     # the image of the same study did go through each destination's rule

@@ -1,0 +1,237 @@
+"""Where the router's time goes per instance: py-spy on a running router, summarised.
+
+    python bench/profile_router.py [--syntax original jpeg-ls-lossless] [--images 300] [--rate 250]
+
+For each syntax: starts storescp and the router (as bench/run.py does), warms up, attaches
+`py-spy record --idle --threads --subprocesses --format raw` to the router, sends the CT
+study with storescu, waits until the destination has every image, and stops py-spy. py-spy
+must be installed in the environment (`pip install py-spy`); the router is not modified.
+
+Every sample is assigned to a thread role (the inbound association thread that runs the
+C-STORE handler, the DUL threads that move PDUs, the forwarder, the codec workers) and to a
+step by the functions on its stack. Samples whose innermost frame is a wait (sleep, select,
+Condition.wait, a pool future) count as waiting, the rest as busy. Busy samples estimate CPU;
+the script also reads the real CPU of each process from /proc to check the estimate.
+Raw stacks (for speedscope or inferno) go to bench/results/profile-<stamp>-<syntax>.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import corpus  # noqa: E402
+import harness  # noqa: E402
+
+PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+
+# innermost frames that mean "not on the CPU" (pynetdicom's reactors sleep 1 ms between polls
+# inside run_reactor/_run_reactor themselves)
+WAIT_LEAVES = (
+    "Condition.wait", "Event.wait", "select (", "_PollLikeSelector.select", "Queue.get",
+    "DULServiceProvider.run_reactor (pynetdicom/dul.py", "Association._run_reactor (pynetdicom/association.py:714)",
+    "Association.run_reactor", "Thread.join", "_wait_for_tstate_lock", "Connection._recv", "Connection.poll",
+    "Future.result", "serve_forever", "sleep (", "_worker (concurrent/futures/thread.py", "wait (",
+)
+# (step, substrings any of which on the stack selects it), first match wins, per role
+HANDLER_STEPS = [
+    ("spool.accept: fsync file + rename + fsync dir", ("Spool.accept", "_fsync_dir")),
+    ("queue.add: SQLite insert + COMMIT (synchronous=FULL)", ("Queue.add",)),
+    ("header read: dcmread(stop_before_pixels)", ("dcmread", "filereader")),
+    ("rules: decide", ("router/rules.py",)),
+    ("logging (structlog)", ("structlog", "router/log.py")),
+    ("metrics (prometheus_client)", ("prometheus_client",)),
+    ("free-space check", ("has_room", "disk_usage")),
+    ("on_enqueued: wake forwarder", ("_wake", "on_enqueued")),
+]
+INBOUND_STEPS = [
+    ("C-STORE handler", ("Receiver._on_store",)),
+    ("pynetdicom: send C-STORE-RSP", ("send_c_store_rsp", "_c_store_scp", "send_msg", "encode_msg")),
+    ("pynetdicom: message dispatch", ("_serve_request", "get_msg")),
+]
+FORWARDER_STEPS = [
+    ("queue.claim", ("Queue.claim",)),
+    ("waiting for codec workers (run_many)", ("CodecPool.run_many", "Future.result")),
+    ("header re-read: dcmread", ("_prepare",)),
+    ("queue.complete + spool.remove", ("Forwarder._done",)),
+    ("retry / dead bookkeeping", ("Forwarder._retry", "Forwarder._dead")),
+    ("logging (structlog)", ("structlog", "router/log.py")),
+    ("send_c_store: read file + DIMSE encode", ("send_c_store",)),
+    ("associate / release", ("_associate", "release")),
+    ("queue.next_due", ("Queue.next_due",)),
+]
+WORKER_STEPS = [
+    ("verify: decode again + compare", ("_Job.check",)),
+    ("encode (codec)", ("_Job.encode",)),  # after check: encode's own frames minus verify
+    ("decode input pixels", ("_decode", "_Job.pixels")),
+    ("write output: dcmwrite", ("_Job.write", "dcmwrite")),
+    ("read input: dcmread", ("transcode_file",)),
+    ("pool IPC / idle", ("multiprocessing", "concurrent/futures")),
+]
+DUL_STEPS = [
+    ("socket recv + PDU decode", ("AssociationSocket.recv", "_read_pdu", "receive_pdu", "decode")),
+    ("write received data to temp file", ("tempfile", "write")),
+    ("socket send + PDU encode", ("AssociationSocket.send", "send_pdu", "encode")),
+]
+
+
+def _step(stack: str, steps: list[tuple[str, tuple[str, ...]]]) -> str:
+    for name, needles in steps:
+        if any(n in stack for n in needles):
+            return name
+    return "other"
+
+
+def _is_wait(leaf: str) -> bool:
+    return any(leaf.startswith(w) or w in leaf for w in WAIT_LEAVES)
+
+
+def parse(raw: Path, router_pid: int) -> dict:
+    """samples[(role, step, busy)] and the thread roles."""
+    threads: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)
+    for line in raw.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        parts = stack.split(";")
+        # process P:"argv";[process C:"argv";]thread (0x..);frames...
+        procs = [p for p in parts if p.startswith("process ")]
+        proc = procs[-1].split(":")[0].split()[1] if procs else "?"
+        thread = next((p for p in parts if p.startswith("thread (")), "thread (?)")
+        frames = [p for p in parts if not p.startswith(("process ", "thread ("))]
+        threads[(proc, thread)].append((";".join(frames), int(count)))
+    samples: dict[tuple[str, str, bool], int] = defaultdict(int)
+    for (proc, _thread), stacks in threads.items():
+        joined = " ".join(s for s, _ in stacks)
+        if proc != str(router_pid):
+            role, steps = "codec worker processes", WORKER_STEPS
+        elif "Receiver._on_store" in joined:
+            role, steps = "inbound association thread (handler)", INBOUND_STEPS
+        elif "Forwarder._run" in joined:
+            role, steps = "forwarder thread", FORWARDER_STEPS
+        elif "DULServiceProvider" in joined:
+            recv = sum(c for s, c in stacks if "AssociationSocket.recv" in s)
+            send = sum(c for s, c in stacks if "AssociationSocket.send" in s)
+            role = "inbound DUL thread (PDU receive)" if recv >= send else "outbound DUL thread (PDU send)"
+            steps = DUL_STEPS
+        elif "_run_reactor" in joined or "Association.run" in joined:
+            role, steps = "outbound association reactor thread", []
+        else:
+            role, steps = "other threads (main, metrics, pool manager)", []
+        for stack, count in stacks:
+            leaf = stack.rsplit(";", 1)[-1]
+            busy = not _is_wait(leaf)
+            step = _step(stack, steps)
+            if role.startswith("inbound association") and step == "C-STORE handler":
+                step = "handler: " + _step(stack, HANDLER_STEPS)
+            if role.startswith("codec worker") and step == "encode (codec)" and "_Job.check" in stack:
+                step = "verify: decode again + compare"
+            if role.startswith("forwarder") and step == "waiting for codec workers (run_many)":
+                busy = False
+            samples[(role, step, busy)] += count
+    return samples
+
+
+def report(samples: dict, rate: float, images: int, cpu: dict[str, float], wall: float) -> str:
+    ms = lambda n: n / rate / images * 1000  # noqa: E731
+    roles: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for (role, step, busy), n in samples.items():
+        roles[role][step][0 if busy else 1] += n
+    lines = [f"{images} images in {wall:.2f} s = {wall / images * 1000:.1f} ms per image (wall); "
+             f"measured CPU (/proc): " + ", ".join(f"{k} {v / images * 1000:.1f} ms/img" for k, v in cpu.items()),
+             "", "| thread role / step | busy ms/img (≈CPU) | waiting ms/img | share of busy |", "|---|---|---|---|"]
+    total_busy = sum(n for (_, _, b), n in samples.items() if b)
+    for role in sorted(roles, key=lambda r: -sum(v[0] for v in roles[r].values())):
+        steps = roles[role]
+        busy = sum(v[0] for v in steps.values())
+        wait = sum(v[1] for v in steps.values())
+        lines.append(f"| **{role}** | **{ms(busy):.2f}** | {ms(wait):.2f} | {busy / max(total_busy, 1):.0%} |")
+        for step in sorted(steps, key=lambda s: -steps[s][0] - steps[s][1] / 1000):
+            b, w = steps[step]
+            if ms(b) >= 0.05 or ms(w) >= 0.05:
+                lines.append(f"| &nbsp;&nbsp;{step} | {ms(b):.2f} | {ms(w):.2f} | {b / max(total_busy, 1):.0%} |")
+    lines.append(f"| **total busy (py-spy estimate)** | **{ms(total_busy):.2f}** | | |")
+    return "\n".join(lines)
+
+
+def profile(syntax: str, study: corpus.Study, rate: int, out_dir: Path, stamp: str) -> str:
+    work = Path(tempfile.mkdtemp(prefix="dicom-router-profile-"))
+    servers = []
+    spy = None
+    try:
+        scp = harness.start_storescp(work / "storescp", work / "dest")
+        servers.append(scp)
+        router = harness.start_router(work / "router", scp.port, harness.RouterRule(syntax))
+        servers.append(router)
+        harness.wait_procs([harness.storescu(study.warmup, router.port, work, tag="-warmup")], 120)
+        while harness.count_files(work / "dest") < len(study.warmup):
+            time.sleep(0.05)
+        raw = out_dir / f"profile-{stamp}-{syntax}.txt"
+        spy = subprocess.Popen(
+            [PY_SPY, "record", "--pid", str(router.proc.pid), "--subprocesses", "--idle", "--threads",
+             "--rate", str(rate), "--format", "raw", "--output", str(raw), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        time.sleep(1.5)  # py-spy attaches
+        tree = router.tree()
+        cpu0 = {pid: harness.cpu_seconds([pid]) for pid in tree}
+        t0 = time.monotonic()
+        harness.wait_procs([harness.storescu(study.files, router.port, work)], 600)
+        target = len(study.warmup) + len(study.files)
+        deadline = time.monotonic() + 600
+        while harness.count_files(work / "dest") < target and time.monotonic() < deadline:
+            time.sleep(0.02)
+        wall = time.monotonic() - t0
+        tree = router.tree()
+        main_cpu = harness.cpu_seconds([router.proc.pid]) - cpu0.get(router.proc.pid, 0)
+        other_cpu = sum(harness.cpu_seconds([p]) - cpu0.get(p, 0) for p in tree if p != router.proc.pid)
+        os.kill(spy.pid, signal.SIGINT)
+        try:
+            spy.wait(60)
+        except subprocess.TimeoutExpired:
+            os.kill(spy.pid, signal.SIGKILL)
+            spy.wait(10)
+        if not raw.exists():
+            return f"py-spy wrote nothing: {spy.stderr.read().decode(errors='replace')[-500:]}"
+        samples = parse(raw, router.proc.pid)
+        cpu = {"router process": main_cpu, "children (forkserver, codec workers)": other_cpu}
+        return (f"### {syntax}: {len(study.files)} CT slices, py-spy {rate} Hz (raw stacks: {raw})\n\n"
+                + report(samples, rate, len(study.files), cpu, wall))
+    finally:
+        if spy is not None and spy.poll() is None:
+            os.kill(spy.pid, signal.SIGKILL)
+            spy.wait(10)
+        for server in reversed(servers):
+            server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--syntax", nargs="+", default=["original", "jpeg-ls-lossless"])
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    args = parser.parse_args()
+    study = corpus.load("ct").head(args.images)
+    out_dir = harness.BENCH / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    for syntax in args.syntax:
+        print(profile(syntax, study, args.rate, out_dir, stamp))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
