@@ -1,6 +1,6 @@
 """Where the router's time goes per instance: py-spy on a running router, summarised.
 
-    python bench/profile_router.py [--syntax original jpeg-ls-lossless] [--images 300] [--rate 250]
+    python bench/profile_router.py [--syntax original jpeg-ls-lossless] [--images 300] [--rate 100]
 
 For each syntax: starts storescp and the router (as bench/run.py does), warms up, attaches
 `py-spy record --idle --threads --subprocesses --format raw` to the router, sends the CT
@@ -43,7 +43,12 @@ WAIT_LEAVES = (
     "DULServiceProvider.run_reactor (pynetdicom/dul.py", "Association._run_reactor (pynetdicom/association.py:714)",
     "Association.run_reactor", "Thread.join", "_wait_for_tstate_lock", "Connection._recv", "Connection.poll",
     "Future.result", "serve_forever", "sleep (", "_worker (concurrent/futures/thread.py", "wait (",
+    "resource_tracker", "EpollSelector.select", "SemLock.__enter__",
+    "Association.send_c_store (pynetdicom/association.py:1960)",  # sleep(0.0001) until the reactor pauses
+    "Queue._Tx.__enter__",  # BEGIN IMMEDIATE: waiting for SQLite's write lock
 )
+# innermost frames that are the kernel making data durable (fsync, SQLite COMMIT's fsync, unlink)
+IO_LEAVES = ("Spool.accept (", "_fsync_dir (", "Queue._Tx.__exit__ (", "Spool.remove (")
 # (step, substrings any of which on the stack selects it), first match wins, per role
 HANDLER_STEPS = [
     ("spool.accept: fsync file + rename + fsync dir", ("Spool.accept", "_fsync_dir")),
@@ -93,12 +98,16 @@ def _step(stack: str, steps: list[tuple[str, tuple[str, ...]]]) -> str:
     return "other"
 
 
-def _is_wait(leaf: str) -> bool:
-    return any(leaf.startswith(w) or w in leaf for w in WAIT_LEAVES)
+def _state(leaf: str) -> str:
+    if any(leaf.startswith(w) for w in IO_LEAVES):
+        return "io"
+    if any(leaf.startswith(w) or w in leaf for w in WAIT_LEAVES):
+        return "wait"
+    return "busy"
 
 
 def parse(raw: Path, router_pid: int) -> dict:
-    """samples[(role, step, busy)] and the thread roles."""
+    """samples[(role, step, state)]; state: busy, io (fsync/commit/unlink) or wait."""
     threads: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -111,7 +120,7 @@ def parse(raw: Path, router_pid: int) -> dict:
         thread = next((p for p in parts if p.startswith("thread (")), "thread (?)")
         frames = [p for p in parts if not p.startswith(("process ", "thread ("))]
         threads[(proc, thread)].append((";".join(frames), int(count)))
-    samples: dict[tuple[str, str, bool], int] = defaultdict(int)
+    samples: dict[tuple[str, str, str], int] = defaultdict(int)
     for (proc, _thread), stacks in threads.items():
         joined = " ".join(s for s, _ in stacks)
         if proc != str(router_pid):
@@ -131,37 +140,40 @@ def parse(raw: Path, router_pid: int) -> dict:
             role, steps = "other threads (main, metrics, pool manager)", []
         for stack, count in stacks:
             leaf = stack.rsplit(";", 1)[-1]
-            busy = not _is_wait(leaf)
+            state = _state(leaf)
             step = _step(stack, steps)
             if role.startswith("inbound association") and step == "C-STORE handler":
                 step = "handler: " + _step(stack, HANDLER_STEPS)
             if role.startswith("codec worker") and step == "encode (codec)" and "_Job.check" in stack:
                 step = "verify: decode again + compare"
             if role.startswith("forwarder") and step == "waiting for codec workers (run_many)":
-                busy = False
-            samples[(role, step, busy)] += count
+                state = "wait"
+            samples[(role, step, state)] += count
     return samples
 
 
 def report(samples: dict, rate: float, images: int, cpu: dict[str, float], wall: float) -> str:
     ms = lambda n: n / rate / images * 1000  # noqa: E731
-    roles: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-    for (role, step, busy), n in samples.items():
-        roles[role][step][0 if busy else 1] += n
-    lines = [f"{images} images in {wall:.2f} s = {wall / images * 1000:.1f} ms per image (wall); "
-             f"measured CPU (/proc): " + ", ".join(f"{k} {v / images * 1000:.1f} ms/img" for k, v in cpu.items()),
-             "", "| thread role / step | busy ms/img (≈CPU) | waiting ms/img | share of busy |", "|---|---|---|---|"]
-    total_busy = sum(n for (_, _, b), n in samples.items() if b)
-    for role in sorted(roles, key=lambda r: -sum(v[0] for v in roles[r].values())):
+    states = ("busy", "io", "wait")
+    roles: dict[str, dict] = defaultdict(lambda: defaultdict(lambda: dict.fromkeys(states, 0)))
+    for (role, step, state), n in samples.items():
+        roles[role][step][state] += n
+    lines = [f"{images} images in {wall:.2f} s = {wall / images * 1000:.1f} ms per image (wall, under py-spy); "
+             "measured CPU (/proc): " + ", ".join(f"{k} {v / images * 1000:.1f} ms/img" for k, v in cpu.items()),
+             "", "| thread role / step | busy ms/img (≈CPU) | fsync/COMMIT/unlink ms/img | waiting ms/img | share of busy |",
+             "|---|---|---|---|---|"]
+    total_busy = sum(n for (_, _, st), n in samples.items() if st == "busy")
+    for role in sorted(roles, key=lambda r: -sum(v["busy"] for v in roles[r].values())):
         steps = roles[role]
-        busy = sum(v[0] for v in steps.values())
-        wait = sum(v[1] for v in steps.values())
-        lines.append(f"| **{role}** | **{ms(busy):.2f}** | {ms(wait):.2f} | {busy / max(total_busy, 1):.0%} |")
-        for step in sorted(steps, key=lambda s: -steps[s][0] - steps[s][1] / 1000):
-            b, w = steps[step]
-            if ms(b) >= 0.05 or ms(w) >= 0.05:
-                lines.append(f"| &nbsp;&nbsp;{step} | {ms(b):.2f} | {ms(w):.2f} | {b / max(total_busy, 1):.0%} |")
-    lines.append(f"| **total busy (py-spy estimate)** | **{ms(total_busy):.2f}** | | |")
+        tot = {st: sum(v[st] for v in steps.values()) for st in states}
+        lines.append(f"| **{role}** | **{ms(tot['busy']):.2f}** | {ms(tot['io']):.2f} | {ms(tot['wait']):.2f} "
+                     f"| {tot['busy'] / max(total_busy, 1):.0%} |")
+        for step in sorted(steps, key=lambda s: -(steps[s]["busy"] + steps[s]["io"])):
+            v = steps[step]
+            if ms(v["busy"]) >= 0.05 or ms(v["io"]) >= 0.05:
+                lines.append(f"| &nbsp;&nbsp;{step} | {ms(v['busy']):.2f} | {ms(v['io']):.2f} | {ms(v['wait']):.2f} "
+                             f"| {v['busy'] / max(total_busy, 1):.0%} |")
+    lines.append(f"| **total busy (py-spy estimate of CPU)** | **{ms(total_busy):.2f}** | | | |")
     return "\n".join(lines)
 
 
@@ -221,7 +233,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--syntax", nargs="+", default=["original", "jpeg-ls-lossless"])
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     args = parser.parse_args()
     study = corpus.load("ct").head(args.images)
     out_dir = harness.BENCH / "results"

@@ -403,7 +403,8 @@ def _catalogue() -> list[Case]:
         add(f"{s.name}-truncated-in-element-header", s.name, truncate(s.body, elements[3].offset + 5), "reject")
         add(f"{s.name}-truncated-in-pixel-data", s.name, truncate(s.body, pixel.value_offset + 1000), "reject")
         # an element declared longer than the data set
-        add(f"{s.name}-huge-length-in-header", s.name, set_length(s, s.body, s.element(0x00080008), HUGE), "reject")
+        document = encode_element(s, 0x00420011, b"OB", b"%PDF-1.4", HUGE)  # Encapsulated Document
+        add(f"{s.name}-huge-length-in-header", s.name, insert_before(s, s.body, 0x00420011, document), "reject")
         add(f"{s.name}-huge-pixel-data-length", s.name, set_length(s, s.body, pixel, HUGE), "reject")
         # a declared length that lands in the middle of the next element
         add(f"{s.name}-length-off-by-3", s.name, set_length(s, s.body, study, study.length + 3), "reject")
