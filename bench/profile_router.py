@@ -177,7 +177,51 @@ def report(samples: dict, rate: float, images: int, cpu: dict[str, float], wall:
     return "\n".join(lines)
 
 
-def profile(syntax: str, study: corpus.Study, rate: int, out_dir: Path, stamp: str) -> str:
+def worker_breakdown(src: Path, syntax: str, repeat: int = 30) -> str:
+    """cProfile of transcode_file in this process: what one codec worker spends per image."""
+    import cProfile
+    import pstats
+
+    from router.transcode import Request, transcode_file
+
+    request = Request(syntax=syntax)
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = Path(tmp) / "out.dcm"
+        transcode_file(src, dst, request)
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            transcode_file(src, dst, request)
+        plain = (time.perf_counter() - t0) / repeat
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(repeat):
+            transcode_file(src, dst, request)
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    profiled_total = sum(v[2] for v in stats.values()) / repeat
+
+    def cumulative(name: str, file_part: str = "") -> float:
+        return sum(v[3] for (f, _, n), v in stats.items() if n == name and file_part in f) / repeat
+
+    parts = [
+        ("read input: pydicom.dcmread (whole file)", cumulative("dcmread", "pydicom")),
+        ("decode input pixels (_decode)", cumulative("_decode", "router/transcode.py")),
+        ("encode (registry encode function)", cumulative("encode", "router/transcode.py")
+         - cumulative("check", "router/transcode.py") - cumulative("write", "router/transcode.py")
+         - cumulative("lossy_bookkeeping", "router/transcode.py") - cumulative("_set_encapsulated", "router/transcode.py")),
+        ("verify: decode + compare (_Job.check)", cumulative("check", "router/transcode.py")),
+        ("encapsulate (_set_encapsulated)", cumulative("_set_encapsulated", "router/transcode.py")),
+        ("write output: dcmwrite (_Job.write)", cumulative("write", "router/transcode.py")),
+    ]
+    lines = [f"transcode_file({src.name}, {syntax}): {plain * 1000:.1f} ms per image unprofiled "
+             f"({profiled_total * 1000:.1f} ms under cProfile; shares below are of the profiled time)", "",
+             "| step | ms/img (cProfile) | share |", "|---|---|---|"]
+    for name, seconds in parts:
+        lines.append(f"| {name} | {seconds * 1000:.2f} | {seconds / profiled_total:.0%} |")
+    return "\n".join(lines)
+
+
+def profile(syntax: str, study: corpus.Study, rate: int, out_dir: Path, stamp: str, children: bool = False) -> str:
     work = Path(tempfile.mkdtemp(prefix="dicom-router-profile-"))
     servers = []
     spy = None
@@ -191,8 +235,8 @@ def profile(syntax: str, study: corpus.Study, rate: int, out_dir: Path, stamp: s
             time.sleep(0.05)
         raw = out_dir / f"profile-{stamp}-{syntax}.txt"
         spy = subprocess.Popen(
-            [PY_SPY, "record", "--pid", str(router.proc.pid), "--subprocesses", "--idle", "--threads",
-             "--rate", str(rate), "--format", "raw", "--output", str(raw), "--nonblocking"],
+            [PY_SPY, "record", "--pid", str(router.proc.pid), *(["--subprocesses"] if children else []),
+             "--idle", "--threads", "--rate", str(rate), "--format", "raw", "--output", str(raw), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         time.sleep(1.5)  # py-spy attaches
@@ -234,14 +278,20 @@ def main() -> int:
     parser.add_argument("--syntax", nargs="+", default=["original", "jpeg-ls-lossless"])
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
+    parser.add_argument("--children", action="store_true",
+                        help="also sample the codec workers with py-spy (slows the router a lot on 2 cores); "
+                             "by default the workers' share comes from cProfile of transcode_file in-process")
     args = parser.parse_args()
     study = corpus.load("ct").head(args.images)
     out_dir = harness.BENCH / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for syntax in args.syntax:
-        print(profile(syntax, study, args.rate, out_dir, stamp))
+        print(profile(syntax, study, args.rate, out_dir, stamp, args.children))
         print()
+        if syntax != "original":
+            print(worker_breakdown(study.files[0], syntax))
+            print()
     return 0
 
 

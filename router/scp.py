@@ -16,13 +16,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from router import log, metrics
-from router.config import AllowedCaller, DestinationRules, Listen
+from router.config import CONTEXT_KEYS, AllowedCaller, DestinationRules, Listen
+from router.dicomfile import read_header
 from router.queue import Instance, Queue
 from router.rules import Attributes, Context, decide
 from router.spool import Spool
@@ -133,18 +132,22 @@ class Receiver:
                 bound.error("store_refused", reason="spool below min_free_mb", status="0xA700",
                             free_bytes=self.spool.free_bytes())
                 return OUT_OF_RESOURCES
+            destinations = self.destinations()
+            keys = {k for d in destinations for r in d.rules for k in r.match if k not in CONTEXT_KEYS}
             try:
-                header = dcmread(received, stop_before_pixels=True)
+                header = read_header(received, str(request.AffectedSOPInstanceUID),
+                                     decode=("StudyInstanceUID", *sorted(keys)))
                 transfer_syntax = str(header.file_meta.TransferSyntaxUID)
                 study = str(header.get("StudyInstanceUID", ""))
-            except (InvalidDicomError, EOFError, ValueError, KeyError, AttributeError, OSError) as exc:
+                attributes = Attributes(header, context)
+                decisions = [(d, decide(d.rules, attributes, d.destination.keep_sop_instance_uid))
+                             for d in destinations]
+            except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on broken input
                 metrics.REJECTED.labels(reason="malformed").inc()
-                bound.error("store_refused", reason=f"data set cannot be parsed: {exc}", status="0xC000")
+                bound.error("store_refused", reason=f"data set cannot be understood: {exc}", status="0xC000")
                 return CANNOT_UNDERSTAND
-            attributes = Attributes(header, context)
             targets = []
-            for dest in self.destinations():
-                decision = decide(dest.rules, attributes, dest.destination.keep_sop_instance_uid)
+            for dest, decision in decisions:
                 if decision.forward:
                     targets.append(dest.name)
                 else:

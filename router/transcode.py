@@ -22,6 +22,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from router import syntaxes
+from router.dicomfile import read_header
 from router.syntaxes import (
     DEFLATED,
     EXPLICIT_BE,
@@ -118,13 +119,19 @@ def transcode_file(src: Path, dst: Path, request: Request) -> Outcome:
     src, dst = Path(src), Path(dst)
     target = syntaxes.get(request.syntax)
     try:
+        read_header(src)  # refuses declared lengths the file cannot hold before anything is allocated
         ds = pydicom.dcmread(src)
     except Exception as exc:
         raise TranscodeError(f"{src}: not readable as DICOM: {exc}") from exc
     if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
         raise TranscodeError(f"{src}: not a DICOM instance (no SOP Class / Instance UID)")
     job = _Job(src, dst, request, ds, start)
-    return job.run(target)
+    try:
+        return job.run(target)
+    except TranscodeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a value pydicom cannot decode or encode
+        raise TranscodeError(f"{src}: cannot transcode to {target.name}: {type(exc).__name__}: {exc}") from exc
 
 
 class _Job:

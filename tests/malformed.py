@@ -292,10 +292,8 @@ def short_pixels(seed_: Seed, keep: int) -> bytes:
     assert pixel.length != UNDEFINED
     keep = max(0, min(keep, pixel.length - 2)) & ~1
     value = seed_.body[pixel.value_offset : pixel.value_offset + keep]
-    body = seed_.body[: pixel.end] if pixel.end <= len(seed_.body) else seed_.body
-    head = seed_.body[: pixel.value_offset]
-    head = set_length(seed_, head, pixel, keep)
-    return head + value + body[pixel.end :]
+    head = set_length(seed_, seed_.body[: pixel.value_offset], pixel, keep)
+    return head + value + seed_.body[pixel.end :]
 
 
 def replace_range(body: bytes, at: int, length: int, data: bytes) -> bytes:

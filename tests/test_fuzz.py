@@ -157,9 +157,6 @@ def test_transcode_never_hangs_nor_grows_nor_dies(workdir, case, target):
         assert result.path.exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "transcode.py _decode reads int(ds.Rows), ds.BitsAllocated, ... outside its try-block: "
-    "a value that does not fit its VR escapes as pydicom's BytesLengthException"))
 @pytest.mark.timeout(120)
 @settings(max_examples=350, phases=NO_SHRINK, **FUZZ)
 @given(case=mutated(), target=st.sampled_from(TARGETS))
@@ -169,11 +166,10 @@ def test_transcode_returns_an_outcome_or_raises_transcode_error(workdir, case, t
     assert isinstance(result, (Outcome, TranscodeError)), f"{type(result).__name__}: {result}"
 
 
-_ESCAPES = "BytesLengthException escapes transcode_file (_decode reads Rows/BitsStored outside its try-block)"
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param(c, id=c.name, marks=[pytest.mark.xfail(strict=True, reason=_ESCAPES)]
+    pytest.param(c, id=c.name, marks=[]
                  if c.name in ("native-bits-stored-3-bytes", "native-rows-as-FD") else [])
     for c in CATALOGUE
 ])
@@ -196,11 +192,8 @@ def _peak_allocation_mb(call) -> float:  # noqa: ANN001
         tracemalloc.stop()
 
 
-_ALLOCATES = ("pydicom's dcmread calls fp.read(declared length): a declared length of 0xFFFFFFF0 "
-              "allocates a 4 GB buffer before finding the file is short")
 
 
-@pytest.mark.xfail(strict=True, reason=_ALLOCATES)
 @pytest.mark.parametrize("name", ["native-huge-length-in-header", "native-huge-pixel-data-length"])
 def test_huge_declared_length_is_not_allocated_by_transcode(workdir, name):
     case = next(c for c in CATALOGUE if c.name == name)
@@ -260,9 +253,6 @@ def test_scp_handler_never_raises_nor_hangs(receiver, case):
     assert _rss_mb() - before < RSS_GROWTH_MB
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scp.py evaluates the rules (decide -> Attributes.values -> pydicom value conversion) outside "
-    "the parse try-block: a value that does not fit its VR gives 0xA700 (retry) instead of 0xC000"))
 @pytest.mark.timeout(120)
 @settings(max_examples=300, phases=NO_SHRINK, **FUZZ)
 @given(case=mutated())
@@ -279,9 +269,6 @@ def test_scp_handler_refuses_endless_sequences(receiver, case):
     assert _malformed_count() == before + 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "scp.py accepts (0x0000) a data set that is random bytes behind a valid file meta: the lenient "
-    "header read finds one bogus element and nothing checks the SOP Instance UID"))
 @settings(max_examples=50, phases=NO_SHRINK, **FUZZ)
 @given(body=st.binary(min_size=8, max_size=512))
 def test_scp_handler_refuses_random_bytes(receiver, body):
@@ -289,7 +276,6 @@ def test_scp_handler_refuses_random_bytes(receiver, body):
     assert 0xC000 <= status <= 0xCFFF, f"0x{status:04X}"
 
 
-@pytest.mark.xfail(strict=True, reason=_ALLOCATES + " (the SCP's header read)")
 def test_huge_declared_length_is_not_allocated_by_the_scp(receiver):
     case = next(c for c in CATALOGUE if c.name == "native-huge-length-in-header")
     peak = _peak_allocation_mb(lambda: _store(receiver, case.seed, case.body, _uid()))

@@ -41,39 +41,8 @@ CALLING = {"explicit-le": "TO_EXPLICIT", "jpeg-ls-lossless": "TO_JLS"}
 RSS_LIMIT_MB = 500
 
 # what the router does today that a user would not accept, by case name
-_ACCEPTS_GARBAGE = (
-    "the SCP answers 0x0000 for a data set whose declared lengths do not fit its bytes: "
-    "scp.py reads the header with pydicom's lenient dcmread, which accepts short reads"
-)
-_TEMPORARY_FOR_BAD_VALUE = (
-    "a value that does not fit its VR (BitsStored, read by the rules) raises "
-    "BytesLengthException outside the parse try-block in scp.py: 0xA700 (retry) instead of 0xC000"
-)
-KNOWN = {
-    "native-truncated-in-study-uid": _ACCEPTS_GARBAGE,
-    "native-truncated-in-element-header": _ACCEPTS_GARBAGE,
-    "native-truncated-in-pixel-data": _ACCEPTS_GARBAGE,
-    "native-huge-length-in-header": _ACCEPTS_GARBAGE,
-    "native-huge-pixel-data-length": _ACCEPTS_GARBAGE,
-    "native-length-off-by-3": _ACCEPTS_GARBAGE,
-    "implicit-truncated-in-study-uid": _ACCEPTS_GARBAGE,
-    "implicit-truncated-in-element-header": _ACCEPTS_GARBAGE,
-    "implicit-truncated-in-pixel-data": _ACCEPTS_GARBAGE,
-    "implicit-huge-length-in-header": _ACCEPTS_GARBAGE,
-    "implicit-huge-pixel-data-length": _ACCEPTS_GARBAGE,
-    "implicit-length-off-by-3": _ACCEPTS_GARBAGE,
-    "native-rows-as-SQ": _ACCEPTS_GARBAGE,
-    "native-vr-not-letters": _ACCEPTS_GARBAGE,
-    "random-16-bytes": _ACCEPTS_GARBAGE,
-    "random-333-bytes": _ACCEPTS_GARBAGE,
-    "random-4096-bytes": _ACCEPTS_GARBAGE,
-    "empty-data-set": _ACCEPTS_GARBAGE + " (here: an empty data set)",
-    "native-bits-stored-3-bytes": _TEMPORARY_FOR_BAD_VALUE,
-}
-
-
 def _param(case: Case):  # noqa: ANN202
-    marks = [pytest.mark.xfail(reason=KNOWN[case.name], strict=True)] if case.name in KNOWN else []
+    marks = []
     return pytest.param(case, id=case.name, marks=marks)
 
 
@@ -82,7 +51,6 @@ def peers(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     pacs = Pacs(root / "pacs").start()
     router = RouterProcess(root / "router", [Destination("PACS", pacs.port, RULES)])
-    (root / "router").mkdir(exist_ok=True)
     try:
         router.start()
         yield router, pacs, root
