@@ -36,13 +36,19 @@ class Study:
     files: list[Path]
     warmup: list[Path]
 
+    sizes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.sizes:  # read once: the runs must not depend on the cache staying put
+            object.__setattr__(self, "sizes", tuple(p.stat().st_size for p in self.files))
+
     @property
     def bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.files)
+        return sum(self.sizes)
 
     def head(self, count: int) -> Study:
         """The first `count` images (the same files, so the cache is shared)."""
-        return Study(self.name, self.description, self.files[:count], self.warmup)
+        return Study(self.name, self.description, self.files[:count], self.warmup, self.sizes[:count])
 
 
 def _write_series(source: Path, count: int, directory: Path) -> list[Path]:

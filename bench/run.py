@@ -455,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for rep in range(repeat):
             for scenario in scenarios:
-                result = run_once(scenario, studies[scenario.corpus], root)
+                try:
+                    result = run_once(scenario, studies[scenario.corpus], root)
+                except Exception as exc:  # noqa: BLE001 - keep the other scenarios' results
+                    result = {"scenario": scenario.key, "ok": False, "error": f"harness: {exc}"}
                 result["repetition"] = rep
                 runs.append(result)
                 status = (f"{result['instances_per_s']:.1f} inst/s, {result['seconds']:.2f} s, "
