@@ -6,6 +6,7 @@ validated objects. Every error names the file, the rule and the field.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import tomllib
@@ -263,6 +264,7 @@ class DestinationRules(BaseModel):
     path: Path
     destination: Destination
     rules: list[Rule]
+    tag: str = ""  # digest of the rule file: a decision taken under the same tag is still valid
 
 
 class Loaded(BaseModel):
@@ -320,6 +322,7 @@ def _tls_files(tls: Tls | None) -> list[tuple[str, Path]]:
 
 def load_rule_file(path: Path) -> DestinationRules:
     data = _read_toml(path)
+    tag = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     try:
         parsed = RuleFile.model_validate(data)
     except ValidationError as exc:
@@ -330,7 +333,7 @@ def load_rule_file(path: Path) -> DestinationRules:
         missing = [f"{path}: field destination.tls.{k}: file not found: {v}" for k, v in _tls_files(destination.tls)]
         if missing:
             raise ConfigError("\n".join(missing))
-    return DestinationRules(name=path.stem, path=path, destination=destination, rules=parsed.rule)
+    return DestinationRules(name=path.stem, path=path, destination=destination, rules=parsed.rule, tag=tag)
 
 
 def load(path: Path | str) -> Loaded:

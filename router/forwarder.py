@@ -13,7 +13,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydicom import dcmread
@@ -24,7 +25,7 @@ from pynetdicom.presentation import PresentationContext
 from router import log, metrics, syntaxes
 from router.config import Destination, DestinationRules, parse_status_range
 from router.queue import Job, Queue
-from router.rules import Attributes, Context, Decision, decide
+from router.rules import Attributes, Context, Decision, decide, request_from_json
 from router.spool import Spool
 from router.tls import client_context
 from router.transcode import Outcome, Request
@@ -76,6 +77,9 @@ class Item:
     syntax_label: str = "original"
     outcome: Outcome | None = None
     request: Request | None = None
+    task: Task | None = None
+    future: Future | None = None
+    candidates: set[str] = field(default_factory=set)  # transfer syntaxes the output may be in
 
 
 class Forwarder:
@@ -150,18 +154,6 @@ class Forwarder:
             sender.release()
 
     # -- job outcomes ---------------------------------------------------------------------------
-    def _done(self, item: Item, size: int, started: float) -> None:
-        path = self.queue.complete(item.job.id)
-        if path:
-            self.spool.remove(path)
-        if item.path is not None and item.path != Path(item.job.instance.path):
-            self.spool.remove(item.path)
-        metrics.FORWARDED_INSTANCES.labels(destination=self.name, syntax=item.syntax_label).inc()
-        metrics.FORWARDED_BYTES.labels(destination=self.name, syntax=item.syntax_label).inc(size)
-        metrics.END_TO_END_SECONDS.labels(destination=self.name).observe(
-            max(0.0, time.time() - item.job.instance.received_at)
-        )
-
     def _retry(self, dest: Destination, job: Job, error: str) -> None:
         attempts = job.attempts + 1
         if attempts >= dest.retry.max_attempts:
@@ -183,7 +175,8 @@ class Forwarder:
 
 
 class _Sender:
-    """One association slot of a forwarder: prepares batches and sends them."""
+    """One association slot of a forwarder: prepares a batch, then sends each instance as soon as
+    its transcoding is done, while the codec workers go on with the next ones."""
 
     def __init__(self, forwarder: Forwarder) -> None:
         self.f = forwarder
@@ -191,12 +184,24 @@ class _Sender:
         self.proposed: set[tuple[str, str]] = set()
         self.last_used = 0.0
         self.unresolved: list[Job] = []
+        self.delivered: list[tuple[Item, int]] = []
 
     # -- preparing ----------------------------------------------------------------------------
+    def _decision(self, dest: DestinationRules, job: Job, item_log) -> Decision:  # noqa: ANN001
+        if job.request and job.rules_tag == dest.tag:
+            return Decision(True, "", None, request_from_json(job.request), "decided at receipt")
+        inst = job.instance
+        context = Context(inst.calling_ae, inst.called_ae, inst.source_ip)
+        try:
+            header = dcmread(inst.path, stop_before_pixels=True)
+            return decide(dest.rules, Attributes(header, context), dest.destination.keep_sop_instance_uid)
+        except Exception as exc:  # noqa: BLE001 - it was accepted: send it as received
+            item_log.warning("header_unreadable", error=str(exc), action="forwarded as received")
+            return Decision(True, "", None, Request(syntax="original"), f"header unreadable: {exc}")
+
     def _prepare(self, dest: DestinationRules, jobs: list[Job]) -> list[Item]:
         f = self.f
         items: list[Item] = []
-        tasks: list[tuple[Item, Task]] = []
         for job in jobs:
             inst = job.instance
             item_log = f.log.bind(sop_instance_uid=inst.sop_instance_uid, study_instance_uid=inst.study_instance_uid)
@@ -205,13 +210,7 @@ class _Sender:
                 f._dead(job, f"spool file missing: {src}")
                 self.unresolved.remove(job)
                 continue
-            context = Context(inst.calling_ae, inst.called_ae, inst.source_ip)
-            try:
-                header = dcmread(src, stop_before_pixels=True)
-                decision = decide(dest.rules, Attributes(header, context), dest.destination.keep_sop_instance_uid)
-            except Exception as exc:  # noqa: BLE001 - it was accepted: send it as received
-                item_log.warning("header_unreadable", error=str(exc), action="forwarded as received")
-                decision = Decision(True, "", None, Request(syntax="original"), f"header unreadable: {exc}")
+            decision = self._decision(dest, job, item_log)
             if not decision.forward:
                 metrics.SKIPPED.labels(destination=f.name).inc()
                 item_log.info("skipped", reason=decision.reason)
@@ -222,16 +221,24 @@ class _Sender:
                 continue
             item = Item(job=job, log=item_log, decision=decision, request=decision.request)
             syntax = syntaxes.get(decision.request.syntax)
+            item.candidates = {inst.transfer_syntax_uid}
             if syntax.name == "original" or syntax.uid == inst.transfer_syntax_uid:
                 item.path, item.transfer_syntax_uid, item.syntax_label = src, inst.transfer_syntax_uid, "original"
             else:
-                tasks.append((item, Task(src, f.spool.out_path(job.id), decision.request)))
+                item.candidates.update(syntax.uids)
+                if decision.request.fallback:
+                    item.candidates.update(syntaxes.get(decision.request.fallback).uids)
+                item.task = Task(src, f.spool.out_path(job.id), decision.request)
+                item.future = f.pool.submit(item.task)
             items.append(item)
-        if tasks:
-            results = f.pool.run_many([t for _, t in tasks])
-            for (item, task), result in zip(tasks, results):
-                self._apply(item, task, result)
         return items
+
+    def _finish_transcode(self, item: Item) -> None:
+        if item.future is None:
+            return
+        result = self.f.pool.resolve(item.task, item.future)
+        item.future = None
+        self._apply(item, item.task, result)
 
     def _apply(self, item: Item, task: Task, result: Outcome | BaseException) -> None:
         f = self.f
@@ -269,9 +276,10 @@ class _Sender:
         wanted: dict[str, set[str]] = {}
         for item in items:
             uids = wanted.setdefault(item.job.instance.sop_class_uid, set(UNCOMPRESSED))
-            uids.add(item.transfer_syntax_uid)
-            if item.transfer_syntax_uid in _COMPANIONS:
-                uids.add(_COMPANIONS[item.transfer_syntax_uid])
+            uids.update(item.candidates)
+            for uid in item.candidates:
+                if uid in _COMPANIONS:
+                    uids.add(_COMPANIONS[uid])
         return wanted
 
     def _groups(self, items: list[Item]) -> list[list[Item]]:
@@ -359,27 +367,63 @@ class _Sender:
     def process(self, dest: DestinationRules, jobs: list[Job]) -> None:
         f = self.f
         self.unresolved = list(jobs)
-        items = self._prepare(dest, jobs)
-        for group in self._groups(items):
-            if f._stop.is_set():
-                break
-            error = self._associate(dest.destination, self._wanted(group))
-            if error:
-                f.log.warning("association_failed", error=error, host=dest.destination.host,
-                              port=dest.destination.port)
-                for item in group:
-                    f._retry(dest.destination, item.job, error)
-                    self.unresolved.remove(item.job)
-                continue
-            for item in group:
-                if f._stop.is_set() or self.assoc is None or not self.assoc.is_established:
+        items: list[Item] = []
+        completed = False
+        try:
+            items = self._prepare(dest, jobs)
+            for group in self._groups(items):
+                if f._stop.is_set():
                     break
-                self._send(dest.destination, item)
-                self.unresolved.remove(item.job)
-                self.last_used = time.monotonic()
-        if self.unresolved:
-            f.queue.release([j.id for j in self.unresolved])
-            self.unresolved = []
+                error = self._associate(dest.destination, self._wanted(group))
+                if error:
+                    f.log.warning("association_failed", error=error, host=dest.destination.host,
+                                  port=dest.destination.port)
+                    for item in group:
+                        self._cancel(item)
+                        f._retry(dest.destination, item.job, error)
+                        self.unresolved.remove(item.job)
+                    continue
+                for item in group:
+                    if f._stop.is_set() or self.assoc is None or not self.assoc.is_established:
+                        break
+                    self._finish_transcode(item)
+                    self._send(dest.destination, item)
+                    self.unresolved.remove(item.job)
+                    self.last_used = time.monotonic()
+                self.flush()
+            completed = True
+        finally:
+            self.flush()
+            for item in items:
+                self._cancel(item)
+            if completed and self.unresolved:
+                # cut short by shutdown or a lost association: not an attempt
+                f.queue.release([j.id for j in self.unresolved])
+                self.unresolved = []
+
+    def _cancel(self, item: Item) -> None:
+        if item.future is not None:
+            item.future.cancel()
+            item.future = None
+
+    def flush(self) -> None:
+        """Mark what the destination stored as done, in one transaction for the whole group.
+
+        A crash before this point sends those instances again: at least once, never lost.
+        """
+        if not self.delivered:
+            return
+        f = self.f
+        delivered, self.delivered = self.delivered, []
+        for path in f.queue.complete_many([item.job.id for item, _ in delivered]):
+            f.spool.remove(path)
+        now = time.time()
+        for item, size in delivered:
+            if item.path is not None and item.path != Path(item.job.instance.path):
+                f.spool.remove(item.path)
+            metrics.FORWARDED_INSTANCES.labels(destination=f.name, syntax=item.syntax_label).inc()
+            metrics.FORWARDED_BYTES.labels(destination=f.name, syntax=item.syntax_label).inc(size)
+            metrics.END_TO_END_SECONDS.labels(destination=f.name).observe(max(0.0, now - item.job.instance.received_at))
 
     def _send(self, dest: Destination, item: Item) -> None:
         f = self.f
@@ -420,12 +464,18 @@ class _Sender:
         code = int(status.Status)
         outcome = classify_status(code, dest.statuses)
         if outcome == "success":
-            f._done(item, size, started)
+            self.delivered.append((item, size))
             ratio = item.outcome.ratio if item.outcome else None
             item.log.info("forwarded", syntax=item.syntax_label, transfer_syntax=item.transfer_syntax_uid,
                           status=f"0x{code:04X}", size=size, ratio=round(ratio, 2) if ratio else None,
                           duration=round(elapsed, 4))
         elif outcome == "retry":
+            self._discard_output(item)
             f._retry(dest, item.job, f"destination answered 0x{code:04X}")
         else:
+            self._discard_output(item)
             f._dead(item.job, f"destination answered 0x{code:04X} (permanent failure)")
+
+    def _discard_output(self, item: Item) -> None:
+        if item.path is not None and item.path != Path(item.job.instance.path):
+            self.f.spool.remove(item.path)

@@ -35,7 +35,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     next_attempt_at REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT '',
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    request TEXT NOT NULL DEFAULT '',
+    rules_tag TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_instance ON jobs (instance_id);
@@ -65,18 +67,20 @@ class Job:
     next_attempt_at: float
     last_error: str
     instance_id: int
+    request: str  # the decision taken at receipt (JSON), valid while the rules carry `rules_tag`
+    rules_tag: str
     instance: Instance
 
 
 _JOB_COLUMNS = (
-    "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.instance_id, "
+    "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.instance_id, j.request, j.rules_tag, "
     "i.path, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid, i.transfer_syntax_uid, "
     "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at"
 )
 
 
 def _job(row: tuple) -> Job:
-    return Job(*row[:7], instance=Instance(*row[7:]))
+    return Job(*row[:9], instance=Instance(*row[9:]))
 
 
 class Queue:
@@ -86,6 +90,7 @@ class Queue:
         self.path = Path(path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._local = threading.local()
+        self._write_lock = threading.Lock()
         self._db().executescript(SCHEMA)
 
     def _db(self) -> sqlite3.Connection:
@@ -99,18 +104,29 @@ class Queue:
         return db
 
     class _Tx:
-        def __init__(self, db: sqlite3.Connection) -> None:
-            self.db = db
+        """A write transaction. Threads of one process queue on a lock instead of SQLite's busy
+        handler, which sleeps in steps of up to 100 ms when writers collide."""
+
+        def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
+            self.db, self.lock = db, lock
 
         def __enter__(self) -> sqlite3.Connection:
-            self.db.execute("BEGIN IMMEDIATE")
+            self.lock.acquire()
+            try:
+                self.db.execute("BEGIN IMMEDIATE")
+            except BaseException:
+                self.lock.release()
+                raise
             return self.db
 
         def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            try:
+                self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+            finally:
+                self.lock.release()
 
     def _tx(self) -> _Tx:
-        return self._Tx(self._db())
+        return self._Tx(self._db(), self._write_lock)
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -119,8 +135,11 @@ class Queue:
             self._local.db = None
 
     # -- receiving -------------------------------------------------------------------------
-    def add(self, instance: Instance, destinations: Iterable[str]) -> int:
-        """Record an instance and its jobs in one committed transaction; returns the instance id."""
+    def add(self, instance: Instance, destinations: Iterable[str | tuple[str, str, str]]) -> int:
+        """Record an instance and its jobs in one committed transaction; returns the instance id.
+
+        A destination is a name, or (name, request JSON, rules tag) to keep the decision taken.
+        """
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
@@ -141,10 +160,11 @@ class Queue:
                 ),
             )
             instance_id = int(cur.lastrowid)
+            rows = [(d, "", "") if isinstance(d, str) else d for d in destinations]
             db.executemany(
-                "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at) "
-                "VALUES (?, ?, 'pending', ?, ?)",
-                [(instance_id, name, now, now) for name in destinations],
+                "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, rules_tag) "
+                "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
+                [(instance_id, name, now, now, request, tag) for name, request, tag in rows],
             )
         return instance_id
 
@@ -174,6 +194,12 @@ class Queue:
         """Delete a finished job; returns the spool path when no job of that instance remains."""
         with self._tx() as db:
             return self._finish(db, job_id)
+
+    def complete_many(self, job_ids: Iterable[int]) -> list[str]:
+        """Delete finished jobs in one transaction; returns the spool paths no job needs any more."""
+        with self._tx() as db:
+            paths = [self._finish(db, job_id) for job_id in job_ids]
+        return [p for p in paths if p]
 
     def _finish(self, db: sqlite3.Connection, job_id: int) -> str | None:
         row = db.execute(

@@ -5,7 +5,9 @@ Pure logic, no I/O. The first rule of a destination whose every match key matche
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,6 +113,14 @@ def rule_matches(rule: Rule, attributes: Attributes) -> tuple[bool, str]:
             shown = "absent" if values is None else "\\".join(str(v) for v in values)
             return False, f"{key} is {shown!s}, rule wants {wanted!r}"
     return True, ", ".join(f"{k} matches {v!r}" for k, v in rule.match.items()) or "matches everything"
+
+
+def request_to_json(request: Request) -> str:
+    return json.dumps(dataclasses.asdict(request), separators=(",", ":"))
+
+
+def request_from_json(text: str) -> Request:
+    return Request(**json.loads(text))
 
 
 def decide(rules: list[Rule], attributes: Attributes, keep_sop_instance_uid: bool = False) -> Decision:

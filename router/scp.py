@@ -23,7 +23,7 @@ from router import log, metrics
 from router.config import CONTEXT_KEYS, AllowedCaller, DestinationRules, Listen
 from router.dicomfile import read_header
 from router.queue import Instance, Queue
-from router.rules import Attributes, Context, decide
+from router.rules import Attributes, Context, decide, request_to_json
 from router.spool import Spool
 from router.tls import server_context
 
@@ -149,7 +149,7 @@ class Receiver:
             targets = []
             for dest, decision in decisions:
                 if decision.forward:
-                    targets.append(dest.name)
+                    targets.append((dest.name, request_to_json(decision.request), dest.tag))
                 else:
                     metrics.SKIPPED.labels(destination=dest.name).inc()
             final = self.spool.accept(received)
@@ -184,10 +184,11 @@ class Receiver:
             return OUT_OF_RESOURCES
         metrics.RECEIVED_INSTANCES.labels(caller=calling).inc()
         metrics.RECEIVED_BYTES.labels(caller=calling).inc(size)
+        names = [name for name, _, _ in targets]
         bound.info("stored", study_instance_uid=study, transfer_syntax=transfer_syntax, size=size,
-                   destinations=targets, duration=round(time.monotonic() - started, 4))
-        if targets:
-            self.on_enqueued(targets)
+                   destinations=names, duration=round(time.monotonic() - started, 4))
+        if names:
+            self.on_enqueued(names)
         return SUCCESS
 
     # -- lifecycle ---------------------------------------------------------------------------

@@ -66,6 +66,21 @@ class CodecPool:
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._new_pool()
 
+    def submit(self, task: Task) -> Future:
+        """Start a task; pass the future to `resolve` for its result."""
+        return self._submit(task)
+
+    def resolve(self, task: Task, future: Future) -> Outcome | BaseException:
+        """The task's Outcome or exception; a worker death is retried once with the task alone."""
+        pool = self._pool
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            self._replace_broken(pool)
+            return self._run_alone(task)
+        except BaseException as exc:  # noqa: BLE001 - reported per task
+            return exc
+
     def run_many(self, tasks: list[Task]) -> list[Outcome | BaseException]:
         """Transcode in parallel; each result is an Outcome or the exception that task raised.
 
