@@ -22,10 +22,21 @@ def _load(path: str):  # noqa: ANN202
     return config.load(path)
 
 
+def _metrics_across_processes(spool_dir: Path) -> None:
+    """Counters of every receiving process are summed from files here (set before prometheus_client
+    is imported; emptied at each start)."""
+    import os
+    import shutil
+
+    directory = spool_dir / "metrics"
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(mode=0o700, parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from router import log
     from router.config import ConfigError
-    from router.service import Router
 
     log.configure(args.log_format, args.log_level)
     try:
@@ -34,8 +45,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.get("cli").error("invalid_configuration", error=str(exc))
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    Router(cfg).serve_forever()
+    cfg.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _metrics_across_processes(cfg.spool_dir)
+    from router.service import Router
+
+    try:
+        Router(cfg, args.log_format, args.log_level).serve_forever()
+    except RuntimeError as exc:
+        log.get("cli").error("cannot_start", error=str(exc))
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    from router import log
+
+    log.configure(args.log_format, args.log_level)
+    from router.scp import run_receiver_process
+
+    return run_receiver_process(args.config, args.wake)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -154,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="json (default): one event per line; console: for humans")
     serve.add_argument("--log-level", default="info", help="debug, info (default), warning, error")
     serve.set_defaults(func=cmd_serve)
+
+    receive = sub.add_parser("receive", help=argparse.SUPPRESS)  # a receiving process started by serve
+    receive.add_argument("--config", required=True)
+    receive.add_argument("--wake", required=True)
+    receive.add_argument("--log-format", choices=["json", "console"], default="json")
+    receive.add_argument("--log-level", default="info")
+    receive.set_defaults(func=cmd_receive)
 
     check = sub.add_parser("check", help="validate router.toml and every rule file; exit 2 naming what is wrong")
     check.add_argument("--config", required=True)

@@ -77,6 +77,7 @@ class Listen(_Strict):
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
     max_instance_mb: int = Field(0, ge=0, description="largest instance accepted; 0: no limit")
+    processes: int = Field(0, ge=0, le=64, description="receiving processes sharing the port; 0: one per core")
     tls: Tls | None = None
 
     @field_validator("ae_title")

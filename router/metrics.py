@@ -6,11 +6,13 @@ Never UIDs or patient data.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -60,8 +62,6 @@ END_TO_END_SECONDS = Histogram(
     ["destination"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
 )
-BUILD_INFO = Info("dicom_router_build", "Version of the running router")
-BUILD_INFO.info({"version": __version__})
 
 
 class StateCollector(Collector):
@@ -101,9 +101,45 @@ class StateCollector(Collector):
         yield GaugeMetricFamily(
             "dicom_router_spool_free_bytes", "Free bytes on the spool's filesystem", value=self._spool_free_bytes()
         )
+        build = GaugeMetricFamily("dicom_router_build_info", "Version of the running router", labels=["version"])
+        build.add_metric([__version__], 1)
+        yield build
 
 
 _collector: StateCollector | None = None
+
+
+def _registry() -> CollectorRegistry:
+    """What /metrics shows: with several receiving processes, their counters summed from the
+    files each process writes under PROMETHEUS_MULTIPROC_DIR, plus the state gauges."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    registry.register(_AllProcesses())
+    if _collector is not None:
+        registry.register(_collector)
+    return registry
+
+
+class _AllProcesses(Collector):
+    """The counters and histograms of every process, and the ones no process has touched yet
+    (with no samples), so that a fresh router already shows every metric it has."""
+
+    _DECLARED = {
+        m._name: m for m in (
+            RECEIVED_INSTANCES, RECEIVED_BYTES, REJECTED, ASSOCIATIONS, FORWARDED_INSTANCES, FORWARDED_BYTES,
+            FORWARD_FAILURES, FALLBACKS, SKIPPED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
+        )
+    }
+
+    def collect(self):  # noqa: ANN201 - prometheus_client protocol
+        seen = set()
+        for family in MultiProcessCollector(None).collect():
+            seen.add(family.name)
+            yield family
+        for name, metric in self._DECLARED.items():
+            if name not in seen:
+                yield from metric.describe()
 
 
 def install_state_collector(collector: StateCollector) -> None:
@@ -120,7 +156,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            body, ctype, code = generate_latest(REGISTRY), CONTENT_TYPE_LATEST, 200
+            body, ctype, code = generate_latest(_registry()), CONTENT_TYPE_LATEST, 200
         elif path == "/healthz":
             body, ctype, code = b"ok\n", "text/plain; charset=utf-8", 200
         elif path == "/readyz":
@@ -145,3 +181,20 @@ def serve_http(host: str, port: int, ready: Callable[[], tuple[bool, str]]) -> T
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+REJECT_REASONS = ("disk_full", "not_allowed", "malformed", "too_large", "busy", "error")
+FALLBACK_REASONS = ("refused_by_destination", "codec_cannot_carry", "verify_mismatch", "codec_error", "codec_crash")
+
+
+def declare(destinations: list[str]) -> None:
+    """Export every known label value at zero from the start, so that rate() and alerts see a
+    series before its first event (and so that a fresh router shows every metric it has)."""
+    for reason in REJECT_REASONS:
+        REJECTED.labels(reason=reason)
+    for name in destinations:
+        SKIPPED.labels(destination=name)
+        for outcome in ("retry", "dead"):
+            FORWARD_FAILURES.labels(destination=name, outcome=outcome)
+        for reason in FALLBACK_REASONS:
+            FALLBACKS.labels(destination=name, reason=reason)

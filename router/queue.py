@@ -6,6 +6,8 @@ An instance row and its spool file live as long as any of its jobs does.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -91,7 +93,12 @@ class Queue:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        self._db().executescript(SCHEMA)
+        self._lock_fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            self._db().executescript(SCHEMA)
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
@@ -107,13 +114,19 @@ class Queue:
         """A write transaction. Threads of one process queue on a lock instead of SQLite's busy
         handler, which sleeps in steps of up to 100 ms when writers collide."""
 
-        def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
-            self.db, self.lock = db, lock
+        def __init__(self, db: sqlite3.Connection, lock: threading.Lock, lock_fd: int) -> None:
+            self.db, self.lock, self.lock_fd = db, lock, lock_fd
 
         def __enter__(self) -> sqlite3.Connection:
             self.lock.acquire()
             try:
-                self.db.execute("BEGIN IMMEDIATE")
+                # and processes (several receivers, the forwarders) queue on a file lock
+                fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
+                try:
+                    self.db.execute("BEGIN IMMEDIATE")
+                except BaseException:
+                    fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+                    raise
             except BaseException:
                 self.lock.release()
                 raise
@@ -123,12 +136,14 @@ class Queue:
             try:
                 self.db.execute("ROLLBACK" if exc_type else "COMMIT")
             finally:
+                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
                 self.lock.release()
 
     def _tx(self) -> _Tx:
-        return self._Tx(self._db(), self._write_lock)
+        return self._Tx(self._db(), self._write_lock, self._lock_fd)
 
     def close(self) -> None:
+        """Close this thread's connection (other threads' close when they end)."""
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
 
 from router import log, metrics
 from router.config import CONTEXT_KEYS, AllowedCaller, DestinationRules, Listen
@@ -53,6 +54,12 @@ def _caller_allowed(allowed: list[str | AllowedCaller], ae_title: str, address: 
         if any(ip in ipaddress.ip_network(h, strict=False) for h in entry.hosts):
             return True
     return False
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
 
 class Receiver:
@@ -205,7 +212,8 @@ class Receiver:
         ae.network_timeout = self.listen.network_timeout_s
         return ae
 
-    def start(self) -> None:
+    def start(self, reuse_port: bool = False) -> None:
+        """Listen; with `reuse_port`, several processes share the port (SO_REUSEPORT)."""
         # incoming datasets stream to files on the spool's filesystem so that accepting one is a rename
         _config.STORE_RECV_CHUNKED_DATASET = True
         tempfile.tempdir = str(self.spool.incoming)
@@ -218,8 +226,11 @@ class Receiver:
             (evt.EVT_ESTABLISHED, self._on_established),
         ]
         ssl_context = server_context(self.listen.tls) if self.listen.tls is not None else None
-        self.server = ae.start_server((self.listen.host, self.listen.port), block=False, evt_handlers=handlers,
-                                      ssl_context=ssl_context)
+        self.server = ae.make_server((self.listen.host, self.listen.port), evt_handlers=handlers,
+                                     ssl_context=ssl_context,
+                                     server_class=_SharedPortServer if reuse_port else ThreadedAssociationServer)
+        ae._servers.append(self.server)  # pynetdicom's shutdown() expects to find it there
+        threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True).start()
         self.port = self.server.server_address[1]
 
     def stop(self) -> None:
@@ -228,5 +239,69 @@ class Receiver:
             self.server = None
 
 
-def listening(receiver: Receiver) -> bool:
-    return receiver.server is not None and os.path.isdir(receiver.spool.incoming)
+def _die_with_parent() -> None:
+    """A receiver must not outlive the router (kill -9 included): it would keep accepting images
+    that no forwarder sends until the next start."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent-watch loop below still stops it within half a second
+
+
+def run_receiver_process(config_path: str, wake: str) -> int:
+    """One of the receiving processes `serve` starts: listens on the shared port until SIGTERM
+    or until its parent goes away; SIGHUP reloads the rule files. `wake` names the parent's
+    abstract Unix socket, told which destinations have new work (and, once, that we listen)."""
+    import signal
+
+    from router import config as config_mod
+    from router.service import open_queue
+
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:
+        return 1
+    cfg = config_mod.load(config_path)
+    lock = threading.Lock()
+    state = {"destinations": cfg.destinations}
+
+    def destinations() -> list[DestinationRules]:
+        with lock:
+            return state["destinations"]
+
+    address = "\0" + wake
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def notify(names: list[str]) -> None:
+        try:
+            sock.sendto(" ".join(names).encode(), address)
+        except OSError:
+            pass  # the forwarders also poll the queue
+
+    spool = Spool(cfg.spool_dir, cfg.router.storage.min_free_mb)
+    queue = open_queue(cfg)
+    receiver = Receiver(cfg.router.listen, spool, queue, destinations, notify)
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    receiver.start(reuse_port=True)
+    sock.sendto(f"\0ready {os.getpid()}".encode(), address)
+    while not stop.wait(0.5):
+        if os.getppid() != parent:
+            _log.error("receiver_orphaned", action="stopping")
+            break
+        if reload_requested.is_set():
+            reload_requested.clear()
+            try:
+                fresh = config_mod.load_rules_dir(cfg.router.rules.dir)
+            except config_mod.ConfigError as exc:
+                _log.error("reload_rejected", error=str(exc), action="previous rules stay in force")
+                continue
+            with lock:
+                state["destinations"] = fresh
+    receiver.stop()
+    return 0

@@ -6,9 +6,14 @@ pending) and exit; SIGHUP reloads the rule files, keeping the previous rules if 
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from router import config as config_mod
@@ -16,7 +21,6 @@ from router import log, metrics
 from router.config import ConfigError, DestinationRules, Loaded
 from router.forwarder import Forwarder
 from router.queue import Queue
-from router.scp import Receiver
 from router.spool import Spool
 from router.workers import CodecPool
 
@@ -29,7 +33,7 @@ def open_queue(cfg: Loaded) -> Queue:
 
 
 class Router:
-    def __init__(self, cfg: Loaded) -> None:
+    def __init__(self, cfg: Loaded, log_format: str = "json", log_level: str = "info") -> None:
         self.cfg = cfg
         self._destinations: dict[str, DestinationRules] = {d.name: d for d in cfg.destinations}
         self._lock = threading.Lock()
@@ -38,7 +42,12 @@ class Router:
         self.queue = open_queue(cfg)
         self.pool: CodecPool | None = None
         self.forwarders: dict[str, Forwarder] = {}
-        self.receiver: Receiver | None = None
+        self.receivers: list[subprocess.Popen] = []
+        self._ready_pids: set[int] = set()
+        self._stopping = threading.Event()
+        self._wake_socket: socket.socket | None = None
+        self._wake_name = ""
+        self.log_format, self.log_level = log_format, log_level
         self.http = None
 
     # -- the rules the other parts read ---------------------------------------------------------
@@ -76,6 +85,7 @@ class Router:
                   missing_files=missing, queue=str(self.queue.path))
 
     def _start_forwarders(self) -> None:
+        metrics.declare(list(self._destinations))
         for name in self._destinations:
             if name not in self.forwarders:
                 forwarder = Forwarder(name, self.destination, self.queue, self.spool, self.pool,
@@ -89,9 +99,74 @@ class Router:
             if forwarder is not None:
                 forwarder.wake()
 
+    # -- receiving processes ----------------------------------------------------------------------
+    def _receiver_count(self) -> int:
+        listen = self.cfg.router.listen
+        if listen.port == 0:
+            return 1  # each process would pick a port of its own
+        return listen.processes or os.cpu_count() or 1
+
+    def _listen_for_wakeups(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                data = self._wake_socket.recv(65536)
+            except OSError:
+                return
+            if data.startswith(b"\0ready "):
+                with self._lock:
+                    self._ready_pids.add(int(data.split()[1]))
+            else:
+                self._wake(data.decode(errors="replace").split())
+
+    def _spawn_receiver(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "router", "receive", "--config", str(self.cfg.path), "--wake", self._wake_name,
+             "--log-format", self.log_format, "--log-level", self.log_level],
+        )
+
+    def _start_receivers(self, timeout: float = 60.0) -> None:
+        self._wake_name = f"dicom-router-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._wake_socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._wake_socket.bind("\0" + self._wake_name)
+        threading.Thread(target=self._listen_for_wakeups, name="wakeups", daemon=True).start()
+        self.receivers = [self._spawn_receiver() for _ in range(self._receiver_count())]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if all(p.pid in self._ready_pids for p in self.receivers):
+                    break
+            if any(p.poll() is not None for p in self.receivers):
+                raise RuntimeError("a receiving process exited at start-up (see the log above)")
+            time.sleep(0.05)
+        else:
+            raise RuntimeError(f"receiving processes not listening after {timeout:.0f}s")
+        threading.Thread(target=self._supervise_receivers, name="receivers", daemon=True).start()
+
+    def _supervise_receivers(self) -> None:
+        while not self._stopped.wait(0.5):
+            for index, proc in enumerate(self.receivers):
+                if proc.poll() is not None and not self._stopping.is_set():
+                    _log.error("receiver_died", pid=proc.pid, exit_code=proc.returncode, action="restarting")
+                    self.receivers[index] = self._spawn_receiver()
+
+    def _stop_receivers(self, timeout: float = 10.0) -> None:
+        for proc in self.receivers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.receivers:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
     def ready(self) -> tuple[bool, str]:
         problems = []
-        if self.receiver is None or self.receiver.server is None:
+        with self._lock:
+            listening = bool(self.receivers) and all(
+                p.poll() is None and p.pid in self._ready_pids for p in self.receivers)
+        if not listening:
             problems.append("not listening")
         if not self.spool.writable():
             problems.append("spool not writable")
@@ -113,18 +188,18 @@ class Router:
             )
         )
         self._start_forwarders()
-        self.receiver = Receiver(self.cfg.router.listen, self.spool, self.queue, self.destinations, self._wake)
-        self.receiver.start()
         if self.cfg.router.metrics.port:
             self.http = metrics.serve_http(self.cfg.router.metrics.host, self.cfg.router.metrics.port, self.ready)
+        self._start_receivers()
         _log.info("listening", ae_title=self.cfg.router.listen.ae_title, host=self.cfg.router.listen.host,
-                  port=self.receiver.port, destinations=sorted(self._destinations),
+                  port=self.cfg.router.listen.port, processes=len(self.receivers),
+                  destinations=sorted(self._destinations),
                   metrics_port=self.cfg.router.metrics.port or None, spool=str(self.cfg.spool_dir))
 
     def stop(self, timeout: float = 20.0) -> None:
         started = time.monotonic()
-        if self.receiver is not None:
-            self.receiver.stop()
+        self._stopping.set()
+        self._stop_receivers()
         for forwarder in self.forwarders.values():
             forwarder._stop.set()
             forwarder.wake()
@@ -136,6 +211,8 @@ class Router:
             self.http.shutdown()
         self.queue.close()
         self._stopped.set()
+        if self._wake_socket is not None:
+            self._wake_socket.close()
         _log.info("stopped", seconds=round(time.monotonic() - started, 2))
 
     def serve_forever(self) -> None:
@@ -151,5 +228,8 @@ class Router:
             if reload_requested.is_set():
                 reload_requested.clear()
                 self.reload()
+                for proc in self.receivers:
+                    if proc.poll() is None:
+                        proc.send_signal(signal.SIGHUP)
         _log.info("stopping", reason="signal")
         self.stop()

@@ -39,7 +39,7 @@ def test_called_ae_title_must_match(router_factory, pacs):
 
 
 def test_association_limit_refuses_clearly(router_factory, pacs):
-    router = router_factory([Destination("PACS", pacs.port, RULE)], listen_extra="max_associations = 1")
+    router = router_factory([Destination("PACS", pacs.port, RULE)], listen_extra="max_associations = 1\nprocesses = 1")
     ae = AE(ae_title="HOLDER")
     ae.add_requested_context(Verification)
     held = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
