@@ -163,7 +163,9 @@ def wait_listening(server: Server, timeout: float = 30.0) -> None:
 def start_storescp(workdir: Path, out: Path, ae_title: str = "STORESCP") -> Server:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    server = launch("storescp", ["storescp", "+xa", "-aet", ae_title, "-od", str(out), str(port)], workdir, port)
+    # --fork: one process per association, as a PACS accepts several at once
+    server = launch("storescp", ["storescp", "--fork", "+xa", "-aet", ae_title, "-od", str(out), str(port)],
+                    workdir, port)
     wait_listening(server)
     return server
 
@@ -212,6 +214,7 @@ def start_router(workdir: Path, dest_port: int, rule: RouterRule, dest_aet: str 
     (rules / "DEST.toml").write_text(
         "[destination]\n"
         f'ae_title = "{dest_aet}"\nhost = "127.0.0.1"\nport = {dest_port}\n'
+        "max_associations = 2\n"
         "retry = { max_attempts = 5, backoff_s = 0.2, max_backoff_s = 1 }\n\n"
         + rule.toml()
     )

@@ -67,6 +67,30 @@ def backoff_delay(attempts: int, backoff_s: float, max_backoff_s: float) -> floa
     return base / 2 + random.uniform(0, base / 2)
 
 
+def _park_reactor(assoc, timeout: float = 0.05) -> None:  # noqa: ANN001
+    """Make sure pynetdicom's reactor thread is parked before a C-STORE is sent.
+
+    pynetdicom's send_c_store pauses the association's reactor by clearing a checkpoint and
+    waiting for a flag, but the flag can be left over from the reactor's previous pass: the
+    reactor then takes the C-STORE response off the queue as an "unexpected" message and the
+    sender waits for the DIMSE timeout (pynetdicom issues 435, 850). The reactor raises the flag
+    right before it waits at the checkpoint; seeing the flag down and then up again after the
+    checkpoint was cleared proves it is waiting with the checkpoint closed.
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if checkpoint is None or not hasattr(assoc, "_is_paused"):
+        return
+    checkpoint.clear()
+    deadline = time.monotonic() + timeout
+    seen_running = False
+    while time.monotonic() < deadline:
+        if not assoc._is_paused:
+            seen_running = True
+        elif seen_running:
+            return
+        time.sleep(0.0001)
+
+
 @dataclass
 class Item:
     job: Job
@@ -450,6 +474,7 @@ class _Sender:
         size = item.path.stat().st_size
         started = time.monotonic()
         try:
+            _park_reactor(self.assoc)
             status = self.assoc.send_c_store(item.path)
         except Exception as exc:  # noqa: BLE001 - unreadable file, encoding problem, lost peer
             self.abort()
