@@ -107,19 +107,21 @@ class _CannotCarry(Exception):
 # ---------------------------------------------------------------- entry point
 
 
-def transcode_file(src: Path, dst: Path, request: Request) -> Outcome:
+def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False) -> Outcome:
     """Write ``src`` to ``dst`` in ``request.syntax``, or say why it was left alone.
 
     When the result has ``changed=False`` nothing was written and ``path`` is
     ``src``: send the original.  Lossy output follows PS3.3 C.7.6.1.1.5 (2110,
     2112, 2114, DERIVED, new SOP Instance UID).  Raises ``TranscodeError`` when
     the input's pixels cannot be decoded and ``KeyError`` for an unknown syntax.
+    ``checked``: the file already passed ``dicomfile.read_header`` (the router's spool).
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     target = syntaxes.get(request.syntax)
     try:
-        read_header(src)  # refuses declared lengths the file cannot hold before anything is allocated
+        if not checked:  # the receiver has already checked what it accepted
+            read_header(src)  # refuses declared lengths the file cannot hold before anything is allocated
         ds = pydicom.dcmread(src)
     except Exception as exc:
         raise TranscodeError(f"{src}: not readable as DICOM: {exc}") from exc
@@ -411,10 +413,11 @@ class _Job:
         if "MediaStorageSOPClassUID" not in meta and "SOPClassUID" in ds:
             meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.preamble = ds.preamble if getattr(ds, "preamble", None) else b"\x00" * 128
-        # elements still raw from the input get their VR now: a file that declares explicit VR
-        # but is encoded implicit (it happens) would otherwise fail to write as explicit
-        for _ in ds.iterall():
-            pass
+        # when the VR encoding changes, elements still raw from the input get their VR now: a file
+        # that declares explicit VR but is encoded implicit (it happens) would otherwise fail
+        if uid != IMPLICIT_LE and any(getattr(e, "VR", "") is None for e in ds._dict.values()):
+            for _ in ds.iterall():
+                pass
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         if self.ts == EXPLICIT_BE:
             # pydicom only re-encodes big endian on request; OW values were swapped above

@@ -32,7 +32,8 @@ class Task:
 
 
 def _run(task: Task) -> Outcome:
-    return transcode_file(task.src, task.dst, task.request)
+    # spool files were checked by dicomfile.read_header when they were received
+    return transcode_file(task.src, task.dst, task.request, checked=True)
 
 
 class CodecPool:

@@ -80,3 +80,14 @@ def test_serve_refuses_an_invalid_configuration(tmp_path):
     result = run("serve", "--config", str(tmp_path / "router.toml"))
     assert result.returncode == 2
     assert "X.toml: rule 1, field quality" in result.stderr
+
+
+def test_transcode_file_whose_declared_vr_encoding_is_wrong(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    mislabelled = get_testdata_file("SC_rgb_jpeg.dcm")  # declares explicit VR, is encoded implicit
+    for syntax in ("explicit-le", "jpegxl-jpeg"):
+        out = tmp_path / f"{syntax}.dcm"
+        result = run("transcode", "--syntax", syntax, mislabelled, str(out))
+        assert result.returncode == 0, result.stderr
+        assert dcmread(out).file_meta.TransferSyntaxUID != ""
