@@ -206,7 +206,7 @@ class RouterRule:
 
 
 def start_router(workdir: Path, dest_port: int, rule: RouterRule, dest_aet: str = "STORESCP",
-                 workers: int = 0) -> Server:
+                 workers: int = 0, metrics_port: int = 0) -> Server:
     """`dicom-router serve` with one destination and one rule; config written like tests/peers.py."""
     port = free_port()
     rules = workdir / "rules"
@@ -228,7 +228,8 @@ def start_router(workdir: Path, dest_port: int, rule: RouterRule, dest_aet: str 
         spool_dir = "{workdir / 'spool'}"
         min_free_mb = 0
         [metrics]
-        port = 0
+        host = "127.0.0.1"
+        port = {metrics_port}
         [rules]
         dir = "rules"
         [transcode]
