@@ -5,7 +5,7 @@
 
 memory:  storescu sends the 500-slice CT study `rounds` times (8 rounds: 2.1 GB) through the
          router to storescp; prints the peak resident memory summed over the router's processes
-         (receivers, forwarders, codec workers), sampled every 200 ms.
+         (receivers, forwarders, codec workers): each process's own peak (VmHWM), added up.
 latency: a pynetdicom sender paces the CT slices at `rate` per second (use half the maximum
          throughput that bench/run.py measured); prints the median and 95th percentile of
          dicom_router_end_to_end_seconds (from the C-STORE being made durable to the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -78,24 +77,6 @@ def run(mode: str, syntax: str, rounds: int, rate: float, seconds: float) -> Non
                                   metrics_port=metrics_port)
     try:
         if mode == "memory":
-            peak = [0.0]
-            done = threading.Event()
-
-            def watch() -> None:
-                while not done.is_set():
-                    pids = router.tree()
-                    total = 0
-                    for pid in pids:
-                        try:
-                            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                                if line.startswith("VmRSS:"):
-                                    total += int(line.split()[1])
-                        except OSError:
-                            pass
-                    peak[0] = max(peak[0], total / 1024)
-                    time.sleep(0.2)
-
-            threading.Thread(target=watch, daemon=True).start()
             started = time.monotonic()
             size = sum(p.stat().st_size for p in study.files) * rounds
             for index in range(rounds):
@@ -104,10 +85,9 @@ def run(mode: str, syntax: str, rounds: int, rate: float, seconds: float) -> Non
             want = len(study.files) * rounds
             while forwarded(scrape(metrics_port)) < want and time.monotonic() - started < 1200:
                 time.sleep(0.5)
-            done.set()
             elapsed = time.monotonic() - started
             print(f"{syntax}: {size / 1e9:.2f} GB ({want} instances) in {elapsed:.0f} s; "
-                  f"peak RSS of the router's processes {peak[0]:.0f} MB")
+                  f"peak RSS of the router's processes {harness.peak_rss_mb(router.tree()):.0f} MB")
         else:
             from pynetdicom import AE, _config
             from pydicom import dcmread

@@ -61,13 +61,6 @@ class Spool:
         _fsync_dir(self.instances)
         return final
 
-    def write(self, data: bytes) -> Path:
-        """Write bytes durably as a new instance file (temp file, fsync, rename, fsync dir)."""
-        tmp = self.incoming / f"{uuid.uuid4().hex}.part"
-        with open(tmp, "xb") as fh:
-            fh.write(data)
-        return self.accept(tmp)
-
     def out_path(self, job_id: int, suffix: str = "") -> Path:
         return self.out / f"{job_id}{suffix}.dcm"
 
