@@ -1,3 +1,4 @@
 from router.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a codec worker process is spawned
+    raise SystemExit(main())

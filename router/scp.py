@@ -23,6 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from router import log, metrics
 from router.config import CONTEXT_KEYS, AllowedCaller, DestinationRules, Listen
 from router.dicomfile import read_header
+from router.lifetime import die_with_parent
 from router.queue import Instance, Queue
 from router.rules import Attributes, Context, decide, request_to_json
 from router.spool import Spool
@@ -79,7 +80,6 @@ class Receiver:
         self.destinations = destinations
         self.on_enqueued = on_enqueued
         self.server = None
-        self._lock = threading.Lock()
 
     # -- handlers ----------------------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -239,17 +239,6 @@ class Receiver:
             self.server = None
 
 
-def _die_with_parent() -> None:
-    """A receiver must not outlive the router (kill -9 included): it would keep accepting images
-    that no forwarder sends until the next start."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent-watch loop below still stops it within half a second
-
-
 def run_receiver_process(config_path: str, wake: str) -> int:
     """One of the receiving processes `serve` starts: listens on the shared port until SIGTERM
     or until its parent goes away; SIGHUP reloads the rule files. `wake` names the parent's
@@ -260,7 +249,8 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     from router.service import open_queue
 
     parent = os.getppid()
-    _die_with_parent()
+    # a receiver that outlived the router would accept images no forwarder sends until the next start
+    die_with_parent()
     if os.getppid() != parent:
         return 1
     cfg = config_mod.load(config_path)

@@ -8,7 +8,6 @@ is tried once more on its own; if it crashes again it goes out as received.
 from __future__ import annotations
 
 import multiprocessing
-from multiprocessing import forkserver
 import os
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from router import syntaxes
+from router.lifetime import exit_with_parent
 from router.transcode import Outcome, Request, transcode_file
 
 
@@ -31,6 +31,14 @@ class Task:
     request: Request
 
 
+def _start_worker(plugins: list[str], router_pid: int) -> None:
+    # a worker waits on a queue whose other end it also holds: without this it would wait forever
+    # after the router was killed. (Workers are started by whichever thread submits first, so the
+    # kernel's parent-death signal, which follows that thread, would fire too early.)
+    exit_with_parent(router_pid)
+    syntaxes.load_plugins(plugins)
+
+
 def _run(task: Task) -> Outcome:
     # spool files were checked by dicomfile.read_header when they were received
     return transcode_file(task.src, task.dst, task.request, checked=True)
@@ -41,25 +49,27 @@ class CodecPool:
         self.workers = workers or os.cpu_count() or 1
         self.plugins = list(plugins or [])
         self._lock = threading.Lock()
-        self._context = multiprocessing.get_context("forkserver")
-        # the fork server's socket lives in the temporary directory of the moment: start it now,
-        # before the receiver points that directory at the spool
-        forkserver.ensure_running()
+        # spawned workers are the router's own children, so they can die with it (see _start_worker)
+        self._context = multiprocessing.get_context("spawn")
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             max_workers=self.workers, mp_context=self._context,
-            initializer=syntaxes.load_plugins, initargs=(self.plugins,),
+            initializer=_start_worker, initargs=(self.plugins, os.getpid()),
         )
 
-    def _submit(self, task: Task) -> Future:
+    def submit(self, task: Task) -> Future:
+        """Start a task; pass the future to `resolve` for its result."""
         with self._lock:
             try:
-                return self._pool.submit(_run, task)
+                future = self._pool.submit(_run, task)
             except (BrokenProcessPool, RuntimeError):
                 self._pool = self._new_pool()
-                return self._pool.submit(_run, task)
+                future = self._pool.submit(_run, task)
+            # which pool ran it: a death there must replace that pool, not a newer one
+            future.pool = self._pool  # type: ignore[attr-defined]
+            return future
 
     def _replace_broken(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
@@ -67,59 +77,23 @@ class CodecPool:
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._new_pool()
 
-    def submit(self, task: Task) -> Future:
-        """Start a task; pass the future to `resolve` for its result."""
-        return self._submit(task)
-
-    def resolve(self, task: Task, future: Future) -> Outcome | BaseException:
-        """The task's Outcome or exception; a worker death is retried once with the task alone."""
-        pool = self._pool
+    def resolve(self, task: Task, future: Future, retry: bool = True) -> Outcome | BaseException:
+        """The task's Outcome or exception. A task whose worker died is run once more, alone;
+        a second death gives CodecCrash."""
         try:
             return future.result()
         except BrokenProcessPool:
-            self._replace_broken(pool)
-            return self._run_alone(task)
+            self._replace_broken(future.pool)  # type: ignore[attr-defined]
+            if retry:
+                return self.resolve(task, self.submit(task), retry=False)
+            return CodecCrash(f"a codec worker died twice on {task.src.name} ({task.request.syntax})")
         except BaseException as exc:  # noqa: BLE001 - reported per task
             return exc
 
     def run_many(self, tasks: list[Task]) -> list[Outcome | BaseException]:
-        """Transcode in parallel; each result is an Outcome or the exception that task raised.
-
-        A task whose worker died is retried alone; a second death gives CodecCrash.
-        """
-        pool = self._pool
-        futures = [self._submit(t) for t in tasks]
-        results: list[Outcome | BaseException] = []
-        crashed: list[int] = []
-        for index, future in enumerate(futures):
-            try:
-                results.append(future.result())
-            except BrokenProcessPool:
-                results.append(CodecCrash("worker died"))
-                crashed.append(index)
-            except BaseException as exc:  # noqa: BLE001 - reported per task
-                results.append(exc)
-        if crashed:
-            self._replace_broken(pool)
-            for index in crashed:
-                results[index] = self._run_alone(tasks[index])
-        return results
-
-    def _run_alone(self, task: Task) -> Outcome | BaseException:
-        pool = self._pool
-        try:
-            return self._submit(task).result()
-        except BrokenProcessPool:
-            self._replace_broken(pool)
-            return CodecCrash(f"a codec worker died twice on {task.src.name} ({task.request.syntax})")
-        except BaseException as exc:  # noqa: BLE001
-            return exc
-
-    def run(self, task: Task) -> Outcome:
-        result = self.run_many([task])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+        """Transcode in parallel; each result is an Outcome or the exception that task raised."""
+        futures = [self.submit(t) for t in tasks]
+        return [self.resolve(t, f) for t, f in zip(tasks, futures)]
 
     def shutdown(self) -> None:
         with self._lock:

@@ -9,7 +9,7 @@ import time
 import numpy as np
 from pydicom import dcmread
 
-from tests.peers import Destination, data, make_series, metric_value, send, wait_until
+from tests.peers import Destination, alive, data, descendants, make_series, metric_value, send, wait_until
 
 RULE = '[[rule]]\nname = "all"\nsyntax = "jpeg-ls-lossless"\n'
 RETRY = "{ max_attempts = 100, backoff_s = 0.1, max_backoff_s = 0.5 }"
@@ -21,7 +21,11 @@ def test_kill_during_forward_loses_nothing(router_factory, pacs_factory, tmp_pat
     series = make_series(data("693_UNCR.dcm"), 40, tmp_path / "series")
     assert send(router.port, series) == [0] * len(series)
     wait_until(lambda: pacs.count() >= 5, 30, what="forwarding under way")
+    children = descendants(router.proc.pid)  # receivers and codec workers
+    assert len(children) >= 3
     router.kill()
+    wait_until(lambda: not any(alive(pid) for pid in children), 10,
+               what="no process of the killed router left behind")
     delivered_before_restart = pacs.count()
     assert delivered_before_restart < len(series), "the kill came too late to test anything"
     router.start()
