@@ -72,6 +72,23 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def stage_cpu(url: str, timeout: float = 5.0) -> dict[str, float]:
+    """The router's `dicom_router_cpu_seconds_total` by stage, from its /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "dicom_router_cpu_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["stage"]] = out.get(sample.labels["stage"], 0.0) + sample.value
+    return out
+
+
 def peak_rss_mb(pids: list[int]) -> float:
     """Sum of VmHWM (peak resident set) of these processes, MB."""
     total_kb = 0

@@ -121,19 +121,24 @@ def parse(raw: Path, router_pid: int) -> dict:
         frames = [p for p in parts if not p.startswith(("process ", "thread ("))]
         threads[(proc, thread)].append((";".join(frames), int(count)))
     samples: dict[tuple[str, str, str], int] = defaultdict(int)
+    # which process a thread belongs to: the router itself (forwarders), a receiving process, or a
+    # codec worker
+    receivers = {proc for (proc, _), stacks in threads.items() if any("run_receiver_process" in s for s, _ in stacks)}
     for (proc, _thread), stacks in threads.items():
         joined = " ".join(s for s, _ in stacks)
-        if proc != str(router_pid):
+        if proc in receivers:
+            if "Receiver._on_store" in joined:
+                role, steps = "receiver: inbound association thread (handler)", INBOUND_STEPS
+            elif "DULServiceProvider" in joined:
+                role, steps = "receiver: inbound DUL thread (PDU receive)", DUL_STEPS
+            else:
+                role, steps = "receiver: other threads (main, accept)", []
+        elif proc not in ("?", str(router_pid)):
             role, steps = "codec worker processes", WORKER_STEPS
-        elif "Receiver._on_store" in joined:
-            role, steps = "inbound association thread (handler)", INBOUND_STEPS
         elif "Forwarder._run" in joined:
             role, steps = "forwarder thread", FORWARDER_STEPS
         elif "DULServiceProvider" in joined:
-            recv = sum(c for s, c in stacks if "AssociationSocket.recv" in s)
-            send = sum(c for s, c in stacks if "AssociationSocket.send" in s)
-            role = "inbound DUL thread (PDU receive)" if recv >= send else "outbound DUL thread (PDU send)"
-            steps = DUL_STEPS
+            role, steps = "outbound DUL thread (PDU send)", DUL_STEPS
         elif "_run_reactor" in joined or "Association.run" in joined:
             role, steps = "outbound association reactor thread", []
         else:
@@ -142,7 +147,7 @@ def parse(raw: Path, router_pid: int) -> dict:
             leaf = stack.rsplit(";", 1)[-1]
             state = _state(leaf)
             step = _step(stack, steps)
-            if role.startswith("inbound association") and step == "C-STORE handler":
+            if "inbound association" in role and step == "C-STORE handler":
                 step = "handler: " + _step(stack, HANDLER_STEPS)
             if role.startswith("codec worker") and step == "encode (codec)" and "_Job.check" in stack:
                 step = "verify: decode again + compare"
@@ -235,7 +240,7 @@ def profile(syntax: str, study: corpus.Study, rate: int, out_dir: Path, stamp: s
             time.sleep(0.05)
         raw = out_dir / f"profile-{stamp}-{syntax}.txt"
         spy = subprocess.Popen(
-            [PY_SPY, "record", "--pid", str(router.proc.pid), *(["--subprocesses"] if children else []),
+            [PY_SPY, "record", "--pid", str(router.proc.pid), "--subprocesses",
              "--idle", "--threads", "--rate", str(rate), "--format", "raw", "--output", str(raw), "--nonblocking"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
@@ -261,7 +266,9 @@ def profile(syntax: str, study: corpus.Study, rate: int, out_dir: Path, stamp: s
         if not raw.exists():
             return f"py-spy wrote nothing: {spy.stderr.read().decode(errors='replace')[-500:]}"
         samples = parse(raw, router.proc.pid)
-        cpu = {"router process": main_cpu, "children (forkserver, codec workers)": other_cpu}
+        if not children:
+            samples = {k: v for k, v in samples.items() if not k[0].startswith("codec worker")}
+        cpu = {"router process": main_cpu, "children (receivers, codec workers)": other_cpu}
         return (f"### {syntax}: {len(study.files)} CT slices, py-spy {rate} Hz (raw stacks: {raw})\n\n"
                 + report(samples, rate, len(study.files), cpu, wall))
     finally:
@@ -279,8 +286,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--children", action="store_true",
-                        help="also sample the codec workers with py-spy (slows the router a lot on 2 cores); "
-                             "by default the workers' share comes from cProfile of transcode_file in-process")
+                        help="also report the codec workers' py-spy samples; by default the workers' share "
+                             "comes from cProfile of transcode_file in-process")
     args = parser.parse_args()
     study = corpus.load("ct").head(args.images)
     out_dir = harness.BENCH / "results"

@@ -48,10 +48,20 @@ class Setup:
     middle: Server  # the process tree whose CPU and memory are reported
     dest: Path | None  # images counted here; None: done when every storescu has exited
     servers: list[Server] = field(default_factory=list)
+    metrics_url: str | None = None  # the router's /metrics: CPU by stage
+
+
+# Where destinations write. The destination stands for a PACS on another machine: on a tmpfs its
+# writes do not share a journal with the spool, whose fsyncs would otherwise also flush them.
+DEST_ROOT: Path | None = None
+
+
+def _dest_dir(work: Path) -> Path:
+    return (DEST_ROOT / work.name if DEST_ROOT is not None else work) / "dest"
 
 
 def _with_storescp(work: Path, make_middle: Callable[[int], Server]) -> Setup:
-    dest = work / "dest"
+    dest = _dest_dir(work)
     scp = harness.start_storescp(work / "storescp", dest)
     try:
         middle = make_middle(scp.port)
@@ -62,24 +72,29 @@ def _with_storescp(work: Path, make_middle: Callable[[int], Server]) -> Setup:
 
 
 def _direct(work: Path) -> Setup:
-    dest = work / "dest"
+    dest = _dest_dir(work)
     scp = harness.start_storescp(work / "storescp", dest)
     return Setup(scp.port, "STORESCP", scp, dest, [scp])
 
 
 def _router(rule: RouterRule, dest_kind: str = "storescp") -> Callable[[Path], Setup]:
     def setup(work: Path) -> Setup:
+        metrics_port = harness.free_port()
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
         if dest_kind == "storescp":
-            return _with_storescp(work, lambda port: harness.start_router(work / "router", port, rule))
+            setup = _with_storescp(
+                work, lambda port: harness.start_router(work / "router", port, rule, metrics_port=metrics_port))
+            setup.metrics_url = url
+            return setup
         # DCMTK 3.6.7's storescp refuses HTJ2K: a pynetdicom receiver that writes files stands in
-        dest = work / "dest"
+        dest = _dest_dir(work)
         receiver = harness.start_bare(work / "receiver", max_pdu=0, out=dest)
         try:
-            router = harness.start_router(work / "router", receiver.port, rule)
+            router = harness.start_router(work / "router", receiver.port, rule, metrics_port=metrics_port)
         except BaseException:
             receiver.stop()
             raise
-        return Setup(router.port, "ROUTER", router, dest, [router, receiver])
+        return Setup(router.port, "ROUTER", router, dest, [router, receiver], url)
     return setup
 
 
@@ -205,6 +220,7 @@ def run_once(scenario: Scenario, study: corpus.Study, root: Path) -> dict:
         if setup.dest is not None:
             _wait_count(setup.dest, len(study.warmup), 120, setup.servers)
         before = set(os.listdir(setup.dest)) if setup.dest is not None else set()
+        stages0 = harness.stage_cpu(setup.metrics_url) if setup.metrics_url else None
         cpu0 = harness.cpu_seconds(setup.middle.tree())
         t0 = time.monotonic()
         senders = [harness.storescu(chunk, setup.port, work, setup.called_ae, f"-{i}")
@@ -243,6 +259,15 @@ def run_once(scenario: Scenario, study: corpus.Study, root: Path) -> dict:
             peak_rss_mb=harness.peak_rss_mb(tree),
             processes=len(tree),
         )
+        if stages0 is not None:
+            # the router counts its CPU by stage; its receive and send totals are updated twice a
+            # second, so the shares are read a moment later and applied to the CPU measured above
+            time.sleep(1.1)
+            spent = {k: v - stages0.get(k, 0.0) for k, v in harness.stage_cpu(setup.metrics_url).items()}
+            total = sum(max(v, 0.0) for v in spent.values())
+            if total > 0:
+                result["stage_cpu_ms_per_instance"] = {
+                    k: cpu * max(v, 0.0) / total / n * 1000 for k, v in spent.items()}
         if setup.dest is not None:
             time.sleep(0.1)  # storescp writes in place: let the last file be complete
             new = [setup.dest / f for f in os.listdir(setup.dest) if f not in before and not f.startswith(".")]
@@ -259,6 +284,8 @@ def run_once(scenario: Scenario, study: corpus.Study, root: Path) -> dict:
                 if server is setup.middle and code not in (0, None, -15):
                     result.setdefault("notes", []).append(f"{server.name} exit code {code} at stop")
         shutil.rmtree(work, ignore_errors=True)
+        if DEST_ROOT is not None:
+            shutil.rmtree(DEST_ROOT / work.name, ignore_errors=True)
     return result
 
 
@@ -393,6 +420,28 @@ def markdown(runs: list[dict], order: list[str]) -> str:
     return "\n".join(lines)
 
 
+STAGES = ("receive", "spool", "decode", "encode", "verify", "write", "send")
+
+
+def stage_markdown(runs: list[dict], order: list[str]) -> str:
+    """Router CPU per instance by stage (medians over runs) and the throughput that CPU allows."""
+    cores = os.cpu_count() or 1
+    head = ("| scenario | " + " | ".join(STAGES) + " | total ms/inst | CPU-bound limit inst/s (× cores) "
+            "| achieved inst/s | achieved / limit |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for key in order:
+        ok = [r for r in runs if r["scenario"] == key and r.get("ok") and r.get("stage_cpu_ms_per_instance")]
+        if not ok:
+            continue
+        stage = {k: statistics.median(r["stage_cpu_ms_per_instance"].get(k, 0.0) for r in ok) for k in STAGES}
+        total = sum(stage.values())
+        limit = cores * 1000 / total if total else float("nan")
+        achieved = statistics.median(r["instances_per_s"] for r in ok)
+        lines.append(f"| {key} | " + " | ".join(f"{stage[k]:.1f}" for k in STAGES)
+                     + f" | {total:.1f} | {limit:.0f} (×{cores}) | {achieved:.1f} | {achieved / limit:.2f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def codec_markdown(rows: list[dict]) -> str:
     lines = ["| codec (router.transcode.transcode_file) | corpus | ms/inst, 1 core | MB/s, 1 core "
              "| limit inst/s (× cores) | limit MB/s | output |", "|---|---|---|---|---|---|---|"]
@@ -434,8 +483,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="NAME[-4x][:CORPUS] ... ; names: " + ", ".join(KINDS))
     parser.add_argument("--corpus-dir", type=Path, default=corpus.DEFAULT_CACHE)
     parser.add_argument("--codec-seconds", type=float, default=1.0, help="time per codec-limit measurement")
+    parser.add_argument("--dest-dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
+                        help="where the destination writes the images it receives (default: /dev/shm, a "
+                             "tmpfs, standing for the PACS's own disk on another machine); 'none': beside "
+                             "the spool on the same disk")
     parser.add_argument("--no-json", action="store_true", help="do not write bench/results/<timestamp>.json")
     args = parser.parse_args(argv)
+    global DEST_ROOT
+    if args.dest_dir is not None and str(args.dest_dir) != "none":
+        DEST_ROOT = Path(tempfile.mkdtemp(prefix="dicom-router-bench-dest-", dir=args.dest_dir))
     repeat = args.repeat or (1 if args.quick else 3)
     images = args.images or (100 if args.quick else None)
     scenarios = [parse_scenario(s) for s in (args.scenarios or (QUICK if args.quick else FULL))]
@@ -466,10 +522,18 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{rep + 1}/{repeat}] {scenario.key}: {status}", file=sys.stderr)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        if DEST_ROOT is not None:
+            shutil.rmtree(DEST_ROOT, ignore_errors=True)
     limits = codec_limits(studies, scenarios, args.codec_seconds)
 
     print(f"\n## Results ({repeat} run(s) each, interleaved; median (min–max))\n")
     print(markdown(runs, order))
+    stages = stage_markdown(runs, order)
+    if stages:
+        print("\n## Router CPU by stage, ms per instance (from dicom_router_cpu_seconds_total, scaled to the "
+              "measured CPU), and the limit it implies on this machine (the modality and destination "
+              "share these cores)\n")
+        print(stages)
     print("\n## Codec-bound limit (single-core encode via transcode_file × cores)\n")
     print(codec_markdown(limits) if limits else "(no transcoding scenario selected)")
     print("\nScenarios:")

@@ -288,6 +288,8 @@ class _Sender:
         item.path = result.path
         item.transfer_syntax_uid = result.transfer_syntax_uid
         item.syntax_label = result.syntax
+        for stage, seconds in result.cpu.items():  # spent in a codec worker
+            metrics.CPU_SECONDS.labels(stage=stage).inc(seconds)
         if result.changed:
             metrics.TRANSCODE_SECONDS.labels(syntax=result.syntax).observe(result.seconds)
         if result.fallback_reason:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -55,6 +56,13 @@ FORWARD_SECONDS = Histogram(
     "Time for one C-STORE to a destination, request to response",
     ["destination"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CPU_STAGES = ("receive", "spool", "decode", "encode", "verify", "write", "send")
+CPU_SECONDS = Counter(
+    "dicom_router_cpu_seconds",
+    "CPU time by stage: receive (inbound DICOM network), spool (header check, rules, fsync, queue "
+    "commit), decode / encode / verify / write (codec workers), send (forwarding process)",
+    ["stage"],
 )
 END_TO_END_SECONDS = Histogram(
     "dicom_router_end_to_end_seconds",
@@ -192,9 +200,30 @@ def declare(destinations: list[str]) -> None:
     series before its first event (and so that a fresh router shows every metric it has)."""
     for reason in REJECT_REASONS:
         REJECTED.labels(reason=reason)
+    for stage in CPU_STAGES:
+        CPU_SECONDS.labels(stage=stage)
     for name in destinations:
         SKIPPED.labels(destination=name)
         for outcome in ("retry", "dead"):
             FORWARD_FAILURES.labels(destination=name, outcome=outcome)
         for reason in FALLBACK_REASONS:
             FALLBACKS.labels(destination=name, reason=reason)
+
+
+class ProcessCpu:
+    """Adds this process's CPU time to one stage of `dicom_router_cpu_seconds`, less what the
+    process already counted under other stages (`counted`: a running total in seconds).
+    Call `tick()` now and then and once before exit."""
+
+    def __init__(self, stage: str, counted: Callable[[], float] = lambda: 0.0) -> None:
+        self.stage, self.counted = stage, counted
+        self._lock = threading.Lock()
+        self._cpu, self._counted = time.process_time(), counted()
+
+    def tick(self) -> None:
+        with self._lock:
+            cpu, counted = time.process_time(), self.counted()
+            spent = (cpu - self._cpu) - (counted - self._counted)
+            self._cpu, self._counted = cpu, counted
+        if spent > 0:
+            CPU_SECONDS.labels(stage=self.stage).inc(spent)

@@ -80,6 +80,7 @@ class Receiver:
         self.destinations = destinations
         self.on_enqueued = on_enqueued
         self.server = None
+        self.spool_cpu = 0.0  # CPU seconds of the C-STORE handler so far (the "spool" stage)
 
     # -- handlers ----------------------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -117,6 +118,15 @@ class Receiver:
         return SUCCESS
 
     def _on_store(self, event: evt.Event) -> int:
+        cpu = time.thread_time()
+        try:
+            return self._store(event)
+        finally:
+            spent = time.thread_time() - cpu
+            self.spool_cpu += spent
+            metrics.CPU_SECONDS.labels(stage="spool").inc(spent)
+
+    def _store(self, event: evt.Event) -> int:
         started = time.monotonic()
         assoc = event.assoc
         calling = assoc.requestor.ae_title.strip()
@@ -139,6 +149,7 @@ class Receiver:
                 bound.error("store_refused", reason="spool below min_free_mb", status="0xA700",
                             free_bytes=self.spool.free_bytes())
                 return OUT_OF_RESOURCES
+            synced = self.spool.sync_soon(received)  # the fsync runs while the header is read
             destinations = self.destinations()
             keys = {k for d in destinations for r in d.rules for k in r.match if k not in CONTEXT_KEYS}
             try:
@@ -159,7 +170,7 @@ class Receiver:
                     targets.append((dest.name, request_to_json(decision.request), dest.tag))
                 else:
                     metrics.SKIPPED.labels(destination=dest.name).inc()
-            final = self.spool.accept(received)
+            final = self.spool.accept(received, synced)
             instance = Instance(
                 path=str(final),
                 sop_class_uid=str(request.AffectedSOPClassUID),
@@ -278,9 +289,12 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    # this process's CPU other than the handler's is the network receive
+    cpu = metrics.ProcessCpu("receive", lambda: receiver.spool_cpu)
     receiver.start(reuse_port=True)
     sock.sendto(f"\0ready {os.getpid()}".encode(), address)
     while not stop.wait(0.5):
+        cpu.tick()
         if os.getppid() != parent:
             _log.error("receiver_orphaned", action="stopping")
             break
@@ -294,4 +308,5 @@ def run_receiver_process(config_path: str, wake: str) -> int:
             with lock:
                 state["destinations"] = fresh
     receiver.stop()
+    cpu.tick()
     return 0

@@ -223,8 +223,11 @@ class Router:
         reload_requested = threading.Event()
         signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
         self.start()
+        # the codec workers' CPU is counted per stage from their results; this process forwards
+        cpu = metrics.ProcessCpu("send")
         while not stop.is_set():
             stop.wait(0.5)
+            cpu.tick()
             if reload_requested.is_set():
                 reload_requested.clear()
                 self.reload()
@@ -233,3 +236,4 @@ class Router:
                         proc.send_signal(signal.SIGHUP)
         _log.info("stopping", reason="signal")
         self.stop()
+        cpu.tick()

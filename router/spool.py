@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 
@@ -25,6 +27,17 @@ class Spool:
         for directory in (self.root, self.incoming, self.instances, self.out):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        self._syncer: ThreadPoolExecutor | None = None
+        self._syncer_lock = threading.Lock()
+
+    def sync_soon(self, received: Path) -> Future:
+        """Start flushing a received file to disk in the background (fsync releases the GIL), so
+        that it overlaps with reading its header; pass the future to `accept`."""
+        with self._syncer_lock:
+            if self._syncer is None:
+                self._syncer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="spool-fsync")
+        fd = os.open(received, os.O_RDONLY)  # opened now: the file may be removed meanwhile
+        return self._syncer.submit(_fsync_close, fd)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -36,17 +49,17 @@ class Spool:
     def writable(self) -> bool:
         return os.access(self.instances, os.W_OK | os.X_OK)
 
-    def accept(self, received: Path) -> Path:
+    def accept(self, received: Path, synced: Future | None = None) -> Path:
         """Make a fully received file durable in `instances/` and return its new path.
 
-        The file is fsynced, renamed (atomic on one filesystem) and the directory fsynced, so after
-        this returns the instance survives a crash or power loss.
+        The file is fsynced (or `synced`, from `sync_soon`, is waited for), renamed (atomic on one
+        filesystem) and the directory fsynced, so after this returns the instance survives a crash
+        or power loss.
         """
-        fd = os.open(received, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if synced is not None:
+            synced.result()  # raises the fsync's OSError, if any
+        else:
+            _fsync_close(os.open(received, os.O_RDONLY))
         final = self.instances / f"{uuid.uuid4().hex}.dcm"
         try:
             os.rename(received, final)
@@ -87,6 +100,13 @@ class Spool:
             for path in directory.iterdir():
                 self.remove(path)
         return removed
+
+
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -10,7 +10,7 @@ raises ``TranscodeError`` only when the input's pixels cannot be decoded.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,9 @@ class Outcome:
     note: str
     fallback_reason: str | None
     seconds: float
+    # CPU seconds of this call by stage: decode (read the input, decode its pixels), encode,
+    # verify (decode the output back and compare), write (the output file)
+    cpu: dict[str, float] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -117,6 +120,7 @@ def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False
     ``checked``: the file already passed ``dicomfile.read_header`` (the router's spool).
     """
     start = time.perf_counter()
+    cpu_start = time.thread_time()
     src, dst = Path(src), Path(dst)
     target = syntaxes.get(request.syntax)
     try:
@@ -127,7 +131,7 @@ def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False
         raise TranscodeError(f"{src}: not readable as DICOM: {exc}") from exc
     if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
         raise TranscodeError(f"{src}: not a DICOM instance (no SOP Class / Instance UID)")
-    job = _Job(src, dst, request, ds, start)
+    job = _Job(src, dst, request, ds, start, cpu_start)
     try:
         return job.run(target)
     except TranscodeError:
@@ -137,8 +141,10 @@ def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False
 
 
 class _Job:
-    def __init__(self, src: Path, dst: Path, request: Request, ds: Dataset, start: float) -> None:
+    def __init__(self, src: Path, dst: Path, request: Request, ds: Dataset, start: float, cpu_start: float) -> None:
         self.src, self.dst, self.request, self.ds, self.start = src, dst, request, ds, start
+        self.cpu: dict[str, float] = {}
+        self._clock = cpu_start
         meta = getattr(ds, "file_meta", None) or FileMetaDataset()
         ds.file_meta = meta
         self.ts = str(meta.get("TransferSyntaxUID", "") or _guess_ts(ds))
@@ -146,9 +152,16 @@ class _Job:
         self.lossy_input = is_lossy_input(self.ts, ds.get("LossyImageCompression"))
         self._pixels: _Pixels | None = None
 
+    def lap(self, stage: str) -> None:
+        """Count the CPU time since the last lap under `stage`."""
+        now = time.thread_time()
+        self.cpu[stage] = self.cpu.get(stage, 0.0) + (now - self._clock)
+        self._clock = now
+
     # -- outcomes
 
     def unchanged(self, note: str, reason: str | None = None) -> Outcome:
+        self.lap("decode")
         return Outcome(
             path=self.src,
             changed=False,
@@ -159,9 +172,11 @@ class _Job:
             note=note,
             fallback_reason=reason,
             seconds=time.perf_counter() - self.start,
+            cpu=dict(self.cpu),
         )
 
     def written(self, syntax: Syntax, uid: str, ratio: float | None, note: str, reason: str | None) -> Outcome:
+        self.lap("write")
         return Outcome(
             path=self.dst,
             changed=True,
@@ -172,6 +187,7 @@ class _Job:
             note=note,
             fallback_reason=reason,
             seconds=time.perf_counter() - self.start,
+            cpu=dict(self.cpu),
         )
 
     # -- decisions
@@ -254,12 +270,15 @@ class _Job:
         params = request.params
         bits = image.bits
         encoded: list[bytes] = []
+        self.lap("decode")
         for values in pixels.frames:
             pattern = np.ascontiguousarray(to_pattern(values, bits) if image.signed else values)
             data = syntax.encode(pattern, image, params)
+            self.lap("encode")
             verify = request.verify if request.verify is not None else not syntax.lossy
             if verify or request.max_error is not None:
                 mismatch = self.check(syntax, data, pattern, image)
+                self.lap("verify")
                 if mismatch:
                     return self.unchanged(f"{prefix}{mismatch}: forwarded as received", VERIFY_MISMATCH)
             encoded.append(data if len(data) % 2 == 0 else data + b"\x00")
@@ -354,6 +373,7 @@ class _Job:
             ds.SOPInstanceUID = generate_uid()
 
     def rewrite_native(self, syntax: Syntax, pixels: _Pixels | None, note: str) -> Outcome:
+        self.lap("decode")
         ds = self.ds
         if pixels is not None:
             image = pixels.image
@@ -398,6 +418,7 @@ class _Job:
                 return self.unchanged(f"{prefix}jpegxl-jpeg does not give back the JPEG: forwarded as received", VERIFY_MISMATCH)
             packed.append(data if len(data) % 2 == 0 else data + b"\x00")
         ratio = sum(len(j) for j in source) / max(sum(len(p) for p in packed), 1)
+        self.lap("encode")
         _set_encapsulated(ds, packed)
         ds.LossyImageCompression = "01"
         self.write(syntax.uid)

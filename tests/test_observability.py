@@ -74,6 +74,34 @@ def test_metrics_count_a_real_run(pacs, router_factory):
     assert abs(metric_value(m, "dicom_router_spool_free_bytes") - free) < 0.05 * free + 64 * 1024**2
 
 
+def test_cpu_is_counted_by_stage(pacs_factory, router_factory):
+    """dicom_router_cpu_seconds_total says where the CPU went: receiving and spooling for every
+    image, the codec stages only for a destination that transcodes, sending for both."""
+    plain = pacs_factory(name="plain")
+    small = pacs_factory(name="small", ae_title="SMALL")
+    router = router_factory([Destination("PLAIN", plain.port, ORIGINAL)])
+    files = [data("693_UNCR.dcm")] * 3
+    assert send(router.port, files) == [0, 0, 0]
+    wait_until(lambda: plain.count() == 3, 20, what="three images at the PACS")
+    stages = ("receive", "spool", "decode", "encode", "verify", "write", "send")
+    m = settled(router, lambda t: metric_value(t, "dicom_router_cpu_seconds_total", stage="send") > 0,
+                "the forwarding process's CPU counted")
+    cpu = {s: metric_value(m, "dicom_router_cpu_seconds_total", stage=s) for s in stages}
+    assert cpu["receive"] > 0 and cpu["spool"] > 0, cpu
+    assert cpu["decode"] == cpu["encode"] == cpu["verify"] == cpu["write"] == 0, cpu  # nothing was transcoded
+
+    squeezed = router_factory([Destination("SMALL", small.port, '[[rule]]\nname = "jls"\nsyntax = "jpeg-ls-lossless"\n',
+                                           ae_title="SMALL")])
+    assert send(squeezed.port, files) == [0, 0, 0]
+    wait_until(lambda: small.count() == 3, 30, what="three JPEG-LS images at the PACS")
+    m = settled(squeezed, lambda t: metric_value(t, "dicom_router_cpu_seconds_total", stage="send") > 0,
+                "the forwarding process's CPU counted")
+    cpu = {s: metric_value(m, "dicom_router_cpu_seconds_total", stage=s) for s in stages}
+    assert all(cpu[s] > 0 for s in stages), cpu
+    # a 512x512 CT slice takes milliseconds, not seconds, in each codec stage
+    assert all(cpu[s] < 3 for s in ("decode", "encode", "verify", "write")), cpu
+
+
 def test_build_info_reports_the_running_version(pacs, router_factory):
     running = router_factory([Destination("PACS", pacs.port, ORIGINAL)])
     assert metric_value(running.metrics(), "dicom_router_build_info", version=__version__) == 1
