@@ -145,6 +145,11 @@ class Syntax:
     bits_allocated: frozenset[int] = frozenset({8, 16})
     # RLE keeps every byte of each sample; the others code ``precision`` bits
     codes_allocated_bits: bool = False
+    # signed pixels are coded as whole Bits Allocated words, sign-extended (as dcm4chee does):
+    # every decoder then returns the stored values whatever it makes of Bits Stored, and for
+    # JPEG-LS lossless the 16-bit words go through imagecodecs, 2.3x faster than pyjpegls at 14
+    # bits, for about 2% more bytes (CT)
+    signed_at_allocated_bits: bool = False
     other_uids: tuple[str, ...] = ()
     encode: Encoder | None = field(default=None, repr=False, compare=False)
     decode: Decoder | None = field(default=None, repr=False, compare=False)
@@ -560,6 +565,7 @@ def _entries() -> list[Syntax]:
             lossy=False,
             title="JPEG-LS Lossless",
             min_bits=2,
+            signed_at_allocated_bits=True,
             encode=_jls_lossless,
             decode=_jls_decode,
         ),

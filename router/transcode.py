@@ -245,7 +245,7 @@ class _Job:
                 return self.rewrite_native(syntax, None, prefix + "dataset re-encoded, pixels as received")
             return self.rewrite_native(syntax, pixels, prefix + f"decompressed from {_ts_name(ts)}")
         image = pixels.image
-        if syntax.codes_allocated_bits:
+        if syntax.codes_allocated_bits or (syntax.signed_at_allocated_bits and image.signed):
             image = replace(image, precision=image.bits_allocated)
         if syntax.lossy and image.photometric == "YBR_FULL":
             pixels = _ybr_to_rgb(pixels)
@@ -564,6 +564,13 @@ def _fit(frames: list[np.ndarray], ba: int, bs: int, signed: bool) -> tuple[int,
         lo = min(int(f.min()) for f in frames)
         return (bs if hi < (1 << bs) else ba), frames, lo, hi
     patterns = [f.view(utype) if f.dtype.itemsize == ba // 8 else f.astype(itype).view(utype) for f in frames]
+    if bs < ba:
+        # the common case, checked with two reductions: every word already is a sign-extended
+        # Bits Stored value, so the words are the values
+        words = [p.view(itype) for p in patterns]
+        lo, hi = min(int(w.min()) for w in words), max(int(w.max()) for w in words)
+        if -(1 << (bs - 1)) <= lo and hi < (1 << (bs - 1)):
+            return bs, words, lo, hi
     fits = bs >= ba
     if not fits:
         top = (1 << (ba - bs)) - 1

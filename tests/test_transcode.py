@@ -96,12 +96,20 @@ def test_signed_12_bit_stored_without_sign_extension(tmp_path, syntax):
     assert np.array_equal(got, img.pixels(src))
 
 
-def test_signed_ct_jpeg_ls_codestream_precision_is_bits_stored(tmp_path):
-    # pydicom's JPEG-LS decoders read signed data right only at precision = Bits Stored
+def test_signed_ct_jpeg_ls_codes_sign_extended_words(tmp_path):
+    # signed 14-bit CT goes out as whole 16-bit words, sign-extended: a decoder returns the stored
+    # values whatever it does with Bits Stored (masking a 14-bit pattern coded at 16 bits would
+    # make -2000 read as 14384 in pydicom's decoders)
     outcome = run(img.CT, tmp_path, "jpeg-ls-lossless")
-    frame = list(generate_fragments(read(outcome).PixelData))[1]
+    out = read(outcome)
+    assert (out.BitsStored, out.PixelRepresentation) == (14, 1)
+    frame = list(generate_fragments(out.PixelData))[1]
     sof = frame.find(b"\xff\xf7")
-    assert frame[sof + 4] == 14
+    assert frame[sof + 4] == 16
+    import imagecodecs
+
+    words = imagecodecs.jpegls_decode(frame)
+    assert np.array_equal(words.view(np.int16), img.pixels(img.CT))
     for plugin in ("pylibjpeg", "pyjpegls"):
         ds = read(outcome)
         try:
