@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +46,7 @@ def _timed(fn, seconds: float) -> tuple[float, object]:
 def measure(syntax: syntaxes.Syntax, path: Path, seconds: float) -> str:
     ds = pydicom.dcmread(path)
     pixels = _decode(ds, str(ds.file_meta.TransferSyntaxUID))
-    image = pixels.image
-    if syntax.codes_allocated_bits:
-        image = replace(image, precision=image.bits_allocated)
+    image = syntax.coded(pixels.image)
     if syntax.cannot_carry(image, Params()):
         return "—"
     values = pixels.frames[0]

@@ -245,8 +245,7 @@ class _Job:
                 return self.rewrite_native(syntax, None, prefix + "dataset re-encoded, pixels as received")
             return self.rewrite_native(syntax, pixels, prefix + f"decompressed from {_ts_name(ts)}")
         image = pixels.image
-        if syntax.codes_allocated_bits or (syntax.signed_at_allocated_bits and image.signed):
-            image = replace(image, precision=image.bits_allocated)
+        image = syntax.coded(image)
         if syntax.lossy and image.photometric == "YBR_FULL":
             pixels = _ybr_to_rgb(pixels)
             image = pixels.image
