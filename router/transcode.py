@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, encapsulate_extended, generate_frames
-from pydicom.filewriter import dcmwrite
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import dcmwrite, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
@@ -151,6 +153,13 @@ class _Job:
         self.sop = str(ds.get("SOPInstanceUID", ""))
         self.lossy_input = is_lossy_input(self.ts, ds.get("LossyImageCompression"))
         self._pixels: _Pixels | None = None
+        # where the input's native Pixel Data value lies, while it is still raw: when only the
+        # pixels change, the output is the input's own bytes around new Pixel Data (see _splice)
+        raw = ds.get_item(0x7FE00010) if 0x7FE00010 in ds else None
+        self._raw_pixels = ((raw.value_tell, raw.length) if isinstance(raw, RawDataElement)
+                            and raw.length != 0xFFFFFFFF else None)
+        self._photometric = str(ds.get("PhotometricInterpretation", ""))
+        self._splice = False
 
     def lap(self, stage: str) -> None:
         """Count the CPU time since the last lap under `stage`."""
@@ -300,6 +309,10 @@ class _Job:
             note += "; lossy: new SOP Instance UID" if not request.keep_sop_instance_uid else "; lossy"
         elif self.lossy_input:
             ds.LossyImageCompression = "01"
+        # lossless, one sample, same photometric: no element but Pixel Data changed
+        self._splice = (not syntax.lossy and not self.lossy_input and self.ts == syntaxes.EXPLICIT_LE
+                        and image.samples_per_pixel == 1 and photometric == self._photometric
+                        and uid != syntaxes.JPEG_BASELINE and "ExtendedOffsetTable" not in ds)
         self.write(uid)
         return self.written(syntax, uid, ratio, note, None)
 
@@ -439,11 +452,49 @@ class _Job:
             for _ in ds.iterall():
                 pass
         self.dst.parent.mkdir(parents=True, exist_ok=True)
+        if self._splice and self._write_spliced():
+            return
         if self.ts == EXPLICIT_BE:
             # pydicom only re-encodes big endian on request; OW values were swapped above
             dcmwrite(self.dst, ds, implicit_vr=uid == IMPLICIT_LE, little_endian=True, force_encoding=True)
         else:
             dcmwrite(self.dst, ds, implicit_vr=uid == IMPLICIT_LE, little_endian=True, enforce_file_format=True)
+
+
+    def _write_spliced(self) -> bool:
+        """Write the output as the input's bytes with new file meta and new Pixel Data; False
+        when the input's layout is not the plain one this needs (then pydicom writes it).
+
+        Explicit VR Little Endian in and out, and no data element but Pixel Data changed: the
+        elements are copied as they were received instead of being re-encoded one by one.
+        """
+        if self._raw_pixels is None:
+            return False
+        data = self.src.read_bytes()
+        # preamble, DICM, then (0002,0000) UL 4 <group length>: the data set follows the group
+        if data[128:132] != b"DICM" or data[132:140] != b"\x02\x00\x00\x00UL\x04\x00":
+            return False
+        start = 144 + int.from_bytes(data[140:144], "little")
+        value_at, length = self._raw_pixels
+        head = value_at - 12
+        if (head < start or data[head:head + 4] != b"\xe0\x7f\x10\x00" or data[head + 4:head + 6] not in (b"OW", b"OB")
+                or data[head + 6:head + 8] != b"\x00\x00" or int.from_bytes(data[head + 8:head + 12], "little") != length
+                or value_at + length > len(data)):
+            return False
+        meta = DicomBytesIO()
+        meta.is_little_endian, meta.is_implicit_VR = True, False
+        write_file_meta_info(meta, self.ds.file_meta, enforce_standard=True)
+        pixels = self.ds.PixelData
+        with open(self.dst, "wb") as out:
+            out.write(data[:128])
+            out.write(b"DICM")
+            out.write(meta.getvalue())
+            out.write(memoryview(data)[start:head])
+            out.write(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")
+            out.write(pixels)
+            out.write(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")
+            out.write(memoryview(data)[value_at + length:])
+        return True
 
 
 # ---------------------------------------------------------------- decoding

@@ -481,3 +481,22 @@ def test_cr_15_bit(tmp_path):
     assert outcome.changed and outcome.ratio > 1.5
     assert_same_pixels(outcome, img.CR)
     assert run(img.CR, tmp_path, "jpeg-lossy").fallback_reason == "codec_cannot_carry"
+
+
+@pytest.mark.parametrize("syntax", ["jpeg-ls-lossless", "htj2k-lossless", "rle"])
+def test_lossless_output_keeps_every_other_element_as_received(tmp_path, syntax):
+    # a data element after Pixel Data too (trailing padding): it must survive in place
+    ds = pydicom.dcmread(img.CT)
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 64)
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    outcome = run(src, tmp_path, syntax)
+    assert outcome.changed, outcome.note
+    before, after = pydicom.dcmread(src), read(outcome)
+    assert after.file_meta.TransferSyntaxUID == syntaxes.get(syntax).uid
+    assert after.file_meta.MediaStorageSOPInstanceUID == before.SOPInstanceUID
+    assert [e.tag for e in after] == [e.tag for e in before]
+    for elem in before:
+        if elem.tag != 0x7FE00010:
+            assert after[elem.tag].VR == elem.VR and after[elem.tag].value == elem.value, elem.tag
+    assert np.array_equal(after.pixel_array, before.pixel_array)
