@@ -154,7 +154,7 @@ class _Job:
         self.lossy_input = is_lossy_input(self.ts, ds.get("LossyImageCompression"))
         self._pixels: _Pixels | None = None
         # where the input's native Pixel Data value lies, while it is still raw: when only the
-        # pixels change, the output is the input's own bytes around new Pixel Data (see _splice)
+        # pixels change, the output is the input's own bytes around new Pixel Data (_write_spliced)
         raw = ds.get_item(0x7FE00010) if 0x7FE00010 in ds else None
         self._raw_pixels = ((raw.value_tell, raw.length) if isinstance(raw, RawDataElement)
                             and raw.length != 0xFFFFFFFF else None)
@@ -312,7 +312,8 @@ class _Job:
         # lossless, one sample, same photometric: no element but Pixel Data changed
         self._splice = (not syntax.lossy and not self.lossy_input and self.ts == syntaxes.EXPLICIT_LE
                         and image.samples_per_pixel == 1 and photometric == self._photometric
-                        and uid != syntaxes.JPEG_BASELINE and "ExtendedOffsetTable" not in ds)
+                        and uid != syntaxes.JPEG_BASELINE and "ExtendedOffsetTable" not in ds
+                        and 0x7FE00000 not in ds)  # a group length would still count the old pixels
         self.write(uid)
         return self.written(syntax, uid, ratio, note, None)
 
@@ -454,6 +455,8 @@ class _Job:
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         if self._splice and self._write_spliced():
             return
+        if 0x7FE00000 in ds:  # a retired group length that would still count the old pixels
+            del ds[0x7FE00000]
         if self.ts == EXPLICIT_BE:
             # pydicom only re-encodes big endian on request; OW values were swapped above
             dcmwrite(self.dst, ds, implicit_vr=uid == IMPLICIT_LE, little_endian=True, force_encoding=True)

@@ -500,3 +500,14 @@ def test_lossless_output_keeps_every_other_element_as_received(tmp_path, syntax)
         if elem.tag != 0x7FE00010:
             assert after[elem.tag].VR == elem.VR and after[elem.tag].value == elem.value, elem.tag
     assert np.array_equal(after.pixel_array, before.pixel_array)
+
+
+def test_a_stale_pixel_group_length_is_dropped(tmp_path):
+    ds = pydicom.dcmread(img.CT)
+    ds.add_new(0x7FE00000, "UL", len(ds.PixelData) + 12)  # retired, but some old files carry it
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    outcome = run(src, tmp_path, "jpeg-ls-lossless")
+    out = read(outcome)
+    assert 0x7FE00000 not in out
+    assert np.array_equal(out.pixel_array, img.pixels(img.CT))
