@@ -489,9 +489,6 @@ def main(argv: list[str] | None = None) -> int:
                              "the spool on the same disk")
     parser.add_argument("--no-json", action="store_true", help="do not write bench/results/<timestamp>.json")
     args = parser.parse_args(argv)
-    global DEST_ROOT
-    if args.dest_dir is not None and str(args.dest_dir) != "none":
-        DEST_ROOT = Path(tempfile.mkdtemp(prefix="dicom-router-bench-dest-", dir=args.dest_dir))
     repeat = args.repeat or (1 if args.quick else 3)
     images = args.images or (100 if args.quick else None)
     scenarios = [parse_scenario(s) for s in (args.scenarios or (QUICK if args.quick else FULL))]
@@ -505,6 +502,14 @@ def main(argv: list[str] | None = None) -> int:
     for name, study in studies.items():
         print(f"corpus {name}: {len(study.files)} images, {study.bytes / 1e6:.0f} MB ({study.description})",
               file=sys.stderr)
+    global DEST_ROOT
+    if args.dest_dir is not None and str(args.dest_dir) != "none":
+        need = 2 * max(study.bytes for study in studies.values())  # one run's images, and room to spare
+        if shutil.disk_usage(args.dest_dir).free > need:
+            DEST_ROOT = Path(tempfile.mkdtemp(prefix="dicom-router-bench-dest-", dir=args.dest_dir))
+        else:
+            print(f"{args.dest_dir} has less than {need / 1e6:.0f} MB free: the destination writes beside the "
+                  "spool instead", file=sys.stderr)
 
     runs: list[dict] = []
     root = Path(tempfile.mkdtemp(prefix="dicom-router-bench-"))
