@@ -261,10 +261,10 @@ def _jls_encode(frame: np.ndarray, image: ImageInfo, near: int) -> bytes:
         import imagecodecs
 
         return bytes(imagecodecs.jpegls_encode(frame, level=near or None))
-    # imagecodecs writes the precision of the dtype; fewer bits need pyjpegls (unsigned data
-    # compresses 10-25% better at its own precision; signed lossless comes here only as whole
-    # words, see Syntax.signed_at_allocated_bits; a masked signed pattern coded at 16 bits would
-    # read wrong in pydicom's decoders)
+    # imagecodecs writes the precision of the dtype; fewer bits need pyjpegls, so that the
+    # codestream's precision is Bits Stored (signed lossless comes here only as whole words, see
+    # Syntax.signed_at_allocated_bits; a masked signed pattern coded at 16 bits would read wrong
+    # in pydicom's decoders)
     import jpeg_ls
 
     return bytes(
