@@ -203,6 +203,13 @@ def _syntax_tally(paths: list[Path]) -> dict[str, int]:
     return dict(tally)
 
 
+def _read_through(files: list[Path]) -> None:
+    for path in files:
+        with open(path, "rb") as fp:
+            while fp.read(1 << 20):
+                pass
+
+
 def run_once(scenario: Scenario, study: corpus.Study, root: Path) -> dict:
     work = Path(tempfile.mkdtemp(prefix=scenario.kind + "-", dir=root))
     n, input_bytes = len(study.files), study.bytes
@@ -220,6 +227,7 @@ def run_once(scenario: Scenario, study: corpus.Study, root: Path) -> dict:
         if setup.dest is not None:
             _wait_count(setup.dest, len(study.warmup), 120, setup.servers)
         before = set(os.listdir(setup.dest)) if setup.dest is not None else set()
+        _read_through(study.files)  # the modality's files in the page cache, whatever was evicted since
         stages0 = harness.stage_cpu(setup.metrics_url) if setup.metrics_url else None
         cpu0 = harness.cpu_seconds(setup.middle.tree())
         t0 = time.monotonic()
