@@ -9,12 +9,14 @@ imports are already up when the clock starts.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import data_store
-from pydicom import dcmread
-from pydicom.uid import generate_uid
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.peers import make_series  # noqa: E402 - the tests copy studies the same way
 
 DATA = Path(data_store.__file__).parent / "data"
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".corpus"
@@ -51,21 +53,6 @@ class Study:
         return Study(self.name, self.description, self.files[:count], self.warmup, self.sizes[:count])
 
 
-def _write_series(source: Path, count: int, directory: Path) -> list[Path]:
-    directory.mkdir(parents=True, exist_ok=True)
-    ds = dcmread(source)
-    study, series = generate_uid(), generate_uid()
-    paths = []
-    for index in range(count):
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.InstanceNumber = index + 1
-        path = directory / f"{index:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
 def load(name: str, cache: Path = DEFAULT_CACHE) -> Study:
     """The study `name` from the cache, generating it first if missing or stale."""
     source, count, description = STUDIES[name]
@@ -84,7 +71,7 @@ def load(name: str, cache: Path = DEFAULT_CACHE) -> Study:
     for sub in ("study", "warmup"):
         for old in (root / sub).glob("*.dcm") if (root / sub).exists() else []:
             old.unlink()
-    files = _write_series(DATA / source, count, root / "study")
-    warmup = _write_series(DATA / source, WARMUP_COUNT, root / "warmup")
+    files = make_series(DATA / source, count, root / "study")
+    warmup = make_series(DATA / source, WARMUP_COUNT, root / "warmup")
     manifest.write_text(json.dumps(wanted))
     return Study(name, description, files, warmup)
