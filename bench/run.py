@@ -428,7 +428,7 @@ def markdown(runs: list[dict], order: list[str]) -> str:
     return "\n".join(lines)
 
 
-STAGES = ("receive", "spool", "decode", "encode", "verify", "write", "send")
+from router.metrics import CPU_STAGES as STAGES  # noqa: E402 - the router's own list
 
 
 def stage_markdown(runs: list[dict], order: list[str]) -> str:
