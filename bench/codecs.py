@@ -4,7 +4,7 @@
 
 Prints a markdown table: ratio · encode MB/s / decode MB/s, on one core, in MB of
 raw pixel bytes (Bits Allocated) per second. The encoders and decoders are the
-ones the router uses (router.syntaxes), fed the frames the transcoder feeds them.
+ones the router uses (router.codecs), fed the frames the transcoder feeds them.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from router import syntaxes  # noqa: E402
-from router.syntaxes import Params, to_pattern  # noqa: E402
-from router.transcode import _decode  # noqa: E402
+from router import codecs  # noqa: E402
+from router.codecs.frames import to_pattern  # noqa: E402
+from router.request import Params  # noqa: E402
+from router.transcode import decoded_frames  # noqa: E402
 
 IMAGES = {
     "CR 15-bit": "RG1_UNCR.dcm",
@@ -43,13 +44,15 @@ def _timed(fn, seconds: float) -> tuple[float, object]:
     return best, result
 
 
-def measure(syntax: syntaxes.Syntax, path: Path, seconds: float) -> str:
-    ds = pydicom.dcmread(path)
-    pixels = _decode(ds, str(ds.file_meta.TransferSyntaxUID))
-    image = syntax.coded(pixels.image)
+def measure(syntax: codecs.Syntax, path: Path, seconds: float) -> str:
+    decoded = decoded_frames(pydicom.dcmread(path))
+    if decoded is None:
+        return "—"
+    frames, image = decoded
+    image = syntax.coded(image)
     if syntax.cannot_carry(image, Params()):
         return "—"
-    values = pixels.frames[0]
+    values = frames[0]
     frame = np.ascontiguousarray(to_pattern(values, image.bits) if image.signed else values)
     raw = image.rows * image.columns * image.samples_per_pixel * image.bits_allocated // 8
     enc_s, data = _timed(lambda: syntax.encode(frame, image, Params()), seconds)
@@ -67,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     data = Path(data_store.__file__).parent / "data"
     chosen = [
-        s for s in syntaxes.all_syntaxes()
-        if s.encapsulated and s.encode is not None and (not args.syntax or s.name in args.syntax)
+        s for s in codecs.all_syntaxes()
+        if s.encapsulated and s.encoder is not None and (not args.syntax or s.name in args.syntax)
     ]
     print("ratio · encode/decode MB/s per core (raw pixel bytes); — = cannot carry\n")
     print("| syntax | " + " | ".join(IMAGES) + " |")
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         cells = [measure(syntax, data / name, args.seconds) for name in IMAGES.values()]
         label = f"{syntax.name} ({syntax.uid.rsplit('.', 2)[-2] + '.' + syntax.uid.rsplit('.', 1)[-1]})"
         print(f"| {label} | " + " | ".join(cells) + " |", flush=True)
-    print("\nDefaults: jpeg-lossy quality 90, jpeg-ls-near-lossless near 2, j2k/htj2k/jpegxl quality 90.")
+    defaults = [f"{s.name} {s.describe(Params())}" for s in chosen if s.describe(Params())]
+    print(f"\nDefaults: {', '.join(defaults)}.")
     return 0
 
 

@@ -77,10 +77,10 @@ FORWARDER_STEPS = [
     ("queue.next_due", ("Queue.next_due",)),
 ]
 WORKER_STEPS = [
-    ("verify: decode again + compare", ("_Job.check",)),
-    ("encode (codec)", ("_Job.encode",)),  # after check: encode's own frames minus verify
-    ("decode input pixels", ("_decode", "_Job.pixels")),
-    ("write output: dcmwrite", ("_Job.write", "dcmwrite")),
+    ("verify: decode again + compare", ("_Transcoding.check",)),
+    ("encode (codec)", ("_Transcoding.encode",)),  # after check: encode's own frames minus verify
+    ("decode input pixels", ("_decode", "_Transcoding.pixels")),
+    ("write output: dcmwrite", ("_Transcoding.write", "dcmwrite")),
     ("read input: dcmread", ("transcode_file",)),
     ("pool IPC / idle", ("multiprocessing", "concurrent/futures")),
 ]
@@ -149,7 +149,7 @@ def parse(raw: Path, router_pid: int) -> dict:
             step = _step(stack, steps)
             if "inbound association" in role and step == "C-STORE handler":
                 step = "handler: " + _step(stack, HANDLER_STEPS)
-            if role.startswith("codec worker") and step == "encode (codec)" and "_Job.check" in stack:
+            if role.startswith("codec worker") and step == "encode (codec)" and "_Transcoding.check" in stack:
                 step = "verify: decode again + compare"
             if role.startswith("forwarder") and step == "waiting for codec workers (run_many)":
                 state = "wait"
@@ -187,7 +187,8 @@ def worker_breakdown(src: Path, syntax: str, repeat: int = 30) -> str:
     import cProfile
     import pstats
 
-    from router.transcode import Request, transcode_file
+    from router.request import Request
+    from router.transcode import transcode_file
 
     request = Request(syntax=syntax)
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,9 +215,9 @@ def worker_breakdown(src: Path, syntax: str, repeat: int = 30) -> str:
         ("encode (registry encode function)", cumulative("encode", "router/transcode.py")
          - cumulative("check", "router/transcode.py") - cumulative("write", "router/transcode.py")
          - cumulative("lossy_bookkeeping", "router/transcode.py") - cumulative("_set_encapsulated", "router/transcode.py")),
-        ("verify: decode + compare (_Job.check)", cumulative("check", "router/transcode.py")),
+        ("verify: decode + compare (_Transcoding.check)", cumulative("check", "router/transcode.py")),
         ("encapsulate (_set_encapsulated)", cumulative("_set_encapsulated", "router/transcode.py")),
-        ("write output: dcmwrite (_Job.write)", cumulative("write", "router/transcode.py")),
+        ("write output: dcmwrite (_Transcoding.write)", cumulative("write", "router/transcode.py")),
     ]
     lines = [f"transcode_file({src.name}, {syntax}): {plain * 1000:.1f} ms per image unprofiled "
              f"({profiled_total * 1000:.1f} ms under cProfile; shares below are of the profiled time)", "",

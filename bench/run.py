@@ -321,7 +321,8 @@ def _tail(path: Path, lines: int = 10) -> str:
 # -- the codec-bound limit ------------------------------------------------------------------------
 def codec_limits(studies: dict[str, corpus.Study], scenarios: list[Scenario], seconds: float) -> list[dict]:
     """Single-core transcode_file speed (read, decode, encode, verify, write) of each codec used, x cores."""
-    from router.transcode import Request, transcode_file
+    from router.request import Request
+    from router.transcode import transcode_file
 
     wanted: dict[tuple[str, str], dict] = {}
     for s in scenarios:
@@ -342,7 +343,7 @@ def codec_limits(studies: dict[str, corpus.Study], scenarios: list[Scenario], se
             syntax = label.split()[0]
             request = Request(syntax=syntax, **extra)
             dst = Path(tmp) / "out.dcm"
-            outcome = transcode_file(src, dst, request)
+            transcoded = transcode_file(src, dst, request)
             times: list[float] = []
             spent = 0.0
             while spent < seconds or len(times) < 3:
@@ -356,14 +357,14 @@ def codec_limits(studies: dict[str, corpus.Study], scenarios: list[Scenario], se
                 "syntax": label, "corpus": corpus_name, "ms_per_instance": per * 1000,
                 "mb_per_s_core": size / per / 1e6, "instances_per_s_core": 1 / per,
                 "cores": cores, "instances_per_s_limit": cores / per, "mb_per_s_limit": cores * size / per / 1e6,
-                "result_syntax": outcome.syntax, "ratio": outcome.ratio,
+                "result_syntax": transcoded.syntax, "ratio": transcoded.ratio,
             })
         if "ct" in studies:
             # the CT is 14-bit signed: 12-bit lossy JPEG cannot carry it; say what the router does
-            outcome = transcode_file(studies["ct"].files[0], Path(tmp) / "ct.dcm",
-                                     Request(syntax="jpeg-lossy", quality=90, fallback="jpeg-ls-lossless"))
+            transcoded = transcode_file(studies["ct"].files[0], Path(tmp) / "ct.dcm",
+                                        Request(syntax="jpeg-lossy", quality=90, fallback="jpeg-ls-lossless"))
             rows.append({"syntax": "jpeg-lossy (fallback jpeg-ls-lossless)", "corpus": "ct", "check_only": True,
-                         "result_syntax": outcome.syntax, "note": outcome.note})
+                         "result_syntax": transcoded.syntax, "note": transcoded.note})
     return rows
 
 

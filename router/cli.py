@@ -120,20 +120,33 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_transcode(args: argparse.Namespace) -> int:
     import shutil
 
-    from router.transcode import Request, TranscodeError, transcode_file
+    from router import codecs
+    from router.request import Request
+    from router.transcode import TranscodeError, transcode_file
 
     request = Request(syntax=args.syntax, quality=args.quality, near=args.near, ratio=args.ratio,
                       fallback=args.fallback, verify=args.verify, max_error=args.max_error,
                       keep_sop_instance_uid=args.keep_uid)
     try:
-        outcome = transcode_file(Path(args.input), Path(args.output), request)
-    except (TranscodeError, KeyError, ValueError, OSError) as exc:
+        syntax = codecs.get(request.syntax)
+        if request.fallback is not None:
+            codecs.get(request.fallback)
+        codecs.check_params(syntax, request.params)
+    except codecs.ParameterError as exc:
+        print(f"dicom-router transcode: --{exc.field}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyError as exc:
+        print(f"{args.input}: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        transcoded = transcode_file(Path(args.input), Path(args.output), request)
+    except (TranscodeError, OSError) as exc:
         print(f"{args.input}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    if not outcome.changed:
+    if not transcoded.changed:
         shutil.copyfile(args.input, args.output)
-    ratio = f", ratio {outcome.ratio:.2f}" if outcome.ratio else ""
-    print(f"{args.output}: {outcome.syntax} ({outcome.transfer_syntax_uid}){ratio}: {outcome.note}")
+    ratio = f", ratio {transcoded.ratio:.2f}" if transcoded.ratio else ""
+    print(f"{args.output}: {transcoded.syntax} ({transcoded.transfer_syntax_uid}){ratio}: {transcoded.note}")
     return EXIT_OK
 
 
@@ -202,11 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("files", nargs="+")
     explain.set_defaults(func=cmd_explain)
 
+    from router.codecs import all_syntaxes
+
+    def declared(name: str) -> str:
+        """The syntaxes that take parameter `name`, with its bounds and default, from the registry."""
+        ranges: dict[str, list[str]] = {}
+        for syntax in all_syntaxes():
+            for p in syntax.params:
+                if p.name == name:
+                    default = f", default {p.default}" if p.default is not None else ""
+                    ranges.setdefault(f"{p.minimum}-{p.maximum}{default}", []).append(syntax.name)
+        return "; ".join(f"{', '.join(names)}: {bounds}" for bounds, names in ranges.items())
+
     transcode = sub.add_parser("transcode", help="run the router's transcoder on one file, offline")
     transcode.add_argument("--syntax", required=True, help="registry name (e.g. jpeg-ls-lossless) or UID")
-    transcode.add_argument("--quality", type=int, help="1-100 for lossy syntaxes")
-    transcode.add_argument("--near", type=int, help="JPEG-LS near-lossless maximum error")
-    transcode.add_argument("--ratio", type=float, help="target ratio for lossy JPEG 2000 / HTJ2K")
+    transcode.add_argument("--quality", type=int, help=f"encoder quality ({declared('quality')})")
+    transcode.add_argument("--near", type=int, help=f"largest pixel error ({declared('near')})")
+    transcode.add_argument("--ratio", type=float, help=f"target compression ratio ({declared('ratio')})")
     transcode.add_argument("--fallback", help="syntax for images the chosen one cannot carry")
     transcode.add_argument("--verify", action=argparse.BooleanOptionalAction, default=None,
                            help="decode again and compare (default: on for lossless syntaxes)")

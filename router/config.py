@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydicom.datadict import keyword_dict
 
-from router import syntaxes
+from router.codecs import registry
 
 CONTEXT_KEYS = ("CallingAE", "CalledAE", "SourceIP")
 SKIP = "skip"
@@ -182,9 +182,10 @@ class Rule(_Strict):
     name: str = ""
     match: dict[str, MatchValue] = Field(default_factory=dict)
     syntax: str
-    quality: int | None = Field(None, ge=1, le=100)
-    near: int | None = Field(None, ge=0, le=255)
-    ratio: float | None = Field(None, gt=1)
+    # which syntax takes which, and their bounds: router.codecs.registry (checked below)
+    quality: int | None = None
+    near: int | None = None
+    ratio: float | None = None
     fallback: str | None = None
     verify: bool | None = None
     max_error: int | None = Field(None, ge=0)
@@ -228,19 +229,31 @@ class Rule(_Strict):
     def _parameters_fit_syntax(self) -> Rule:
         if self.syntax == SKIP:
             return self
-        syntax = syntaxes.get(self.syntax)
-        if self.near is not None and "near" not in syntax.name:
-            raise ValueError(f"'near' applies to jpeg-ls-near-lossless, not to {syntax.name!r}")
-        if self.quality is not None and not syntax.lossy:
-            raise ValueError(f"'quality' applies to lossy syntaxes; {syntax.name!r} is lossless")
+        from pydantic_core import InitErrorDetails, PydanticCustomError
+
+        from router.request import Params
+
+        def refuse(field: str, message: str) -> ValidationError:
+            # raised from a model validator, pydantic files it under the rule's field
+            error = PydanticCustomError("parameter", "{message}", {"message": message})
+            return ValidationError.from_exception_data(
+                "Rule", [InitErrorDetails(type=error, loc=(field,), input=getattr(self, field))]
+            )
+
+        syntax = registry.get(self.syntax)
+        try:
+            registry.check_params(syntax, Params(quality=self.quality, near=self.near, ratio=self.ratio))
+        except registry.ParameterError as exc:
+            raise refuse(exc.field, str(exc)) from None
         if self.max_error is not None and not syntax.lossy:
-            raise ValueError(f"'max_error' applies to lossy syntaxes; {syntax.name!r} is lossless (verify compares exactly)")
+            raise refuse("max_error", f"'max_error' applies to lossy syntaxes; {syntax.name!r} is lossless "
+                                      "(verify compares exactly)")
         return self
 
 
 def _known_syntax(value: str) -> None:
     try:
-        syntaxes.get(value)
+        registry.get(value)
     except KeyError as exc:
         raise ValueError(exc.args[0] if exc.args else f"unknown syntax {value!r}") from None
 
@@ -362,7 +375,7 @@ def load(path: Path | str) -> Loaded:
     if missing:
         raise ConfigError("\n".join(missing))
     try:
-        syntaxes.load_plugins(plugins)
+        registry.load_plugins(plugins)
     except Exception as exc:  # noqa: BLE001 - any import failure is a configuration error
         raise ConfigError(f"{path}: field transcode.plugins: cannot load: {exc}") from None
     return Loaded(path=path, router=router, destinations=load_rules_dir(rules_dir))

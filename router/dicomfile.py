@@ -19,10 +19,11 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.valuerep import VR
 
+from router.codecs.registry import DEFLATED
+
 _VALID_VRS = frozenset(v.value for v in VR)
 
 UNDEFINED = 0xFFFFFFFF
-DEFLATED = "1.2.840.10008.1.2.1.99"
 _SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 _DEFER = 4096
 

@@ -3,8 +3,11 @@
 ``transcode_file`` is a pure function of its (picklable) arguments, run in the
 worker processes of a pool: a native codec that crashes takes a worker down,
 not the router.  It never raises for an image a syntax cannot carry (the
-``Outcome`` says so and the caller sends the fallback or the original); it
+``Transcoded`` result says so and carries the fallback or the original); it
 raises ``TranscodeError`` only when the input's pixels cannot be decoded.
+
+This module plans (which syntax, which fallback) and writes (bookkeeping, encapsulation);
+what each syntax can carry, takes and writes is declared in `router.codecs.registry`.
 """
 
 from __future__ import annotations
@@ -23,26 +26,25 @@ from pydicom.filewriter import dcmwrite, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from router import syntaxes
-from router.dicomfile import read_header
-from router.syntaxes import (
-    DEFLATED,
+from router import codecs
+from router.codecs import (
     EXPLICIT_BE,
+    EXPLICIT_LE,
     IMPLICIT_LE,
     NATIVE_TRANSFER_SYNTAXES,
     VIDEO_TRANSFER_SYNTAXES,
     ImageInfo,
-    Params,
     Syntax,
     is_lossy_input,
-    to_pattern,
-    to_signed,
 )
+from router.codecs.frames import to_pattern, to_signed
+from router.compat.pydicom import swap_other_words_to_little_endian, teach_jpeg_xl
+from router.dicomfile import read_header
+from router.request import ORIGINAL, Params, Reason, Request, fallback
 
-__all__ = ["Request", "Outcome", "TranscodeError", "transcode_file"]
+__all__ = ["Transcoded", "TranscodeError", "transcode_file", "decoded_frames"]
 
-CODEC_CANNOT_CARRY = "codec_cannot_carry"
-VERIFY_MISMATCH = "verify_mismatch"
+teach_jpeg_xl()  # the output may be in a JPEG XL syntax pydicom 3.0 does not know
 
 # Offsets in a Basic Offset Table are 32-bit
 _BOT_LIMIT = 2**32 - 1
@@ -53,36 +55,10 @@ class TranscodeError(ValueError):
 
 
 @dataclass(frozen=True)
-class Request:
-    syntax: str
-    quality: int | None = None
-    near: int | None = None
-    ratio: float | None = None
-    fallback: str | None = None
-    verify: bool | None = None
-    max_error: int | None = None
-    keep_sop_instance_uid: bool = False
+class Transcoded:
+    """What `transcode_file` made of one request: the file to send (``path``; the input itself
+    when ``changed`` is False), its transfer syntax, and why it is not in the requested one."""
 
-    def __post_init__(self) -> None:
-        syntaxes.get(self.syntax)
-        if self.fallback is not None:
-            syntaxes.get(self.fallback)
-        if self.quality is not None and not 1 <= self.quality <= 100:
-            raise ValueError(f"quality must be 1..100, got {self.quality}")
-        if self.near is not None and not 0 <= self.near <= 255:
-            raise ValueError(f"near (JPEG-LS maximum error) must be 0..255, got {self.near}")
-        if self.ratio is not None and not self.ratio > 1:
-            raise ValueError(f"ratio must be > 1, got {self.ratio}")
-        if self.max_error is not None and self.max_error < 0:
-            raise ValueError(f"max_error must be >= 0, got {self.max_error}")
-
-    @property
-    def params(self) -> Params:
-        return Params(quality=self.quality, near=self.near, ratio=self.ratio)
-
-
-@dataclass(frozen=True)
-class Outcome:
     path: Path
     changed: bool
     transfer_syntax_uid: str
@@ -90,7 +66,7 @@ class Outcome:
     sop_instance_uid: str
     ratio: float | None
     note: str
-    fallback_reason: str | None
+    fallback_reason: Reason | None
     seconds: float
     # CPU seconds of this call by stage: decode (read the input, decode its pixels), encode,
     # verify (decode the output back and compare), write (the output file)
@@ -105,14 +81,10 @@ class _Pixels:
     image: ImageInfo
 
 
-class _CannotCarry(Exception):
-    pass
-
-
 # ---------------------------------------------------------------- entry point
 
 
-def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False) -> Outcome:
+def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False) -> Transcoded:
     """Write ``src`` to ``dst`` in ``request.syntax``, or say why it was left alone.
 
     When the result has ``changed=False`` nothing was written and ``path`` is
@@ -124,7 +96,7 @@ def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False
     start = time.perf_counter()
     cpu_start = time.thread_time()
     src, dst = Path(src), Path(dst)
-    target = syntaxes.get(request.syntax)
+    target = codecs.get(request.syntax)
     try:
         if not checked:  # the receiver has already checked what it accepted
             read_header(src)  # refuses declared lengths the file cannot hold before anything is allocated
@@ -133,16 +105,18 @@ def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False
         raise TranscodeError(f"{src}: not readable as DICOM: {exc}") from exc
     if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
         raise TranscodeError(f"{src}: not a DICOM instance (no SOP Class / Instance UID)")
-    job = _Job(src, dst, request, ds, start, cpu_start)
+    transcoding = _Transcoding(src, dst, request, ds, start, cpu_start)
     try:
-        return job.run(target)
+        return transcoding.run(target)
     except TranscodeError:
         raise
     except Exception as exc:  # noqa: BLE001 - a value pydicom cannot decode or encode
         raise TranscodeError(f"{src}: cannot transcode to {target.name}: {type(exc).__name__}: {exc}") from exc
 
 
-class _Job:
+class _Transcoding:
+    """One call of `transcode_file`: the input data set, the request, the CPU laps."""
+
     def __init__(self, src: Path, dst: Path, request: Request, ds: Dataset, start: float, cpu_start: float) -> None:
         self.src, self.dst, self.request, self.ds, self.start = src, dst, request, ds, start
         self.cpu: dict[str, float] = {}
@@ -169,9 +143,9 @@ class _Job:
 
     # -- outcomes
 
-    def unchanged(self, note: str, reason: str | None = None) -> Outcome:
+    def unchanged(self, note: str, reason: Reason | None = None) -> Transcoded:
         self.lap("decode")
-        return Outcome(
+        return Transcoded(
             path=self.src,
             changed=False,
             transfer_syntax_uid=self.ts,
@@ -184,9 +158,9 @@ class _Job:
             cpu=dict(self.cpu),
         )
 
-    def written(self, syntax: Syntax, uid: str, ratio: float | None, note: str, reason: str | None) -> Outcome:
+    def written(self, syntax: Syntax, uid: str, ratio: float | None, note: str) -> Transcoded:
         self.lap("write")
-        return Outcome(
+        return Transcoded(
             path=self.dst,
             changed=True,
             transfer_syntax_uid=uid,
@@ -194,38 +168,38 @@ class _Job:
             sop_instance_uid=str(self.ds.SOPInstanceUID),
             ratio=ratio,
             note=note,
-            fallback_reason=reason,
+            fallback_reason=None,
             seconds=time.perf_counter() - self.start,
             cpu=dict(self.cpu),
         )
 
     # -- decisions
 
-    def run(self, target: Syntax) -> Outcome:
+    def run(self, target: Syntax) -> Transcoded:
         verdict = self.try_syntax(target)
-        if isinstance(verdict, Outcome):
+        if isinstance(verdict, Transcoded):
             return verdict
         reason = verdict
-        fb_name = self.request.fallback
-        if not fb_name or syntaxes.get(fb_name).name == target.name:
-            return self.unchanged(f"{reason}: forwarded as received", CODEC_CANNOT_CARRY)
-        fallback = syntaxes.get(fb_name)
-        verdict = self.try_syntax(fallback, because=reason)
-        if isinstance(verdict, Outcome):
-            return replace(verdict, fallback_reason=CODEC_CANNOT_CARRY)
+        instead = fallback(self.request, Reason.CODEC_CANNOT_CARRY)
+        if instead is None or codecs.get(instead.syntax) is target:
+            return self.unchanged(f"{reason}: forwarded as received", Reason.CODEC_CANNOT_CARRY)
+        self.request = instead
+        verdict = self.try_syntax(codecs.get(instead.syntax), because=reason)
+        if isinstance(verdict, Transcoded):
+            return replace(verdict, fallback_reason=Reason.CODEC_CANNOT_CARRY)
         return self.unchanged(
-            f"{reason}; fallback {verdict}: forwarded as received", CODEC_CANNOT_CARRY
+            f"{reason}; fallback {verdict}: forwarded as received", Reason.CODEC_CANNOT_CARRY
         )
 
-    def try_syntax(self, syntax: Syntax, because: str | None = None) -> Outcome | str:
-        """An Outcome, or the reason ``syntax`` cannot carry this object."""
+    def try_syntax(self, syntax: Syntax, because: str | None = None) -> Transcoded | str:
+        """The result, or the reason ``syntax`` cannot carry this object."""
         prefix = f"{because}: fallback {syntax.name}; " if because else ""
         ds, ts = self.ds, self.ts
-        if syntax.name == "original":
+        if syntax.name == ORIGINAL:
             return self.unchanged(f"{prefix}original requested: forwarded as received")
         # already-lossy pixels are never re-encoded into another codestream: that would lose more
-        # (lossy) or only grow the file (lossless); the JPEG XL re-pack of a JPEG is the exception
-        recompress = syntax.lossy or (syntax.encapsulated and syntax.name != "jpegxl-jpeg")
+        # (lossy) or only grow the file (lossless); re-packing a codestream as it is loses nothing
+        recompress = syntax.lossy or (syntax.encapsulated and syntax.repacks is None)
         if recompress and self.lossy_input:
             why = (
                 "0028,2110=01"
@@ -241,8 +215,8 @@ class _Job:
             return self.unchanged(f"{prefix}no pixel data (float pixels, document or non-image): forwarded as received")
         if ts in VIDEO_TRANSFER_SYNTAXES:
             return self.unchanged(f"{prefix}video ({_ts_name(ts)}) is never transcoded: forwarded as received")
-        if syntax.uid == syntaxes.JPEGXL_JPEG:
-            return self.repack_jpeg(syntax, prefix)
+        if syntax.repacks is not None:
+            return self.repack(syntax, prefix)
         pixels = self.pixels()
         if pixels is None:
             if not syntax.encapsulated and ts in NATIVE_TRANSFER_SYNTAXES and ts != EXPLICIT_BE:
@@ -272,8 +246,7 @@ class _Job:
 
     # -- writers
 
-    def encode(self, syntax: Syntax, pixels: _Pixels, image: ImageInfo, prefix: str) -> Outcome:
-        assert syntax.encode is not None
+    def encode(self, syntax: Syntax, pixels: _Pixels, image: ImageInfo, prefix: str) -> Transcoded:
         request = self.request
         params = request.params
         bits = image.bits
@@ -288,7 +261,7 @@ class _Job:
                 mismatch = self.check(syntax, data, pattern, image)
                 self.lap("verify")
                 if mismatch:
-                    return self.unchanged(f"{prefix}{mismatch}: forwarded as received", VERIFY_MISMATCH)
+                    return self.unchanged(f"{prefix}{mismatch}: forwarded as received", Reason.VERIFY_MISMATCH)
             encoded.append(data if len(data) % 2 == 0 else data + b"\x00")
         raw_bytes = image.rows * image.columns * image.samples_per_pixel * image.frames * image.bits_allocated // 8
         ratio = raw_bytes / max(sum(len(f) for f in encoded), 1)
@@ -299,8 +272,10 @@ class _Job:
         ds.PhotometricInterpretation = photometric
         if image.samples_per_pixel > 1:
             ds.PlanarConfiguration = 0
-        if uid == syntaxes.JPEG_BASELINE and image.bits_allocated != 8:
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, min(image.bits_stored, 8), min(image.bits_stored, 8) - 1
+        bits_allocated = syntax.bits_allocated_for(image)
+        if bits_allocated != image.bits_allocated:
+            stored = min(image.bits_stored, bits_allocated)
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits_allocated, stored, stored - 1
         note = f"{prefix}{_ts_name(self.ts)} -> {syntax.name} ({uid}), ratio {ratio:.2f}:1"
         if pixels.image.bits > image.bits_stored:
             note += f"; values above Bits Stored kept: coded at {image.bits} bits"
@@ -309,17 +284,16 @@ class _Job:
             note += "; lossy: new SOP Instance UID" if not request.keep_sop_instance_uid else "; lossy"
         elif self.lossy_input:
             ds.LossyImageCompression = "01"
-        # lossless, one sample, same photometric: no element but Pixel Data changed
-        self._splice = (not syntax.lossy and not self.lossy_input and self.ts == syntaxes.EXPLICIT_LE
+        # lossless, one sample, same photometric and words: no element but Pixel Data changed
+        self._splice = (not syntax.lossy and not self.lossy_input and self.ts == EXPLICIT_LE
                         and image.samples_per_pixel == 1 and photometric == self._photometric
-                        and uid != syntaxes.JPEG_BASELINE and "ExtendedOffsetTable" not in ds
+                        and bits_allocated == image.bits_allocated and "ExtendedOffsetTable" not in ds
                         and 0x7FE00000 not in ds)  # a group length would still count the old pixels
         self.write(uid)
-        return self.written(syntax, uid, ratio, note, None)
+        return self.written(syntax, uid, ratio, note)
 
     def check(self, syntax: Syntax, data: bytes, pattern: np.ndarray, image: ImageInfo) -> str | None:
         """None when the frame decodes back as required, else what went wrong."""
-        assert syntax.decode is not None
         try:
             decoded = np.asarray(syntax.decode(data, image))
         except Exception as exc:
@@ -330,7 +304,7 @@ class _Job:
             return f"{syntax.name} output decodes to shape {decoded.shape}, expected {pattern.shape}"
         tolerance = self.request.max_error
         if tolerance is None and syntax.lossy:
-            tolerance = (2 if self.request.near is None else self.request.near) if syntax.uid == syntaxes.JPEG_LS_NEAR else None
+            tolerance = syntax.promised_error(self.request.params)
         if not syntax.lossy and tolerance is None:
             if not np.array_equal(decoded, pattern):
                 return f"{syntax.name} output decodes to different pixels"
@@ -362,13 +336,8 @@ class _Job:
         else:
             image_type = ["DERIVED", "SECONDARY"]
         ds.ImageType = image_type if len(image_type) > 1 else image_type[0]
-        setting = ""
-        if syntax.uid == syntaxes.JPEG_LS_NEAR:
-            setting = f" near={2 if params.near is None else params.near}"
-        elif params.ratio and "j2k" in syntax.name:
-            setting = f" target ratio {params.ratio:g}"
-        else:
-            setting = f" quality {90 if params.quality is None else params.quality}"
+        setting = syntax.describe(params)
+        setting = f" {setting}" if setting else ""
         text = f"Lossy compression {syntax.title} ({syntax.method}){setting}, compression ratio {ratio:.2f}:1"
         old = str(ds.get("DerivationDescription", "") or "").strip()
         ds.DerivationDescription = (f"{old}; {text}" if old else text)[:1024]
@@ -385,7 +354,7 @@ class _Job:
             ds.SourceImageSequence = Sequence(existing + [source])
             ds.SOPInstanceUID = generate_uid()
 
-    def rewrite_native(self, syntax: Syntax, pixels: _Pixels | None, note: str) -> Outcome:
+    def rewrite_native(self, syntax: Syntax, pixels: _Pixels | None, note: str) -> Transcoded:
         self.lap("decode")
         ds = self.ds
         if pixels is not None:
@@ -409,38 +378,40 @@ class _Job:
         elif "PixelData" in ds and self.ts == EXPLICIT_BE:
             raise TranscodeError(f"{self.src}: big endian pixel data could not be decoded")
         self.write(syntax.uid)
-        return self.written(syntax, syntax.uid, None, note, None)
+        return self.written(syntax, syntax.uid, None, note)
 
-    def repack_jpeg(self, syntax: Syntax, prefix: str) -> Outcome | str:
-        if self.ts != syntaxes.JPEG_BASELINE:
-            return f"jpegxl-jpeg only re-packs JPEG Baseline input, not {_ts_name(self.ts)}"
-        import imagecodecs
-
+    def repack(self, syntax: Syntax, prefix: str) -> Transcoded | str:
+        """Each frame's codestream re-packed by ``syntax`` as it is: no pixel is decoded."""
+        source_name = _ts_name(str(syntax.repacks))
+        if self.ts != syntax.repacks:
+            return f"{syntax.name} only re-packs {source_name} input, not {_ts_name(self.ts)}"
         ds = self.ds
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         source = list(generate_frames(ds.PixelData, number_of_frames=frames))
         packed = []
-        for jpeg in source:
-            jpeg = _strip_jpeg_padding(jpeg)
+        for codestream in source:
+            codestream = _without_padding(codestream)
             try:
-                data = bytes(imagecodecs.jpegxl_encode_jpeg(jpeg))
+                data = syntax.repack(codestream)
             except Exception as exc:
-                return f"jpegxl-jpeg cannot re-pack this JPEG ({exc})"
+                return f"{syntax.name} cannot re-pack this codestream ({exc})"
             verify = self.request.verify if self.request.verify is not None else True
-            if verify and bytes(imagecodecs.jpegxl_decode_jpeg(data)) != jpeg:
-                return self.unchanged(f"{prefix}jpegxl-jpeg does not give back the JPEG: forwarded as received", VERIFY_MISMATCH)
+            if verify and syntax.unpack(data) != codestream:
+                return self.unchanged(f"{prefix}{syntax.name} does not give back the codestream: forwarded as received",
+                                      Reason.VERIFY_MISMATCH)
             packed.append(data if len(data) % 2 == 0 else data + b"\x00")
         ratio = sum(len(j) for j in source) / max(sum(len(p) for p in packed), 1)
         self.lap("encode")
         _set_encapsulated(ds, packed)
         ds.LossyImageCompression = "01"
         self.write(syntax.uid)
-        return self.written(syntax, syntax.uid, ratio, f"{prefix}JPEG Baseline re-packed as JPEG XL, {ratio:.2f}:1 smaller than the JPEG", None)
+        return self.written(syntax, syntax.uid, ratio,
+                            f"{prefix}{source_name} re-packed as {syntax.name}, {ratio:.2f}:1 smaller than the input")
 
     def write(self, uid: str) -> None:
         ds = self.ds
         if self.ts == EXPLICIT_BE:
-            _swap_other_words(ds)
+            swap_other_words_to_little_endian(ds)
         meta = ds.file_meta
         meta.TransferSyntaxUID = uid
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -501,6 +472,15 @@ class _Job:
 
 
 # ---------------------------------------------------------------- decoding
+
+
+def decoded_frames(ds: Dataset) -> tuple[list[np.ndarray], ImageInfo] | None:
+    """The frames of ``ds`` as the transcoder hands them to an encoder (signed values when the
+    pixels are signed), and what a codec needs to know of them; None for pixels no codec
+    takes (1-bit). Raises TranscodeError when the pixels cannot be decoded."""
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    pixels = _decode(ds, str(meta.get("TransferSyntaxUID", "") or _guess_ts(ds)))
+    return None if pixels is None else (pixels.frames, pixels.image)
 
 
 def _decode(ds: Dataset, ts: str) -> _Pixels | None:
@@ -582,8 +562,8 @@ def _pydicom_frames(ds: Dataset, ts: str, pi: str) -> tuple[list[np.ndarray], st
 
 def _registry_frames(ds: Dataset, ts: str, pi: str) -> tuple[list[np.ndarray], str]:
     """Frames of a syntax pydicom cannot decode (JPEG XL) through our own decoder."""
-    syntax = syntaxes.get(ts)
-    if syntax.decode is None:
+    syntax = codecs.get(ts)
+    if syntax.decoder is None:
         raise TranscodeError(f"no decoder for {_ts_name(ts)}")
     image = ImageInfo(
         rows=int(ds.Rows),
@@ -596,8 +576,8 @@ def _registry_frames(ds: Dataset, ts: str, pi: str) -> tuple[list[np.ndarray], s
     )
     nframes = int(ds.get("NumberOfFrames", 1) or 1)
     frames = [np.asarray(syntax.decode(f, image)) for f in generate_frames(ds.PixelData, number_of_frames=nframes)]
-    if ts == syntaxes.JPEGXL_JPEG and pi.startswith("YBR"):
-        pi = "RGB"  # libjxl returns the JPEG's pixels converted to RGB
+    if syntax.decodes_to_rgb and pi.startswith("YBR"):
+        pi = "RGB"
     return frames, pi
 
 
@@ -665,22 +645,11 @@ def _set_encapsulated(ds: Dataset, fragments: list[bytes]) -> None:
     elem.is_undefined_length = True
 
 
-def _swap_other_words(ds: Dataset) -> None:
-    """Big endian OW/OL/OF/OD values are raw bytes to pydicom: swap them for LE."""
-    sizes = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
-
-    def swap(dataset: Dataset, elem: pydicom.DataElement) -> None:
-        size = sizes.get(elem.VR)
-        if size and elem.tag != 0x7FE00010 and isinstance(elem.value, (bytes, bytearray)) and elem.value:
-            arr = np.frombuffer(elem.value, dtype=f">u{size}")
-            elem.value = arr.astype(f"<u{size}").tobytes()
-
-    ds.walk(swap)
-
-
-def _strip_jpeg_padding(jpeg: bytes) -> bytes:
-    end = jpeg.rfind(b"\xff\xd9")
-    return jpeg[: end + 2] if end >= 0 else jpeg
+def _without_padding(fragment: bytes) -> bytes:
+    """The codestream in a frame's fragment, without the padding after it: JPEG, JPEG-LS and
+    JPEG 2000 codestreams all end with the marker FFD9 (EOI / EOC)."""
+    end = fragment.rfind(b"\xff\xd9")
+    return fragment[: end + 2] if end >= 0 else fragment
 
 
 def _values(value: object) -> list[str]:
@@ -706,7 +675,4 @@ def _ts_name(ts: str) -> str:
 def _guess_ts(ds: Dataset) -> str:
     if ds.is_little_endian is False:
         return EXPLICIT_BE
-    return IMPLICIT_LE if ds.is_implicit_VR else syntaxes.EXPLICIT_LE
-
-
-__all__ += ["CODEC_CANNOT_CARRY", "VERIFY_MISMATCH", "DEFLATED"]
+    return IMPLICIT_LE if ds.is_implicit_VR else EXPLICIT_LE

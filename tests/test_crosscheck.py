@@ -14,8 +14,9 @@ import pydicom
 import pytest
 from pydicom.encaps import generate_frames
 
-from router import syntaxes
-from router.transcode import Request, transcode_file
+from router import codecs
+from router.request import Request
+from router.transcode import transcode_file
 from tests import transcode_images as img
 
 pytestmark = [
@@ -69,7 +70,7 @@ def _tolerance(syntax: str) -> tuple[int, float]:
     if syntax == "jpeg-lossy":
         # IDCT and chroma upsampling differ between libjpeg-turbo and IJG 6b
         return 40, 1.0
-    if syntaxes.get(syntax).lossy:
+    if codecs.get(syntax).lossy:
         return 1, 0.01
     return 0, 0.0
 
@@ -83,7 +84,7 @@ def _compare(decoded: np.ndarray, expected: np.ndarray, syntax: str, who: str) -
 
 def _expected(out: Path, src: Path, syntax: str) -> np.ndarray:
     # lossless: the original; lossy: what pydicom makes of our file
-    return img.pixels(out if syntaxes.get(syntax).lossy else src)
+    return img.pixels(out if codecs.get(syntax).lossy else src)
 
 
 @pytest.fixture(scope="module")
@@ -94,9 +95,9 @@ def written(tmp_path_factory):
     def get(syntax: str, image: str) -> Path:
         key = (syntax, image)
         if key not in cache:
-            outcome = transcode_file(IMAGES[image], tmp / f"{image}.{syntax}.dcm", Request(syntax))
-            assert outcome.changed, outcome.note
-            cache[key] = outcome.path
+            transcoded = transcode_file(IMAGES[image], tmp / f"{image}.{syntax}.dcm", Request(syntax))
+            assert transcoded.changed, transcoded.note
+            cache[key] = transcoded.path
         return cache[key]
 
     return get

@@ -97,12 +97,13 @@ MDWE_CHILD = textwrap.dedent("""
         sys.exit(0)
     except OSError:
         pass
-    from router import syntaxes
-    from router.transcode import Request, transcode_file
+    from router import codecs
+    from router.request import Request
+    from router.transcode import transcode_file
     results = []
     out = Path(tempfile.mkdtemp()) / "out.dcm"
     images, jpeg = sys.argv[1:-1], sys.argv[-1]
-    for name in [s.name for s in syntaxes.all_syntaxes() if s.encapsulated]:
+    for name in [s.name for s in codecs.all_syntaxes() if s.encapsulated]:
         # re-packing an existing JPEG needs a JPEG to start from
         for src in [jpeg] if name == "jpegxl-jpeg" else images:
             try:

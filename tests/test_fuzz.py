@@ -1,6 +1,6 @@
 """Fuzzing the parsing and transcoding paths in-process with malformed files.
 
-``transcode_file`` on a broken file returns an Outcome or raises TranscodeError, within a
+``transcode_file`` on a broken file returns a Transcoded result or raises TranscodeError, within a
 deadline and without unbounded memory. The C-STORE handler the SCP runs on a received file
 answers 0x0000 or a 0xC000-range status and never raises. Seeds and operations come from
 ``tests.malformed``; the examples are derandomized so that every run tries the same files.
@@ -23,8 +23,9 @@ from router import metrics
 from router.config import Listen, load_rule_file
 from router.queue import Queue
 from router.scp import Receiver
+from router.request import Request
 from router.spool import Spool
-from router.transcode import Outcome, Request, TranscodeError, transcode_file
+from router.transcode import Transcoded, TranscodeError, transcode_file
 from tests import malformed
 from tests.malformed import CATALOGUE, ENCAPSULATED_SEEDS, HUGE, PIXEL_DATA, SEEDS, UNDEFINED, seed
 
@@ -123,7 +124,7 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def _transcode(directory: Path, name: str, body: bytes, target: str) -> Outcome | BaseException:
+def _transcode(directory: Path, name: str, body: bytes, target: str) -> Transcoded | BaseException:
     src = directory / "in.dcm"
     src.write_bytes(seed(name).file(body))
     try:
@@ -152,8 +153,8 @@ def test_transcode_never_hangs_nor_grows_nor_dies(workdir, case, target):
     assert elapsed < DEADLINE_S, f"{elapsed:.1f}s on {name} -> {target}"
     assert _rss_mb() - before < RSS_GROWTH_MB
     # whatever it does, it stays an ordinary exception the caller can handle
-    assert isinstance(result, (Outcome, Exception)), repr(result)
-    if isinstance(result, Outcome) and result.changed:
+    assert isinstance(result, (Transcoded, Exception)), repr(result)
+    if isinstance(result, Transcoded) and result.changed:
         assert result.path.exists()
 
 
@@ -163,7 +164,7 @@ def test_transcode_never_hangs_nor_grows_nor_dies(workdir, case, target):
 def test_transcode_returns_an_outcome_or_raises_transcode_error(workdir, case, target):
     name, body = case
     result = _transcode(workdir, name, body, target)
-    assert isinstance(result, (Outcome, TranscodeError)), f"{type(result).__name__}: {result}"
+    assert isinstance(result, (Transcoded, TranscodeError)), f"{type(result).__name__}: {result}"
 
 
 
@@ -175,7 +176,7 @@ def test_transcode_returns_an_outcome_or_raises_transcode_error(workdir, case, t
 ])
 def test_catalogue_transcodes_to_an_outcome_or_transcode_error(workdir, case):
     result = _transcode(workdir, case.seed, case.body, case.target)
-    assert isinstance(result, (Outcome, TranscodeError)), f"{type(result).__name__}: {result}"
+    assert isinstance(result, (Transcoded, TranscodeError)), f"{type(result).__name__}: {result}"
     if case.expect == "fallback":
         assert isinstance(result, TranscodeError), result
 

