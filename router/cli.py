@@ -57,15 +57,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_receive(args: argparse.Namespace) -> int:
-    from router import log
-
-    log.configure(args.log_format, args.log_level)
-    from router.scp import run_receiver_process
-
-    return run_receiver_process(args.config, args.wake)
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     from router.config import ConfigError
 
@@ -88,10 +79,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from pydicom import dcmread
-
     from router.config import ConfigError
-    from router.rules import Attributes, Context, decide
+    from router.intake import decide_for
+    from router.rules import Context
 
     try:
         cfg = _load(args.config)
@@ -103,15 +93,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for name in args.files:
         try:
-            header = dcmread(name, stop_before_pixels=True)
-        except Exception as exc:  # noqa: BLE001
+            header, decisions = decide_for(Path(name), context, cfg.destinations)
+        except Exception as exc:  # noqa: BLE001 - the router would refuse it with the same words
             print(f"{name}: cannot read: {exc}")
             status = EXIT_FAILURE
             continue
         ts = header.file_meta.get("TransferSyntaxUID", "?")
         print(f"{name}: {header.get('Modality', '?')} {header.get('SOPClassUID', '?')} in {ts}")
-        for dest in cfg.destinations:
-            decision = decide(dest.rules, Attributes(header, context), dest.destination.keep_sop_instance_uid)
+        for dest, decision in decisions:
             target = decision.syntax if decision.forward else "not forwarded"
             print(f"  {dest.name}: {target}  ({decision.reason})")
     return status
@@ -152,7 +141,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     from router.config import ConfigError
-    from router.service import open_queue
+    from router.queue import open_queue
 
     try:
         cfg = _load(args.config)
@@ -195,13 +184,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="json (default): one event per line; console: for humans")
     serve.add_argument("--log-level", default="info", help="debug, info (default), warning, error")
     serve.set_defaults(func=cmd_serve)
-
-    receive = sub.add_parser("receive", help=argparse.SUPPRESS)  # a receiving process started by serve
-    receive.add_argument("--config", required=True)
-    receive.add_argument("--wake", required=True)
-    receive.add_argument("--log-format", choices=["json", "console"], default="json")
-    receive.add_argument("--log-level", default="info")
-    receive.set_defaults(func=cmd_receive)
 
     check = sub.add_parser("check", help="validate router.toml and every rule file; exit 2 naming what is wrong")
     check.add_argument("--config", required=True)

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
-import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydicom.datadict import keyword_dict
 
 from router.codecs import registry
-
-CONTEXT_KEYS = ("CallingAE", "CalledAE", "SourceIP")
-SKIP = "skip"
-_COMPARISON = re.compile(r"^\s*(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?)\s*$")
+from router.rules import COMPARISON, CONTEXT_KEYS, SKIP
 
 
 class ConfigError(Exception):
@@ -193,6 +188,8 @@ class Rule(_Strict):
     @field_validator("match")
     @classmethod
     def _keys_and_values(cls, match: dict[str, Any]) -> dict[str, Any]:
+        from pydicom.datadict import keyword_dict  # pydicom loads numpy: only when a rule file is read
+
         for key, value in match.items():
             if key not in CONTEXT_KEYS and key not in keyword_dict:
                 hint = _close_keyword(key)
@@ -202,7 +199,7 @@ class Rule(_Strict):
                 )
             for item in value if isinstance(value, list) else [value]:
                 if isinstance(item, str) and item.strip()[:1] in "<>!" and item.strip():
-                    if not _COMPARISON.match(item):
+                    if not COMPARISON.match(item):
                         raise ValueError(
                             f"match {key} = {item!r}: a comparison is an operator and a number, e.g. '>12'"
                         )
@@ -260,6 +257,8 @@ def _known_syntax(value: str) -> None:
 
 def _close_keyword(key: str) -> str | None:
     import difflib
+
+    from pydicom.datadict import keyword_dict
 
     found = difflib.get_close_matches(key, list(keyword_dict) + list(CONTEXT_KEYS), n=1)
     return found[0] if found else None

@@ -1,41 +1,37 @@
-"""Forwarding: one sender per destination association, claiming due jobs in batches.
+"""Forwarding: one pipeline per destination, read top to bottom.
 
-For each batch: decide (rules), transcode on the codec pool, then send over an association
-that is kept open while work keeps coming. Each SOP class is proposed with the chosen syntax
-and, in separate presentation contexts, Explicit and Implicit VR Little Endian, so a
-destination that refuses the compressed syntax still gets the image, decompressed.
+    claim      due jobs of the destination, a batch at a time (`queue.claim`)
+    prepare    the request of each job (decided at receipt, or again if the rules changed) and
+               its transcode, started on the codec pool
+    send       over an association from the destination's pool (`association.AssociationPool`),
+               each instance as soon as its transcode is done
+    record     the outcome of each job: queue, metric and log together (`Forwarder.record`)
+
+Sender threads, at most `max_associations` of them, each run this pipeline; they share the
+destination's association pool, so an idle open association is used before another is opened.
+When a job cannot go out in its rule's syntax, `request.fallback` alone says what is tried next.
 """
 
 from __future__ import annotations
 
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, evt
-from pynetdicom.presentation import PresentationContext
-
-from router import log, metrics, syntaxes
+from router import codecs, log, metrics
+from router.association import MAX_CONTEXTS, UNCOMPRESSED, Association, AssociationPool, Contexts, contexts_for, \
+    count, merge
 from router.config import Destination, DestinationRules, parse_status_range
+from router.intake import decide_for
 from router.queue import Job, Queue
-from router.rules import Attributes, Context, Decision, decide, request_from_json
+from router.request import ORIGINAL, Outcome, Reason, Request, fallback
+from router.rules import Context, Decision
 from router.spool import Spool
-from router.tls import client_context
-from router.transcode import Outcome, Request
-from router.workers import CodecCrash, CodecPool, Task
-
-MAX_CONTEXTS = 128
-IDLE_RELEASE_S = 5.0
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-# a destination offered a lossy JPEG also gets the baseline the standard makes the default
-_COMPANIONS = {"1.2.840.10008.1.2.4.51": "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.57": "1.2.840.10008.1.2.4.70"}
+from router.transcode import Transcoded
+from router.workers import CodecCrash, CodecPool, Submitted
 
 DEFAULT_STATUSES: list[tuple[int, int, str]] = [
     (0x0000, 0x0000, "success"),
@@ -67,47 +63,27 @@ def backoff_delay(attempts: int, backoff_s: float, max_backoff_s: float) -> floa
     return base / 2 + random.uniform(0, base / 2)
 
 
-def _park_reactor(assoc, timeout: float = 0.05) -> None:  # noqa: ANN001
-    """Make sure pynetdicom's reactor thread is parked before a C-STORE is sent.
-
-    pynetdicom's send_c_store pauses the association's reactor by clearing a checkpoint and
-    waiting for a flag, but the flag can be left over from the reactor's previous pass: the
-    reactor then takes the C-STORE response off the queue as an "unexpected" message and the
-    sender waits for the DIMSE timeout (pynetdicom issues 435, 850). The reactor raises the flag
-    right before it waits at the checkpoint; seeing the flag down and then up again after the
-    checkpoint was cleared proves it is waiting with the checkpoint closed.
-    """
-    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
-    if checkpoint is None or not hasattr(assoc, "_is_paused"):
-        return
-    checkpoint.clear()
-    deadline = time.monotonic() + timeout
-    seen_running = False
-    while time.monotonic() < deadline:
-        if not assoc._is_paused:
-            seen_running = True
-        elif seen_running:
-            return
-        time.sleep(0.0001)
-
-
 @dataclass
-class Item:
+class _Outgoing:
+    """One claimed job on its way: the file to send and what it is."""
+
     job: Job
     log: object
-    decision: Decision | None = None
-    path: Path | None = None
-    transfer_syntax_uid: str = ""
-    syntax_label: str = "original"
-    outcome: Outcome | None = None
-    request: Request | None = None
-    task: Task | None = None
-    future: Future | None = None
-    candidates: set[str] = field(default_factory=set)  # transfer syntaxes the output may be in
+    request: Request
+    path: Path
+    transfer_syntax_uid: str
+    syntax: str = ORIGINAL  # the syntax name it goes out in, for metrics and logs
+    transcoded: Transcoded | None = None
+    submitted: Submitted | None = None
+    contexts: Contexts = field(default_factory=dict)
+
+    @property
+    def source(self) -> Path:
+        return Path(self.job.instance.path)
 
 
 class Forwarder:
-    """Sends one destination's jobs; runs `max_associations` sender threads."""
+    """Sends one destination's jobs."""
 
     def __init__(
         self,
@@ -119,21 +95,26 @@ class Forwarder:
         calling_ae_title: str,
     ) -> None:
         self.name = name
-        self.rules = rules
+        self.rules = rules  # the destination's rule file in force, looked up by name
         self.queue = queue
         self.spool = spool
-        self.pool = pool
-        self.calling_ae_title = calling_ae_title
+        self.codecs = pool
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self.log = log.get("forwarder").bind(destination=name)
+        current = rules(name)
+        ceiling = current.destination.max_associations if current else 1
+        self.associations = AssociationPool(self._destination, calling_ae_title, ceiling)
+
+    def _destination(self) -> Destination:
+        current = self.rules(self.name)
+        if current is None:
+            raise LookupError(f"destination {self.name} has no rule file any more")
+        return current.destination
 
     def start(self) -> None:
-        _config.STORE_SEND_CHUNKED_DATASET = True
-        dest = self.rules(self.name)
-        count = dest.destination.max_associations if dest else 1
-        for index in range(count):
+        for index in range(self.associations.ceiling):
             thread = threading.Thread(target=self._run, name=f"forward-{self.name}-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -141,368 +122,269 @@ class Forwarder:
     def wake(self) -> None:
         self._wake.set()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def signal_stop(self) -> None:
+        """Stop claiming; the instance being sent finishes."""
         self._stop.set()
         self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.signal_stop()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.associations.close()
 
-    # -- the sender loop ----------------------------------------------------------------------
+    # -- the pipeline -----------------------------------------------------------------------
     def _run(self) -> None:
-        sender = _Sender(self)
+        while not self._stop.is_set():
+            current = self.rules(self.name)
+            if current is None:
+                break
+            jobs = self.queue.claim(self.name, current.destination.batch_size)
+            if not jobs:
+                self.associations.release_idle()
+                due = self.queue.next_due(self.name)
+                self._wake.wait(1.0 if due is None else min(1.0, max(0.02, due - time.time())))
+                self._wake.clear()
+                continue
+            self._batch(current, jobs)
+
+    def _batch(self, current: DestinationRules, jobs: list[Job]) -> None:
+        """Prepare, send and record one claimed batch; whatever is left unresolved (shutdown,
+        lost association) goes back to pending without counting an attempt."""
+        unresolved = {job.id: job for job in jobs}
+        outgoing: list[_Outgoing] = []
         try:
-            while not self._stop.is_set():
-                dest = self.rules(self.name)
-                if dest is None:
+            outgoing = [o for o in (self._prepare(current, job, unresolved) for job in jobs) if o is not None]
+            for group in _groups(outgoing):
+                if self._stop.is_set():
                     break
-                jobs = self.queue.claim(self.name, dest.destination.batch_size)
-                if not jobs:
-                    sender.release_if_idle()
-                    due = self.queue.next_due(self.name)
-                    wait = 1.0 if due is None else min(1.0, max(0.02, due - time.time()))
-                    self._wake.wait(wait)
-                    self._wake.clear()
-                    continue
-                try:
-                    sender.process(dest, jobs)
-                except Exception as exc:  # noqa: BLE001 - never let one batch kill the sender
-                    self.log.exception("batch_failed", error=str(exc))
-                    sender.abort()
-                    for job in sender.unresolved:
-                        self._retry(dest.destination, job, f"internal error: {exc}")
-                    sender.unresolved.clear()
+                self._send_group(current.destination, group, unresolved)
+        except Exception as exc:  # noqa: BLE001 - one batch never kills the sender
+            self.log.exception("batch_failed", error=str(exc))
+            for job in list(unresolved.values()):
+                self.record(current.destination, job, Outcome.RETRY, f"internal error: {exc}")
+                unresolved.pop(job.id)
         finally:
-            if sender.unresolved:
-                self.queue.release([j.id for j in sender.unresolved])
-            sender.release()
+            for item in outgoing:
+                if item.submitted is not None:
+                    item.submitted.cancel()
+            if unresolved:
+                self.queue.release(list(unresolved))
 
-    # -- job outcomes ---------------------------------------------------------------------------
-    def _retry(self, dest: Destination, job: Job, error: str) -> None:
-        attempts = job.attempts + 1
-        if attempts >= dest.retry.max_attempts:
-            self.queue.dead(job.id, error)
-            metrics.FORWARD_FAILURES.labels(destination=self.name, outcome="dead").inc()
-            self.log.error("dead_letter", sop_instance_uid=job.instance.sop_instance_uid, attempts=attempts,
-                           error=error)
-            return
-        delay = backoff_delay(attempts, dest.retry.backoff_s, dest.retry.max_backoff_s)
-        self.queue.retry(job.id, error, time.time() + delay)
-        metrics.FORWARD_FAILURES.labels(destination=self.name, outcome="retry").inc()
-        self.log.warning("retry_scheduled", sop_instance_uid=job.instance.sop_instance_uid, attempts=attempts,
-                         retry_in_s=round(delay, 1), error=error)
+    def _prepare(self, current: DestinationRules, job: Job, unresolved: dict[int, Job]) -> _Outgoing | None:
+        inst = job.instance
+        item_log = self.log.bind(sop_instance_uid=inst.sop_instance_uid, study_instance_uid=inst.study_instance_uid)
+        source = Path(inst.path)
+        if not source.exists():
+            self.record(current.destination, job, Outcome.DEAD, f"spool file missing: {source}")
+            unresolved.pop(job.id)
+            return None
+        decision = self._decision(current, job, item_log)
+        if decision.request is None:
+            self.record(current.destination, job, Outcome.SKIPPED, decision.reason)
+            unresolved.pop(job.id)
+            return None
+        item = _Outgoing(job, item_log, decision.request, source, inst.transfer_syntax_uid)
+        syntax = codecs.get(item.request.syntax)
+        possible = {inst.transfer_syntax_uid}
+        if syntax.name != ORIGINAL and inst.transfer_syntax_uid not in syntax.uids:
+            possible.update(syntax.uids)
+            if item.request.fallback:
+                possible.update(codecs.get(item.request.fallback).uids)
+            item.submitted = self.codecs.submit(source, self.spool.out_path(job.id), item.request)
+        item.contexts = contexts_for(inst.sop_class_uid, possible)
+        return item
 
-    def _dead(self, job: Job, error: str) -> None:
-        self.queue.dead(job.id, error)
-        metrics.FORWARD_FAILURES.labels(destination=self.name, outcome="dead").inc()
-        self.log.error("dead_letter", sop_instance_uid=job.instance.sop_instance_uid, error=error)
-
-
-class _Sender:
-    """One association slot of a forwarder: prepares a batch, then sends each instance as soon as
-    its transcoding is done, while the codec workers go on with the next ones."""
-
-    def __init__(self, forwarder: Forwarder) -> None:
-        self.f = forwarder
-        self.assoc = None
-        self.proposed: set[tuple[str, str]] = set()
-        self.last_used = 0.0
-        self.unresolved: list[Job] = []
-        self.delivered: list[tuple[Item, int]] = []
-
-    # -- preparing ----------------------------------------------------------------------------
-    def _decision(self, dest: DestinationRules, job: Job, item_log) -> Decision:  # noqa: ANN001
-        if job.request and job.rules_tag == dest.tag:
-            return Decision(True, "", None, request_from_json(job.request), "decided at receipt")
+    def _decision(self, current: DestinationRules, job: Job, item_log) -> Decision:  # noqa: ANN001
+        if job.request is not None and job.rules_tag == current.tag:
+            return Decision("", job.request, "decided at receipt")
         inst = job.instance
         context = Context(inst.calling_ae, inst.called_ae, inst.source_ip)
         try:
-            header = dcmread(inst.path, stop_before_pixels=True)
-            return decide(dest.rules, Attributes(header, context), dest.destination.keep_sop_instance_uid)
+            _, decisions = decide_for(Path(inst.path), context, [current])
+            return decisions[0][1]
         except Exception as exc:  # noqa: BLE001 - it was accepted: send it as received
             item_log.warning("header_unreadable", error=str(exc), action="forwarded as received")
-            return Decision(True, "", None, Request(syntax="original"), f"header unreadable: {exc}")
+            return Decision("", Request(syntax=ORIGINAL), f"header unreadable: {exc}")
 
-    def _prepare(self, dest: DestinationRules, jobs: list[Job]) -> list[Item]:
-        f = self.f
-        items: list[Item] = []
-        for job in jobs:
-            inst = job.instance
-            item_log = f.log.bind(sop_instance_uid=inst.sop_instance_uid, study_instance_uid=inst.study_instance_uid)
-            src = Path(inst.path)
-            if not src.exists():
-                f._dead(job, f"spool file missing: {src}")
-                self.unresolved.remove(job)
-                continue
-            decision = self._decision(dest, job, item_log)
-            if not decision.forward:
-                metrics.SKIPPED.labels(destination=f.name).inc()
-                item_log.info("skipped", reason=decision.reason)
-                path = f.queue.complete(job.id)
-                if path:
-                    f.spool.remove(path)
-                self.unresolved.remove(job)
-                continue
-            item = Item(job=job, log=item_log, decision=decision, request=decision.request)
-            syntax = syntaxes.get(decision.request.syntax)
-            item.candidates = {inst.transfer_syntax_uid}
-            if syntax.name == "original" or syntax.uid == inst.transfer_syntax_uid:
-                item.path, item.transfer_syntax_uid, item.syntax_label = src, inst.transfer_syntax_uid, "original"
-            else:
-                item.candidates.update(syntax.uids)
-                if decision.request.fallback:
-                    item.candidates.update(syntaxes.get(decision.request.fallback).uids)
-                item.task = Task(src, f.spool.out_path(job.id), decision.request)
-                item.future = f.pool.submit(item.task)
-            items.append(item)
-        return items
+    def _send_group(self, destination: Destination, group: list[_Outgoing], unresolved: dict[int, Job]) -> None:
+        wanted = merge(*(item.contexts for item in group))
+        association = self.associations.acquire(wanted)
+        try:
+            error = association.open(wanted)
+            if error:
+                self.log.warning("association_failed", error=error, host=destination.host, port=destination.port)
+                for item in group:
+                    if item.submitted is not None:
+                        item.submitted.cancel()
+                        item.submitted = None
+                    self.record(destination, item.job, Outcome.RETRY, error)
+                    unresolved.pop(item.job.id)
+                return
+            delivered: list[tuple[_Outgoing, int]] = []
+            try:
+                for item in group:
+                    if self._stop.is_set() or not association.is_open:
+                        break
+                    self._finish_transcode(item)
+                    size = self._send(destination, association, item)
+                    if size is not None:
+                        delivered.append((item, size))
+                    unresolved.pop(item.job.id)
+            finally:
+                self._delivered(delivered)
+        finally:
+            self.associations.give_back(association)
 
-    def _finish_transcode(self, item: Item) -> None:
-        if item.future is None:
+    def _finish_transcode(self, item: _Outgoing) -> None:
+        """Wait for the item's transcode; on a codec failure try the fallback, else send as received."""
+        if item.submitted is None:
             return
-        result = self.f.pool.resolve(item.task, item.future)
-        item.future = None
-        self._apply(item, item.task, result)
+        result = self.codecs.result(item.submitted)
+        item.submitted = None
+        while isinstance(result, BaseException):
+            reason = Reason.CODEC_CRASH if isinstance(result, CodecCrash) else Reason.CODEC_ERROR
+            metrics.FALLBACKS.labels(destination=self.name, reason=reason.value).inc()
+            failed, item.request = item.request, fallback(item.request, reason)
+            error = str(result) or type(result).__name__
+            if item.request is None:
+                item.log.error("transcode_failed", syntax=failed.syntax, error=error, action="forwarded as received")
+                item.request = Request(syntax=ORIGINAL)
+                return
+            item.log.error("transcode_failed", syntax=failed.syntax, error=error, action=f"fallback {item.request.syntax}")
+            result = self.codecs.run(item.source, self.spool.out_path(item.job.id), item.request)
+        self._use(item, result)
 
-    def _apply(self, item: Item, task: Task, result: Outcome | BaseException) -> None:
-        f = self.f
-        if isinstance(result, BaseException):
-            reason = "codec_crash" if isinstance(result, CodecCrash) else "codec_error"
-            metrics.FALLBACKS.labels(destination=f.name, reason=reason).inc()
-            fallback = task.request.fallback
-            if fallback:
-                retry = Task(task.src, task.dst, Request(syntax=fallback,
-                                                         keep_sop_instance_uid=task.request.keep_sop_instance_uid))
-                second = f.pool.run_many([retry])[0]
-                if not isinstance(second, BaseException):
-                    item.log.error("transcode_failed", syntax=task.request.syntax,
-                                   error=str(result) or type(result).__name__, action=f"fallback {fallback}")
-                    self._apply(item, retry, second)
-                    return
-            item.log.error("transcode_failed", syntax=task.request.syntax, error=str(result) or type(result).__name__,
-                           action="forwarded as received")
-            item.path, item.transfer_syntax_uid, item.syntax_label = (
-                task.src, item.job.instance.transfer_syntax_uid, "original")
-            return
-        item.outcome = result
-        item.path = result.path
-        item.transfer_syntax_uid = result.transfer_syntax_uid
-        item.syntax_label = result.syntax
+    def _use(self, item: _Outgoing, result: Transcoded) -> None:
+        item.transcoded = result
+        item.path, item.transfer_syntax_uid, item.syntax = result.path, result.transfer_syntax_uid, result.syntax
         for stage, seconds in result.cpu.items():  # spent in a codec worker
             metrics.CPU_SECONDS.labels(stage=stage).inc(seconds)
         if result.changed:
             metrics.TRANSCODE_SECONDS.labels(syntax=result.syntax).observe(result.seconds)
         if result.fallback_reason:
-            metrics.FALLBACKS.labels(destination=f.name, reason=result.fallback_reason).inc()
-            item.log.warning("fallback", reason=result.fallback_reason, note=result.note, syntax=result.syntax)
+            metrics.FALLBACKS.labels(destination=self.name, reason=str(result.fallback_reason)).inc()
+            item.log.warning("fallback", reason=str(result.fallback_reason), note=result.note, syntax=result.syntax)
 
-    # -- associations ---------------------------------------------------------------------------
-    @staticmethod
-    def _wanted(items: list[Item]) -> dict[str, set[str]]:
-        wanted: dict[str, set[str]] = {}
-        for item in items:
-            uids = wanted.setdefault(item.job.instance.sop_class_uid, set(UNCOMPRESSED))
-            uids.update(item.candidates)
-            for uid in item.candidates:
-                if uid in _COMPANIONS:
-                    uids.add(_COMPANIONS[uid])
-        return wanted
-
-    def _groups(self, items: list[Item]) -> list[list[Item]]:
-        """Split a batch so that no association needs more than 128 presentation contexts."""
-        by_class: dict[str, list[Item]] = {}
-        for item in items:
-            by_class.setdefault(item.job.instance.sop_class_uid, []).append(item)
-        groups: list[list[Item]] = []
-        current: list[Item] = []
-        for class_items in by_class.values():
-            if current and sum(len(v) for v in self._wanted(current + class_items).values()) > MAX_CONTEXTS:
-                groups.append(current)
-                current = []
-            current.extend(class_items)
-        if current:
-            groups.append(current)
-        return groups
-
-    def _associate(self, dest: Destination, wanted: dict[str, set[str]]) -> str | None:
-        """Make sure an association covering `wanted` is open; returns an error or None."""
-        pairs = {(sop, ts) for sop, uids in wanted.items() for ts in uids}
-        if self.assoc is not None and self.assoc.is_established and pairs <= self.proposed:
-            return None
-        self.release()
-        ae = AE(ae_title=dest.calling_ae_title or self.f.calling_ae_title)
-        ae.acse_timeout = dest.timeouts.acse_s
-        ae.dimse_timeout = dest.timeouts.dimse_s
-        ae.network_timeout = dest.timeouts.network_s
-        ae.connection_timeout = dest.timeouts.connect_s
-        contexts = []
-        for sop, uids in wanted.items():
-            for ts in sorted(uids, key=lambda u: (u in UNCOMPRESSED, u)):
-                cx = PresentationContext()
-                cx.abstract_syntax = sop
-                cx.transfer_syntax = [ts]
-                contexts.append(cx)
-        ae.requested_contexts = contexts
-        connected = threading.Event()
-        tls_args = (client_context(dest.tls), dest.host) if dest.tls is not None else None
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=dest.max_pdu, tls_args=tls_args,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set())])
-        if not assoc.is_established:
-            if not connected.is_set():
-                return f"cannot connect to {dest.host}:{dest.port}"
-            if assoc.is_rejected:
-                result = assoc.acceptor.primitive
-                detail = f" (result {result.result}, source {result.result_source}, reason {result.diagnostic})" \
-                    if result is not None else ""
-                return f"association rejected by the destination{detail}"
-            if assoc.is_aborted:
-                return "association aborted by the destination"
-            return "association not established (ACSE timeout)"
-        sock = getattr(assoc.dul.socket, "socket", None)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.assoc, self.proposed = assoc, pairs
-        return None
-
-    def release(self) -> None:
-        if self.assoc is not None:
-            try:
-                if self.assoc.is_established:
-                    self.assoc.release()
-            except Exception:  # noqa: BLE001 - the peer may already be gone
-                self.assoc.abort()
-            self.assoc = None
-            self.proposed = set()
-
-    def abort(self) -> None:
-        if self.assoc is not None:
-            self.assoc.abort()
-            self.assoc = None
-            self.proposed = set()
-
-    def release_if_idle(self) -> None:
-        if self.assoc is not None and time.monotonic() - self.last_used > IDLE_RELEASE_S:
-            self.release()
-
-    def _accepted(self, sop: str, ts: str) -> bool:
-        return any(
-            cx.abstract_syntax == sop and cx.transfer_syntax[0] == ts for cx in self.assoc.accepted_contexts
-        )
-
-    # -- sending ----------------------------------------------------------------------------------
-    def process(self, dest: DestinationRules, jobs: list[Job]) -> None:
-        f = self.f
-        self.unresolved = list(jobs)
-        items: list[Item] = []
-        completed = False
-        try:
-            items = self._prepare(dest, jobs)
-            for group in self._groups(items):
-                if f._stop.is_set():
-                    break
-                error = self._associate(dest.destination, self._wanted(group))
-                if error:
-                    f.log.warning("association_failed", error=error, host=dest.destination.host,
-                                  port=dest.destination.port)
-                    for item in group:
-                        self._cancel(item)
-                        f._retry(dest.destination, item.job, error)
-                        self.unresolved.remove(item.job)
-                    continue
-                for item in group:
-                    if f._stop.is_set() or self.assoc is None or not self.assoc.is_established:
-                        break
-                    self._finish_transcode(item)
-                    self._send(dest.destination, item)
-                    self.unresolved.remove(item.job)
-                    self.last_used = time.monotonic()
-                self.flush()
-            completed = True
-        finally:
-            self.flush()
-            for item in items:
-                self._cancel(item)
-            if completed and self.unresolved:
-                # cut short by shutdown or a lost association: not an attempt
-                f.queue.release([j.id for j in self.unresolved])
-                self.unresolved = []
-
-    def _cancel(self, item: Item) -> None:
-        if item.future is not None:
-            item.future.cancel()
-            item.future = None
-
-    def flush(self) -> None:
-        """Mark what the destination stored as done, in one transaction for the whole group.
-
-        A crash before this point sends those instances again: at least once, never lost.
-        """
-        if not self.delivered:
-            return
-        f = self.f
-        delivered, self.delivered = self.delivered, []
-        for path in f.queue.complete_many([item.job.id for item, _ in delivered]):
-            f.spool.remove(path)
-        now = time.time()
-        for item, size in delivered:
-            if item.path is not None and item.path != Path(item.job.instance.path):
-                f.spool.remove(item.path)
-            metrics.FORWARDED_INSTANCES.labels(destination=f.name, syntax=item.syntax_label).inc()
-            metrics.FORWARDED_BYTES.labels(destination=f.name, syntax=item.syntax_label).inc(size)
-            metrics.END_TO_END_SECONDS.labels(destination=f.name).observe(max(0.0, now - item.job.instance.received_at))
-
-    def _send(self, dest: Destination, item: Item) -> None:
-        f = self.f
+    def _refused_syntax(self, destination: Destination, association: Association, item: _Outgoing) -> bool:
+        """The destination accepted no context for the item's syntax: decompress for one it did
+        accept. False when the job was recorded (dead or retry) instead."""
         sop = item.job.instance.sop_class_uid
-        if not self._accepted(sop, item.transfer_syntax_uid):
-            fallback = next((ts for ts in UNCOMPRESSED if self._accepted(sop, ts)), None)
-            if fallback is None:
-                f._dead(item.job, f"destination accepts no presentation context for SOP class {sop}")
-                return
-            refused = item.transfer_syntax_uid
-            name = syntaxes.get(fallback).name
-            request = Request(syntax=name, keep_sop_instance_uid=dest.keep_sop_instance_uid)
-            task = Task(Path(item.job.instance.path), f.spool.out_path(item.job.id, "-" + name), request)
-            result = f.pool.run_many([task])[0]
-            if isinstance(result, BaseException):
-                f._retry(dest, item.job, f"cannot decompress for a destination that refused {refused}: {result}")
-                return
-            if item.path is not None and item.path != Path(item.job.instance.path):
-                f.spool.remove(item.path)
-            item.path, item.transfer_syntax_uid, item.syntax_label = result.path, result.transfer_syntax_uid, name
-            metrics.FALLBACKS.labels(destination=f.name, reason="refused_by_destination").inc()
-            item.log.warning("syntax_refused", refused=refused, sent_as=result.transfer_syntax_uid,
-                             action="decompressed and sent")
+        accepted = [codecs.get(ts).name for ts in UNCOMPRESSED if association.accepts(sop, ts)]
+        instead = fallback(item.request, Reason.REFUSED_BY_DESTINATION, accepted)
+        if instead is None:
+            self.record(destination, item.job, Outcome.DEAD,
+                        f"destination accepts no presentation context for SOP class {sop}")
+            return False
+        refused = item.transfer_syntax_uid
+        result = self.codecs.run(item.source, self.spool.out_path(item.job.id, "-" + instead.syntax), instead)
+        if isinstance(result, BaseException):
+            self.record(destination, item.job, Outcome.RETRY,
+                        f"cannot decompress for a destination that refused {refused}: {result}")
+            return False
+        self._discard_output(item)
+        item.request = instead
+        item.path, item.transfer_syntax_uid, item.syntax = result.path, result.transfer_syntax_uid, instead.syntax
+        metrics.FALLBACKS.labels(destination=self.name, reason=Reason.REFUSED_BY_DESTINATION.value).inc()
+        item.log.warning("syntax_refused", refused=refused, sent_as=result.transfer_syntax_uid,
+                         action="decompressed and sent")
+        return True
+
+    def _send(self, destination: Destination, association: Association, item: _Outgoing) -> int | None:
+        """C-STORE one item; returns its size when the destination stored it (recorded later, with
+        the rest of the group), None when the job was recorded otherwise."""
+        if not association.accepts(item.job.instance.sop_class_uid, item.transfer_syntax_uid):
+            if not self._refused_syntax(destination, association, item):
+                return None
         size = item.path.stat().st_size
         started = time.monotonic()
         try:
-            _park_reactor(self.assoc)
-            status = self.assoc.send_c_store(item.path)
+            status = association.store(item.path)
         except Exception as exc:  # noqa: BLE001 - unreadable file, encoding problem, lost peer
-            self.abort()
-            f._retry(dest, item.job, f"C-STORE failed: {exc}")
-            return
+            association.abort()
+            self._discard_output(item)
+            self.record(destination, item.job, Outcome.RETRY, f"C-STORE failed: {exc}")
+            return None
         elapsed = time.monotonic() - started
-        metrics.FORWARD_SECONDS.labels(destination=f.name).observe(elapsed)
+        metrics.FORWARD_SECONDS.labels(destination=self.name).observe(elapsed)
         if "Status" not in status:
-            self.abort()
-            f._retry(dest, item.job, "no C-STORE response (DIMSE timeout or association aborted)")
-            return
+            association.abort()
+            self._discard_output(item)
+            self.record(destination, item.job, Outcome.RETRY, "no C-STORE response (DIMSE timeout or association aborted)")
+            return None
         code = int(status.Status)
-        outcome = classify_status(code, dest.statuses)
-        if outcome == "success":
-            self.delivered.append((item, size))
-            ratio = item.outcome.ratio if item.outcome else None
-            item.log.info("forwarded", syntax=item.syntax_label, transfer_syntax=item.transfer_syntax_uid,
+        verdict = classify_status(code, destination.statuses)
+        if verdict == "success":
+            ratio = item.transcoded.ratio if item.transcoded else None
+            item.log.info("forwarded", syntax=item.syntax, transfer_syntax=item.transfer_syntax_uid,
                           status=f"0x{code:04X}", size=size, ratio=round(ratio, 2) if ratio else None,
                           duration=round(elapsed, 4))
-        elif outcome == "retry":
-            self._discard_output(item)
-            f._retry(dest, item.job, f"destination answered 0x{code:04X}")
+            return size
+        self._discard_output(item)
+        if verdict == "retry":
+            self.record(destination, item.job, Outcome.RETRY, f"destination answered 0x{code:04X}")
         else:
-            self._discard_output(item)
-            f._dead(item.job, f"destination answered 0x{code:04X} (permanent failure)")
+            self.record(destination, item.job, Outcome.DEAD, f"destination answered 0x{code:04X} (permanent failure)")
+        return None
 
-    def _discard_output(self, item: Item) -> None:
-        if item.path is not None and item.path != Path(item.job.instance.path):
-            self.f.spool.remove(item.path)
+    def _discard_output(self, item: _Outgoing) -> None:
+        if item.path != item.source:
+            self.spool.remove(item.path)
+
+    # -- record: the one place an outcome reaches the queue, the metrics and the log ---------
+    def _delivered(self, delivered: list[tuple[_Outgoing, int]]) -> None:
+        """Record what the destination stored, in one transaction for the whole group.
+
+        A crash before this point sends those instances again: at least once, never lost.
+        """
+        if not delivered:
+            return
+        for path in self.queue.complete([item.job.id for item, _ in delivered]):
+            self.spool.remove(path)
+        now = time.time()
+        for item, size in delivered:
+            self._discard_output(item)
+            metrics.FORWARDED_INSTANCES.labels(destination=self.name, syntax=item.syntax).inc()
+            metrics.FORWARDED_BYTES.labels(destination=self.name, syntax=item.syntax).inc(size)
+            metrics.END_TO_END_SECONDS.labels(destination=self.name).observe(max(0.0, now - item.job.instance.received_at))
+
+    def record(self, destination: Destination, job: Job, outcome: Outcome, why: str) -> None:
+        """Record a job's outcome other than delivered (see `_delivered`) in the queue, the
+        metrics and the log. A retry past `max_attempts` is a dead letter."""
+        uid = job.instance.sop_instance_uid
+        if outcome is Outcome.SKIPPED:
+            for path in self.queue.complete([job.id]):
+                self.spool.remove(path)
+            metrics.SKIPPED.labels(destination=self.name).inc()
+            self.log.info("skipped", sop_instance_uid=uid, reason=why)
+            return
+        attempts = job.attempts + 1
+        if outcome is Outcome.RETRY and attempts >= destination.retry.max_attempts:
+            outcome = Outcome.DEAD
+        if outcome is Outcome.DEAD:
+            self.queue.dead(job.id, why)
+            self.log.error("dead_letter", sop_instance_uid=uid, attempts=attempts, error=why)
+        else:
+            delay = backoff_delay(attempts, destination.retry.backoff_s, destination.retry.max_backoff_s)
+            self.queue.retry(job.id, why, time.time() + delay)
+            self.log.warning("retry_scheduled", sop_instance_uid=uid, attempts=attempts, retry_in_s=round(delay, 1),
+                             error=why)
+        metrics.FORWARD_FAILURES.labels(destination=self.name, outcome=outcome.value).inc()
+
+
+def _groups(items: list[_Outgoing]) -> list[list[_Outgoing]]:
+    """Split a batch so that no association needs more than 128 presentation contexts."""
+    by_class: dict[str, list[_Outgoing]] = {}
+    for item in items:
+        by_class.setdefault(item.job.instance.sop_class_uid, []).append(item)
+    groups: list[list[_Outgoing]] = []
+    current: list[_Outgoing] = []
+    for class_items in by_class.values():
+        if current and count(merge(*(i.contexts for i in current + class_items))) > MAX_CONTEXTS:
+            groups.append(current)
+            current = []
+        current.extend(class_items)
+    if current:
+        groups.append(current)
+    return groups

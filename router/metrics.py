@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from router import __version__
+from router.request import FALLBACK_REASONS, REJECTION_REASONS, Outcome
 
 RECEIVED_INSTANCES = Counter(
     "dicom_router_received_instances", "Instances received and made durable (C-STORE success sent)", ["caller"]
@@ -191,23 +192,19 @@ def serve_http(host: str, port: int, ready: Callable[[], tuple[bool, str]]) -> T
     return server
 
 
-REJECT_REASONS = ("disk_full", "not_allowed", "malformed", "too_large", "busy", "error")
-FALLBACK_REASONS = ("refused_by_destination", "codec_cannot_carry", "verify_mismatch", "codec_error", "codec_crash")
-
-
 def declare(destinations: list[str]) -> None:
     """Export every known label value at zero from the start, so that rate() and alerts see a
     series before its first event (and so that a fresh router shows every metric it has)."""
-    for reason in REJECT_REASONS:
-        REJECTED.labels(reason=reason)
+    for reason in REJECTION_REASONS:
+        REJECTED.labels(reason=reason.value)
     for stage in CPU_STAGES:
         CPU_SECONDS.labels(stage=stage)
     for name in destinations:
         SKIPPED.labels(destination=name)
-        for outcome in ("retry", "dead"):
-            FORWARD_FAILURES.labels(destination=name, outcome=outcome)
+        for outcome in (Outcome.RETRY, Outcome.DEAD):
+            FORWARD_FAILURES.labels(destination=name, outcome=outcome.value)
         for reason in FALLBACK_REASONS:
-            FALLBACKS.labels(destination=name, reason=reason)
+            FALLBACKS.labels(destination=name, reason=reason.value)
 
 
 class ProcessCpu:

@@ -1,33 +1,39 @@
 """Rule matching: given an instance's header and where it came from, decide what to send.
 
-Pure logic, no I/O. The first rule of a destination whose every match key matches decides.
+Pure logic, no I/O, no pydicom and no numpy: the receiving side imports this for every
+C-STORE. The first rule of a destination whose every match key matches decides.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
-import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
+from router.request import Request
 
-from router.config import CONTEXT_KEYS, SKIP, Rule
-from router.transcode import Request
+if TYPE_CHECKING:
+    from router.config import Rule
 
-_COMPARISON = re.compile(r"^\s*(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?)\s*$")
+CONTEXT_KEYS = ("CallingAE", "CalledAE", "SourceIP")
+SKIP = "skip"
+# a match value such as ">12" or "!=0"
+COMPARISON = re.compile(r"^\s*(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?)\s*$")
 
 
 @dataclass(frozen=True)
 class Decision:
-    forward: bool
+    """What a destination's rules make of one instance: a request, or None (not forwarded)."""
+
     rule_name: str
-    rule_index: int | None  # 1-based; None when no rule matched
     request: Request | None
     reason: str
+
+    @property
+    def forward(self) -> bool:
+        return self.request is not None
 
     @property
     def syntax(self) -> str:
@@ -50,7 +56,7 @@ class Context:
 class Attributes:
     """The header values rules look at, taken once from the dataset."""
 
-    dataset: Dataset
+    dataset: Mapping[str, Any] | Any  # a pydicom Dataset, or any object with get(keyword)
     context: Context = field(default_factory=Context)
 
     def values(self, key: str) -> list[Any] | None:
@@ -60,9 +66,10 @@ class Attributes:
         else:
             element = self.dataset.get(key)
             value = None if element is None else element
-        if value is None or value == "" or (isinstance(value, (list, MultiValue)) and len(value) == 0):
+        multiple = isinstance(value, Sequence) and not isinstance(value, (str, bytes, bytearray))
+        if value is None or value == "" or (multiple and len(value) == 0):
             return None
-        if isinstance(value, (list, MultiValue)):
+        if multiple:
             return list(value)
         return [value]
 
@@ -76,7 +83,7 @@ def _as_number(value: Any) -> float | None:
 
 def _item_matches(pattern: str | int | float, values: list[Any] | None) -> bool:
     if isinstance(pattern, str):
-        comparison = _COMPARISON.match(pattern) if pattern.strip()[:1] in "<>!=" else None
+        comparison = COMPARISON.match(pattern) if pattern.strip()[:1] in "<>!=" else None
         if comparison:
             if values is None:
                 return comparison.group(1) == "!="
@@ -115,14 +122,6 @@ def rule_matches(rule: Rule, attributes: Attributes) -> tuple[bool, str]:
     return True, ", ".join(f"{k} matches {v!r}" for k, v in rule.match.items()) or "matches everything"
 
 
-def request_to_json(request: Request) -> str:
-    return json.dumps(dataclasses.asdict(request), separators=(",", ":"))
-
-
-def request_from_json(text: str) -> Request:
-    return Request(**json.loads(text))
-
-
 def decide(rules: list[Rule], attributes: Attributes, keep_sop_instance_uid: bool = False) -> Decision:
     """Return the decision of the first matching rule; no match means the instance is not forwarded."""
     for index, rule in enumerate(rules, start=1):
@@ -131,7 +130,7 @@ def decide(rules: list[Rule], attributes: Attributes, keep_sop_instance_uid: boo
             continue
         label = rule.name or f"rule {index}"
         if rule.syntax == SKIP:
-            return Decision(False, label, index, None, f"rule {index} ({label!r}): {why}: skip")
+            return Decision(label, None, f"rule {index} ({label!r}): {why}: skip")
         request = Request(
             syntax=rule.syntax,
             quality=rule.quality,
@@ -142,5 +141,5 @@ def decide(rules: list[Rule], attributes: Attributes, keep_sop_instance_uid: boo
             max_error=rule.max_error,
             keep_sop_instance_uid=keep_sop_instance_uid,
         )
-        return Decision(True, label, index, request, f"rule {index} ({label!r}): {why}: {rule.syntax}")
-    return Decision(False, "", None, None, "no rule matched: not forwarded")
+        return Decision(label, request, f"rule {index} ({label!r}): {why}: {rule.syntax}")
+    return Decision("", None, "no rule matched: not forwarded")

@@ -1,4 +1,9 @@
-"""The running router: wires spool, queue, receiver, forwarders, codec pool and metrics.
+"""The running router: the only module that knows every process and wires them.
+
+- the supervising process (`Router`): recovery at start-up, the codec pool, one forwarder per
+  destination, metrics over HTTP, and the receiving processes it starts and restarts;
+- each receiving process (`run_receiver_process`): a `scp.Receiver` on the shared port feeding
+  an `intake.Intake`, which tells the supervisor which destinations have new work.
 
 SIGTERM/SIGINT drain (stop accepting, finish the C-STORE in progress, put the rest back to
 pending) and exit; SIGHUP reloads the rule files, keeping the previous rules if any is broken.
@@ -18,18 +23,17 @@ from pathlib import Path
 
 from router import config as config_mod
 from router import log, metrics
+from router.compat.pynetdicom import send_datasets_from_files, stream_datasets_to_files
 from router.config import ConfigError, DestinationRules, Loaded
 from router.forwarder import Forwarder
-from router.queue import Queue
+from router.intake import Intake
+from router.lifetime import die_with_parent
+from router.queue import open_queue
+from router.scp import Receiver
 from router.spool import Spool
 from router.workers import CodecPool
 
 _log = log.get("service")
-QUEUE_FILE = "queue.sqlite"
-
-
-def open_queue(cfg: Loaded) -> Queue:
-    return Queue(cfg.spool_dir / QUEUE_FILE)
 
 
 class Router:
@@ -82,7 +86,7 @@ class Router:
         missing = self.queue.fail_missing_files(lambda p: Path(p).exists())
         orphans = self.spool.sweep(self.queue.paths())
         _log.info("recovered", resumed_in_flight=resumed, orphan_files_removed=len(orphans),
-                  missing_files=missing, queue=str(self.queue.path))
+                  missing_files=missing, queue=self.queue.location)
 
     def _start_forwarders(self) -> None:
         metrics.declare(list(self._destinations))
@@ -120,8 +124,8 @@ class Router:
 
     def _spawn_receiver(self) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "router", "receive", "--config", str(self.cfg.path), "--wake", self._wake_name,
-             "--log-format", self.log_format, "--log-level", self.log_level],
+            [sys.executable, "-m", "router.service", str(self.cfg.path), self._wake_name, self.log_format,
+             self.log_level],
         )
 
     def _start_receivers(self, timeout: float = 60.0) -> None:
@@ -178,6 +182,7 @@ class Router:
 
     def start(self) -> None:
         self.recover()
+        send_datasets_from_files()
         self.pool = CodecPool(self.cfg.router.transcode.workers, self.cfg.router.transcode.plugins)
         metrics.install_state_collector(
             metrics.StateCollector(
@@ -201,8 +206,7 @@ class Router:
         self._stopping.set()
         self._stop_receivers()
         for forwarder in self.forwarders.values():
-            forwarder._stop.set()
-            forwarder.wake()
+            forwarder.signal_stop()
         for forwarder in self.forwarders.values():
             forwarder.stop(timeout=max(0.0, timeout - (time.monotonic() - started)))
         if self.pool is not None:
@@ -237,3 +241,68 @@ class Router:
         _log.info("stopping", reason="signal")
         self.stop()
         cpu.tick()
+
+
+def run_receiver_process(config_path: str, wake: str) -> int:
+    """One of the receiving processes `serve` starts: listens on the shared port until SIGTERM
+    or until its parent goes away; SIGHUP reloads the rule files. `wake` names the parent's
+    abstract Unix socket, told which destinations have new work (and, once, that we listen)."""
+    parent = os.getppid()
+    # a receiver that outlived the router would accept images no forwarder sends until the next start
+    die_with_parent()
+    if os.getppid() != parent:
+        return 1
+    cfg = config_mod.load(config_path)
+    lock = threading.Lock()
+    state = {"destinations": cfg.destinations}
+
+    def destinations() -> list[DestinationRules]:
+        with lock:
+            return state["destinations"]
+
+    address = "\0" + wake
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+
+    def notify(names: list[str]) -> None:
+        try:
+            sock.sendto(" ".join(names).encode(), address)
+        except OSError:
+            pass  # the forwarders also poll the queue
+
+    spool = Spool(cfg.spool_dir, cfg.router.storage.min_free_mb)
+    # incoming data sets stream to files on the spool's filesystem, so accepting one is a rename
+    stream_datasets_to_files(spool.incoming)
+    intake = Intake(spool, open_queue(cfg), destinations, cfg.router.listen.max_instance_mb, notify)
+    receiver = Receiver(cfg.router.listen, intake)
+    stop = threading.Event()
+    reload_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
+    # this process's CPU other than intake's is the network receive
+    cpu = metrics.ProcessCpu("receive", lambda: intake.cpu_seconds)
+    receiver.start(reuse_port=True)
+    sock.sendto(f"\0ready {os.getpid()}".encode(), address)
+    while not stop.wait(0.5):
+        cpu.tick()
+        if os.getppid() != parent:
+            _log.error("receiver_orphaned", action="stopping")
+            break
+        if reload_requested.is_set():
+            reload_requested.clear()
+            try:
+                fresh = config_mod.load_rules_dir(cfg.router.rules.dir)
+            except ConfigError as exc:
+                _log.error("reload_rejected", error=str(exc), action="previous rules stay in force")
+                continue
+            with lock:
+                state["destinations"] = fresh
+    receiver.stop()
+    cpu.tick()
+    return 0
+
+
+if __name__ == "__main__":  # a receiving process, started by Router._spawn_receiver
+    _, _config_path, _wake, _log_format, _log_level = sys.argv
+    log.configure(_log_format, _log_level)
+    sys.exit(run_receiver_process(_config_path, _wake))

@@ -42,9 +42,9 @@ class Spool:
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
 
-    def has_room(self, size: int) -> bool:
-        """Whether `size` more bytes still leave at least `min_free_mb` free."""
-        return self.free_bytes() - size >= self.min_free_bytes
+    def has_room(self) -> bool:
+        """Whether the spool's filesystem still has at least `min_free_mb` free."""
+        return self.free_bytes() >= self.min_free_bytes
 
     def writable(self) -> bool:
         return os.access(self.instances, os.W_OK | os.X_OK)

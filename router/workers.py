@@ -15,9 +15,10 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
-from router import syntaxes
+from router import codecs
 from router.lifetime import exit_with_parent
-from router.transcode import Outcome, Request, transcode_file
+from router.request import Request
+from router.transcode import Transcoded, transcode_file
 
 
 class CodecCrash(Exception):
@@ -25,10 +26,17 @@ class CodecCrash(Exception):
 
 
 @dataclass(frozen=True)
-class Task:
+class Submitted:
+    """A transcode handed to the pool; pass it to `CodecPool.result`."""
+
     src: Path
     dst: Path
     request: Request
+    future: Future
+    pool: ProcessPoolExecutor  # the pool that runs it: a death there replaces that pool, not a newer one
+
+    def cancel(self) -> None:
+        self.future.cancel()
 
 
 def _start_worker(plugins: list[str], router_pid: int) -> None:
@@ -36,12 +44,32 @@ def _start_worker(plugins: list[str], router_pid: int) -> None:
     # after the router was killed. (Workers are started by whichever thread submits first, so the
     # kernel's parent-death signal, which follows that thread, would fire too early.)
     exit_with_parent(router_pid)
-    syntaxes.load_plugins(plugins)
+    codecs.load_plugins(plugins)
+    _load_backends()
 
 
-def _run(task: Task) -> Outcome:
+def _load_backends() -> None:
+    """Import every codec library now, so that the first image does not wait for it."""
+    import importlib
+
+    for syntax in codecs.all_syntaxes():
+        for backend in (syntax.encoder, syntax.decoder):
+            if isinstance(backend, str):
+                try:
+                    module = importlib.import_module(backend.partition(":")[0])
+                    for dependency in getattr(module, "DEPENDENCIES", ()):
+                        importlib.import_module(dependency)
+                except ImportError:
+                    pass  # reported per image by Syntax.cannot_carry
+
+
+def _started() -> int:
+    return os.getpid()
+
+
+def _run(src: Path, dst: Path, request: Request) -> Transcoded:
     # spool files were checked by dicomfile.read_header when they were received
-    return transcode_file(task.src, task.dst, task.request, checked=True)
+    return transcode_file(src, dst, request, checked=True)
 
 
 class CodecPool:
@@ -54,22 +82,23 @@ class CodecPool:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(
+        pool = ProcessPoolExecutor(
             max_workers=self.workers, mp_context=self._context,
             initializer=_start_worker, initargs=(self.plugins, os.getpid()),
         )
+        for _ in range(self.workers):  # start the workers now, not when the first image comes
+            pool.submit(_started)
+        return pool
 
-    def submit(self, task: Task) -> Future:
-        """Start a task; pass the future to `resolve` for its result."""
+    def submit(self, src: Path, dst: Path, request: Request) -> Submitted:
+        """Start transcoding `src` to `dst`; pass the result to `result`."""
         with self._lock:
             try:
-                future = self._pool.submit(_run, task)
+                future = self._pool.submit(_run, src, dst, request)
             except (BrokenProcessPool, RuntimeError):
                 self._pool = self._new_pool()
-                future = self._pool.submit(_run, task)
-            # which pool ran it: a death there must replace that pool, not a newer one
-            future.pool = self._pool  # type: ignore[attr-defined]
-            return future
+                future = self._pool.submit(_run, src, dst, request)
+            return Submitted(src, dst, request, future, self._pool)
 
     def _replace_broken(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
@@ -77,23 +106,22 @@ class CodecPool:
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._new_pool()
 
-    def resolve(self, task: Task, future: Future, retry: bool = True) -> Outcome | BaseException:
-        """The task's Outcome or exception. A task whose worker died is run once more, alone;
-        a second death gives CodecCrash."""
+    def result(self, submitted: Submitted, retry: bool = True) -> Transcoded | BaseException:
+        """The Transcoded or the exception the transcode raised. A transcode whose worker died is
+        run once more, alone; a second death gives CodecCrash."""
         try:
-            return future.result()
+            return submitted.future.result()
         except BrokenProcessPool:
-            self._replace_broken(future.pool)  # type: ignore[attr-defined]
+            self._replace_broken(submitted.pool)
             if retry:
-                return self.resolve(task, self.submit(task), retry=False)
-            return CodecCrash(f"a codec worker died twice on {task.src.name} ({task.request.syntax})")
-        except BaseException as exc:  # noqa: BLE001 - reported per task
+                return self.result(self.submit(submitted.src, submitted.dst, submitted.request), retry=False)
+            return CodecCrash(f"a codec worker died twice on {submitted.src.name} ({submitted.request.syntax})")
+        except BaseException as exc:  # noqa: BLE001 - reported per transcode
             return exc
 
-    def run_many(self, tasks: list[Task]) -> list[Outcome | BaseException]:
-        """Transcode in parallel; each result is an Outcome or the exception that task raised."""
-        futures = [self.submit(t) for t in tasks]
-        return [self.resolve(t, f) for t, f in zip(tasks, futures)]
+    def run(self, src: Path, dst: Path, request: Request) -> Transcoded | BaseException:
+        """Transcode on the pool and wait for it."""
+        return self.result(self.submit(src, dst, request))
 
     def shutdown(self) -> None:
         with self._lock:

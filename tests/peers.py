@@ -96,12 +96,25 @@ class Pacs:
     ssl_context: object = None
     port: int = 0
     received: list[Received] = field(default_factory=list)
+    associations: int = 0  # associations established so far
+    most_at_once: int = 0  # the most associations open at the same time
 
     def __post_init__(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._open = 0
         self.server = None
         self.port = self.port or free_port()
+
+    def _on_established(self, event: evt.Event) -> None:
+        with self._lock:
+            self.associations += 1
+            self._open += 1
+            self.most_at_once = max(self.most_at_once, self._open)
+
+    def _on_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            self._open -= 1
 
     def _on_store(self, event: evt.Event) -> int:
         if self.delay:
@@ -124,7 +137,9 @@ class Pacs:
         ae.add_supported_context(Verification)
         ae.maximum_pdu_size = 0
         self.server = ae.start_server(
-            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ("127.0.0.1", self.port), block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_ESTABLISHED, self._on_established),
+                          (evt.EVT_RELEASED, self._on_closed), (evt.EVT_ABORTED, self._on_closed)],
             ssl_context=self.ssl_context,
         )
         return self

@@ -1,8 +1,8 @@
 """Fuzzing the parsing and transcoding paths in-process with malformed files.
 
 ``transcode_file`` on a broken file returns a Transcoded result or raises TranscodeError, within a
-deadline and without unbounded memory. The C-STORE handler the SCP runs on a received file
-answers 0x0000 or a 0xC000-range status and never raises. Seeds and operations come from
+deadline and without unbounded memory. Intake, which the SCP's C-STORE handler hands every
+received file to, answers 0x0000 or a 0xC000-range status and never raises. Seeds and operations come from
 ``tests.malformed``; the examples are derandomized so that every run tries the same files.
 """
 
@@ -13,17 +13,17 @@ import time
 import tracemalloc
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from router import metrics
-from router.config import Listen, load_rule_file
-from router.queue import Queue
-from router.scp import Receiver
+from router.config import load_rule_file
+from router.intake import Intake, Received
+from router.queue.sqlite import SqliteQueue
 from router.request import Request
+from router.rules import Context
 from router.spool import Spool
 from router.transcode import Transcoded, TranscodeError, transcode_file
 from tests import malformed
@@ -202,34 +202,25 @@ def test_huge_declared_length_is_not_allocated_by_transcode(workdir, name):
     assert peak < ALLOCATION_LIMIT_MB, f"{peak:.0f} MB allocated"
 
 
-# ---------------------------------------------------------------- the SCP's C-STORE handler
+# ---------------------------------------------------------------- intake of a received file
 
 
 @pytest.fixture(scope="module")
-def receiver(workdir) -> Receiver:
+def receiver(workdir) -> Intake:
     rules = workdir / "rules" / "PACS.toml"
     rules.parent.mkdir()
     rules.write_text(RULES)
     destination = load_rule_file(rules)
     spool = Spool(workdir / "spool")
-    queue = Queue(workdir / "queue.sqlite")
-    return Receiver(Listen(host="127.0.0.1", port=0), spool, queue, lambda: [destination])
+    queue = SqliteQueue(workdir / "queue.sqlite")
+    return Intake(spool, queue, lambda: [destination])
 
 
-def _store(receiver: Receiver, name: str, body: bytes, uid: str) -> int:
+def _store(receiver: Intake, name: str, body: bytes, uid: str) -> int:
     s = seed(name)
     path = receiver.spool.incoming / f"{uid}.dcm"
     path.write_bytes(s.file(body, uid))
-    event = SimpleNamespace(
-        dataset_path=str(path),
-        request=SimpleNamespace(AffectedSOPInstanceUID=uid, AffectedSOPClassUID=s.sop_class_uid),
-        assoc=SimpleNamespace(
-            requestor=SimpleNamespace(ae_title="FUZZ", address="127.0.0.1"),
-            acceptor=SimpleNamespace(ae_title="ROUTER"),
-            native_id=1,
-        ),
-    )
-    return receiver._on_store(event)  # noqa: SLF001
+    return receiver.accept(Received(path, s.sop_class_uid, uid, Context("FUZZ", "ROUTER", "127.0.0.1")))
 
 
 def _malformed_count() -> float:
@@ -244,7 +235,7 @@ def _uid(counter=[0]) -> str:  # noqa: B006
 @pytest.mark.timeout(120)
 @settings(max_examples=300, **FUZZ)
 @given(case=mutated())
-def test_scp_handler_never_raises_nor_hangs(receiver, case):
+def test_intake_never_raises_nor_hangs(receiver, case):
     name, body = case
     started = time.monotonic()
     before = _rss_mb()
@@ -257,14 +248,14 @@ def test_scp_handler_never_raises_nor_hangs(receiver, case):
 @pytest.mark.timeout(120)
 @settings(max_examples=300, phases=NO_SHRINK, **FUZZ)
 @given(case=mutated())
-def test_scp_handler_answers_success_or_cannot_understand(receiver, case):
+def test_intake_answers_success_or_cannot_understand(receiver, case):
     name, body = case
     status = _store(receiver, name, body, _uid())
     assert status == 0 or 0xC000 <= status <= 0xCFFF, f"0x{status:04X}"
 
 
 @pytest.mark.parametrize("case", [c for c in CATALOGUE if c.expect == "reject" and c.name.startswith(("native-endless", "implicit-endless"))], ids=lambda c: c.name)
-def test_scp_handler_refuses_endless_sequences(receiver, case):
+def test_intake_refuses_endless_sequences(receiver, case):
     before = _malformed_count()
     assert 0xC000 <= _store(receiver, case.seed, case.body, _uid()) <= 0xCFFF
     assert _malformed_count() == before + 1
@@ -272,12 +263,12 @@ def test_scp_handler_refuses_endless_sequences(receiver, case):
 
 @settings(max_examples=50, phases=NO_SHRINK, **FUZZ)
 @given(body=st.binary(min_size=8, max_size=512))
-def test_scp_handler_refuses_random_bytes(receiver, body):
+def test_intake_refuses_random_bytes(receiver, body):
     status = _store(receiver, "native", body, _uid())
     assert 0xC000 <= status <= 0xCFFF, f"0x{status:04X}"
 
 
-def test_huge_declared_length_is_not_allocated_by_the_scp(receiver):
+def test_huge_declared_length_is_not_allocated_by_intake(receiver):
     case = next(c for c in CATALOGUE if c.name == "native-huge-length-in-header")
     peak = _peak_allocation_mb(lambda: _store(receiver, case.seed, case.body, _uid()))
     assert peak < ALLOCATION_LIMIT_MB, f"{peak:.0f} MB allocated"

@@ -1,7 +1,7 @@
-"""The durable queue: one job per (instance, destination), in SQLite (WAL, synchronous=FULL).
+"""The embedded queue backend: SQLite in the spool (WAL, synchronous=FULL), one node.
 
-States: pending -> in_flight -> (done: row deleted) | pending again (retry) | dead (kept, retryable).
-An instance row and its spool file live as long as any of its jobs does.
+Threads of one process serialise writes on a lock, processes (several receivers, the
+forwarders) on a file lock next to the database, so that SQLite's busy handler never sleeps.
 """
 
 from __future__ import annotations
@@ -11,9 +11,11 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from router.queue import Instance, Job, NewJob, Queue
+from router.request import Request
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -46,47 +48,20 @@ CREATE INDEX IF NOT EXISTS jobs_instance ON jobs (instance_id);
 """
 
 
-@dataclass(frozen=True)
-class Instance:
-    path: str
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    transfer_syntax_uid: str
-    calling_ae: str
-    called_ae: str
-    source_ip: str
-    size: int
-    received_at: float
-
-
-@dataclass(frozen=True)
-class Job:
-    id: int
-    destination: str
-    state: str
-    attempts: int
-    next_attempt_at: float
-    last_error: str
-    instance_id: int
-    request: str  # the decision taken at receipt (JSON), valid while the rules carry `rules_tag`
-    rules_tag: str
-    instance: Instance
-
-
 _JOB_COLUMNS = (
-    "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.instance_id, j.request, j.rules_tag, "
+    "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.request, j.rules_tag, "
     "i.path, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid, i.transfer_syntax_uid, "
     "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at"
 )
 
 
 def _job(row: tuple) -> Job:
-    return Job(*row[:9], instance=Instance(*row[9:]))
+    request = Request.from_json(row[6]) if row[6] else None
+    return Job(*row[:6], request, row[7], instance=Instance(*row[8:]))
 
 
-class Queue:
-    """Thread-safe: each thread gets its own SQLite connection; writers serialise in SQLite."""
+class SqliteQueue(Queue):
+    """Thread-safe: each thread gets its own SQLite connection."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -143,18 +118,17 @@ class Queue:
         return self._Tx(self._db(), self._write_lock, self._lock_fd)
 
     def close(self) -> None:
-        """Close this thread's connection (other threads' close when they end)."""
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
             self._local.db = None
 
     # -- receiving -------------------------------------------------------------------------
-    def add(self, instance: Instance, destinations: Iterable[str | tuple[str, str, str]]) -> int:
-        """Record an instance and its jobs in one committed transaction; returns the instance id.
+    @property
+    def location(self) -> str:
+        return str(self.path)
 
-        A destination is a name, or (name, request JSON, rules tag) to keep the decision taken.
-        """
+    def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:
         now = time.time()
         with self._tx() as db:
             cur = db.execute(
@@ -175,17 +149,14 @@ class Queue:
                 ),
             )
             instance_id = int(cur.lastrowid)
-            rows = [(d, "", "") if isinstance(d, str) else d for d in destinations]
             db.executemany(
                 "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, rules_tag) "
                 "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
-                [(instance_id, name, now, now, request, tag) for name, request, tag in rows],
+                [(instance_id, j.destination, now, now, j.request.to_json(), j.rules_tag) for j in jobs],
             )
-        return instance_id
 
     # -- forwarding ------------------------------------------------------------------------
     def claim(self, destination: str, limit: int, now: float | None = None) -> list[Job]:
-        """Move up to `limit` due pending jobs of `destination` to in_flight and return them."""
         now = time.time() if now is None else now
         with self._tx() as db:
             rows = db.execute(
@@ -205,13 +176,14 @@ class Queue:
         ).fetchone()
         return row[0]
 
-    def complete(self, job_id: int) -> str | None:
-        """Delete a finished job; returns the spool path when no job of that instance remains."""
-        with self._tx() as db:
-            return self._finish(db, job_id)
+    def due_count(self, destination: str, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        return self._db().execute(
+            "SELECT COUNT(*) FROM jobs WHERE destination = ? AND state = 'pending' AND next_attempt_at <= ?",
+            (destination, now),
+        ).fetchone()[0]
 
-    def complete_many(self, job_ids: Iterable[int]) -> list[str]:
-        """Delete finished jobs in one transaction; returns the spool paths no job needs any more."""
+    def complete(self, job_ids: Iterable[int]) -> list[str]:
         with self._tx() as db:
             paths = [self._finish(db, job_id) for job_id in job_ids]
         return [p for p in paths if p]
@@ -231,7 +203,6 @@ class Queue:
         return path
 
     def release(self, job_ids: Iterable[int]) -> None:
-        """Put claimed jobs back to pending without counting an attempt (shutdown, batch cut short)."""
         now = time.time()
         with self._tx() as db:
             db.executemany(
@@ -256,7 +227,6 @@ class Queue:
 
     # -- start-up and operation -------------------------------------------------------------
     def recover(self) -> int:
-        """Jobs left in flight by a crash go back to pending; returns how many."""
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = 'pending', next_attempt_at = MIN(next_attempt_at, ?) WHERE state = 'in_flight'",
@@ -269,8 +239,7 @@ class Queue:
     def paths(self) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT path FROM instances")]
 
-    def fail_missing_files(self, exists: callable) -> int:  # type: ignore[valid-type]
-        """Jobs whose spool file vanished become dead letters saying so; returns how many."""
+    def fail_missing_files(self, exists: Callable[[str], bool]) -> int:
         missing = [(i, p) for i, p in self._db().execute("SELECT id, path FROM instances") if not exists(p)]
         with self._tx() as db:
             for instance_id, path in missing:
@@ -310,7 +279,6 @@ class Queue:
         return [_job(r) for r in self._db().execute(sql, args)]
 
     def retry_dead(self, destination: str | None = None, job_ids: Iterable[int] | None = None) -> int:
-        """Put dead letters back to pending with a fresh attempt count; returns how many."""
         sql = "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ? WHERE state = 'dead'"
         now = time.time()
         args: list = [now, now]

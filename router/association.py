@@ -1,0 +1,210 @@
+"""Outbound associations: one to a destination (`Association`) and a destination's pool of them.
+
+Each SOP class is proposed with the syntaxes its instances may go out in and, in separate
+presentation contexts, Explicit and Implicit VR Little Endian, so that a destination that
+refuses the compressed syntax still gets the image, decompressed.
+
+The pool uses an open idle association before it opens another: a second one opens only when
+every open association is busy sending, so `max_associations` is a ceiling, never a target.
+(A destination that serves one association at a time, as a plain storescp does, would
+otherwise make the second association wait until the first is released.)
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.presentation import PresentationContext
+
+from router.compat.pynetdicom import park_reactor
+from router.config import Destination
+from router.tls import client_context
+
+MAX_CONTEXTS = 128
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# a destination offered a lossy JPEG also gets the syntax the standard makes its default
+COMPANIONS = {"1.2.840.10008.1.2.4.51": "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.57": "1.2.840.10008.1.2.4.70"}
+
+Contexts = dict[str, set[str]]  # SOP class UID -> transfer syntax UIDs
+
+
+def contexts_for(sop_class_uid: str, transfer_syntaxes: set[str]) -> Contexts:
+    """The presentation contexts to propose for instances of one SOP class that may go out in
+    `transfer_syntaxes`: those, their companions and the two uncompressed syntaxes."""
+    uids = set(UNCOMPRESSED) | set(transfer_syntaxes)
+    uids |= {COMPANIONS[u] for u in transfer_syntaxes if u in COMPANIONS}
+    return {sop_class_uid: uids}
+
+
+def merge(*wanted: Contexts) -> Contexts:
+    merged: Contexts = {}
+    for contexts in wanted:
+        for sop, uids in contexts.items():
+            merged.setdefault(sop, set()).update(uids)
+    return merged
+
+
+def count(wanted: Contexts) -> int:
+    return sum(len(uids) for uids in wanted.values())
+
+
+class Association:
+    """One association to a destination, re-negotiated when new presentation contexts are needed."""
+
+    def __init__(self, destination: Destination, calling_ae_title: str) -> None:
+        self.destination = destination
+        self.calling_ae_title = destination.calling_ae_title or calling_ae_title
+        self._assoc = None
+        self._proposed: set[tuple[str, str]] = set()
+        self.last_used = time.monotonic()
+
+    @property
+    def is_open(self) -> bool:
+        return self._assoc is not None and self._assoc.is_established
+
+    def covers(self, wanted: Contexts) -> bool:
+        return self.is_open and {(s, t) for s, uids in wanted.items() for t in uids} <= self._proposed
+
+    def open(self, wanted: Contexts) -> str | None:
+        """Make sure the association is open and proposed `wanted`; returns an error or None."""
+        if self.covers(wanted):
+            return None
+        self.release()
+        dest = self.destination
+        ae = AE(ae_title=self.calling_ae_title)
+        ae.acse_timeout = dest.timeouts.acse_s
+        ae.dimse_timeout = dest.timeouts.dimse_s
+        ae.network_timeout = dest.timeouts.network_s
+        ae.connection_timeout = dest.timeouts.connect_s
+        contexts = []
+        for sop, uids in wanted.items():
+            for ts in sorted(uids, key=lambda u: (u in UNCOMPRESSED, u)):
+                cx = PresentationContext()
+                cx.abstract_syntax = sop
+                cx.transfer_syntax = [ts]
+                contexts.append(cx)
+        ae.requested_contexts = contexts
+        connected = threading.Event()
+        tls_args = (client_context(dest.tls), dest.host) if dest.tls is not None else None
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=dest.max_pdu, tls_args=tls_args,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set())])
+        if not assoc.is_established:
+            if not connected.is_set():
+                return f"cannot connect to {dest.host}:{dest.port}"
+            if assoc.is_rejected:
+                result = assoc.acceptor.primitive
+                detail = f" (result {result.result}, source {result.result_source}, reason {result.diagnostic})" \
+                    if result is not None else ""
+                return f"association rejected by the destination{detail}"
+            if assoc.is_aborted:
+                return "association aborted by the destination"
+            return "association not established (ACSE timeout)"
+        sock = getattr(assoc.dul.socket, "socket", None)
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._assoc = assoc
+        self._proposed = {(s, t) for s, uids in wanted.items() for t in uids}
+        self.last_used = time.monotonic()
+        return None
+
+    def accepts(self, sop_class_uid: str, transfer_syntax_uid: str) -> bool:
+        """Whether the destination accepted a presentation context for this pair."""
+        return self.is_open and any(
+            cx.abstract_syntax == sop_class_uid and cx.transfer_syntax[0] == transfer_syntax_uid
+            for cx in self._assoc.accepted_contexts
+        )
+
+    def store(self, path) -> Dataset:  # noqa: ANN001
+        """Send one file with C-STORE; returns the response's status data set (empty when no
+        response came: DIMSE timeout or association aborted). Raises on a local failure."""
+        park_reactor(self._assoc)
+        status = self._assoc.send_c_store(path)
+        self.last_used = time.monotonic()
+        return status
+
+    def release(self) -> None:
+        if self._assoc is not None:
+            try:
+                if self._assoc.is_established:
+                    self._assoc.release()
+            except Exception:  # noqa: BLE001 - the peer may already be gone
+                self._assoc.abort()
+            self._assoc = None
+            self._proposed = set()
+
+    def abort(self) -> None:
+        if self._assoc is not None:
+            self._assoc.abort()
+            self._assoc = None
+            self._proposed = set()
+
+
+class AssociationPool:
+    """A destination's associations, at most `ceiling` of them open at once.
+
+    `acquire` hands out an idle open association, one that already covers the contexts asked for
+    if there is one, else a new (closed) one while under the ceiling, else waits for one to come
+    back; the caller then calls `open` and, when done, `give_back`.
+    """
+
+    def __init__(self, destination: Callable[[], Destination], calling_ae_title: str, ceiling: int,
+                 idle_release_s: float = 5.0) -> None:
+        self._destination = destination
+        self.calling_ae_title = calling_ae_title
+        self.ceiling = ceiling
+        self.idle_release_s = idle_release_s
+        self._idle: list[Association] = []
+        self._busy = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, wanted: Contexts, timeout: float | None = None) -> Association | None:
+        """An association to open for `wanted` (the caller calls `open`); None on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while True:
+                self._idle = [a for a in self._idle if a.is_open]  # the peer may have closed one
+                if self._idle:
+                    chosen = next((a for a in self._idle if a.covers(wanted)), self._idle[0])
+                    self._idle.remove(chosen)
+                    self._busy += 1
+                    return chosen
+                if self._busy < self.ceiling:
+                    self._busy += 1
+                    return Association(self._destination(), self.calling_ae_title)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+
+    def give_back(self, association: Association) -> None:
+        with self._cond:
+            self._busy -= 1
+            if association.is_open:
+                self._idle.insert(0, association)  # the most recently used first
+            self._cond.notify()
+
+    @property
+    def open_count(self) -> int:
+        with self._cond:
+            return self._busy + sum(1 for a in self._idle if a.is_open)
+
+    def release_idle(self, now: float | None = None) -> None:
+        """Release the associations idle for longer than `idle_release_s`."""
+        now = time.monotonic() if now is None else now
+        with self._cond:
+            stale = [a for a in self._idle if now - a.last_used > self.idle_release_s]
+            self._idle = [a for a in self._idle if a not in stale]
+        for association in stale:
+            association.release()
+
+    def close(self) -> None:
+        with self._cond:
+            idle, self._idle = self._idle, []
+        for association in idle:
+            association.release()

@@ -1,0 +1,161 @@
+"""Intake: what the router does with one received data set, and the status the modality hears.
+
+A plain function of a file and where it came from, no pynetdicom: size and free-space checks,
+the strict header check (`dicomfile`), the rules of every destination (`rules`), then the spool
+and the queue. Success (0x0000) only once the file is fsynced in the spool and its jobs are
+committed in the queue; 0xA700 when it cannot be stored now (the modality retries later);
+0xC000 for a data set that cannot be understood.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from router import log, metrics
+from router.config import DestinationRules
+from router.dicomfile import read_header
+from router.queue import Instance, NewJob, Queue
+from router.request import Reason
+from router.rules import CONTEXT_KEYS, Attributes, Context, Decision, decide
+from router.spool import Spool
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+_DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+
+_log = log.get("intake")
+
+
+@dataclass(frozen=True)
+class Received:
+    """A data set as the network layer handed it over: its file and the C-STORE request's UIDs."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    context: Context
+
+
+def decide_for(
+    path: Path, context: Context, destinations: list[DestinationRules], expected_sop_instance_uid: str | None = None,
+) -> tuple[Any, list[tuple[DestinationRules, Decision]]]:
+    """Read a file's header strictly (`dicomfile.read_header`) and apply each destination's rules.
+
+    Returns the header (a pydicom Dataset without pixel data) and one decision per destination;
+    raises `dicomfile.MalformedDataset` (or an OSError) for a file the router would refuse.
+    Every element a rule looks at is decoded here, so a value that does not fit its VR is
+    reported as malformed rather than surfacing later.
+    """
+    keys = {k for d in destinations for r in d.rules for k in r.match if k not in CONTEXT_KEYS}
+    header = read_header(path, expected_sop_instance_uid, decode=("StudyInstanceUID", *sorted(keys)))
+    attributes = Attributes(header, context)
+    return header, [(d, decide(d.rules, attributes, d.destination.keep_sop_instance_uid)) for d in destinations]
+
+
+class Intake:
+    """Accepts received files for the destinations `destinations()` returns at that moment."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        queue: Queue,
+        destinations: Callable[[], list[DestinationRules]],
+        max_instance_mb: int = 0,
+        on_enqueued: Callable[[list[str]], None] = lambda names: None,
+    ) -> None:
+        self.spool = spool
+        self.queue = queue
+        self.destinations = destinations
+        self.max_instance_bytes = max_instance_mb * 1024 * 1024
+        self.on_enqueued = on_enqueued
+        self.cpu_seconds = 0.0  # CPU spent in accept() so far: the "spool" stage
+
+    def accept(self, received: Received) -> int:
+        """Make `received` durable and queue its jobs; returns the C-STORE status to answer.
+
+        An accepted file is moved into the spool (or removed when no destination wants it); a
+        refused one is left where it is, for the caller to remove.
+        """
+        cpu = time.thread_time()
+        try:
+            return self._accept(received)
+        finally:
+            spent = time.thread_time() - cpu
+            self.cpu_seconds += spent
+            metrics.CPU_SECONDS.labels(stage="spool").inc(spent)
+
+    def _refuse(self, bound, reason: Reason, status: int, why: str, **fields) -> int:  # noqa: ANN001, ANN003
+        metrics.REJECTED.labels(reason=reason.value).inc()
+        bound.error("store_refused", reason=why, status=f"0x{status:04X}", **fields)
+        return status
+
+    def _accept(self, received: Received) -> int:
+        started = time.monotonic()
+        context = received.context
+        bound = _log.bind(calling_ae=context.calling_ae, sop_instance_uid=received.sop_instance_uid)
+        path = received.path
+        try:
+            size = path.stat().st_size
+            if self.max_instance_bytes and size > self.max_instance_bytes:
+                return self._refuse(bound, Reason.TOO_LARGE, OUT_OF_RESOURCES,
+                                    f"instance of {size} bytes exceeds max_instance_mb "
+                                    f"({self.max_instance_bytes // (1024 * 1024)})")
+            if not self.spool.has_room():
+                return self._refuse(bound, Reason.DISK_FULL, OUT_OF_RESOURCES, "spool below min_free_mb",
+                                    free_bytes=self.spool.free_bytes())
+            synced = self.spool.sync_soon(path)  # the fsync runs while the header is read
+            try:
+                header, decisions = decide_for(path, context, self.destinations(), received.sop_instance_uid)
+                transfer_syntax = str(header.file_meta.TransferSyntaxUID)
+                study = str(header.get("StudyInstanceUID", ""))
+            except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on broken input
+                return self._refuse(bound, Reason.MALFORMED, CANNOT_UNDERSTAND,
+                                    f"data set cannot be understood: {exc}")
+            jobs = []
+            for dest, decision in decisions:
+                if decision.request is not None:
+                    jobs.append(NewJob(dest.name, decision.request, dest.tag))
+                else:
+                    metrics.SKIPPED.labels(destination=dest.name).inc()
+            final = self.spool.accept(path, synced)
+            instance = Instance(
+                path=str(final),
+                sop_class_uid=received.sop_class_uid,
+                sop_instance_uid=received.sop_instance_uid,
+                study_instance_uid=study,
+                transfer_syntax_uid=transfer_syntax,
+                calling_ae=context.calling_ae,
+                called_ae=context.called_ae,
+                source_ip=context.source_ip,
+                size=size,
+                received_at=time.time(),
+            )
+            if jobs:
+                try:
+                    self.queue.add(instance, jobs)
+                except Exception:
+                    self.spool.remove(final)
+                    raise
+            else:
+                # no destination wants it: nothing to keep once it has been accepted
+                self.spool.remove(final)
+        except OSError as exc:
+            reason = Reason.DISK_FULL if exc.errno in _DISK_FULL_ERRNOS else Reason.ERROR
+            return self._refuse(bound, reason, OUT_OF_RESOURCES, f"cannot spool: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the queue is unavailable: the modality must retry
+            metrics.REJECTED.labels(reason=Reason.ERROR.value).inc()
+            bound.exception("store_refused", reason=f"cannot record in queue: {exc}", status="0xA700")
+            return OUT_OF_RESOURCES
+        metrics.RECEIVED_INSTANCES.labels(caller=context.calling_ae).inc()
+        metrics.RECEIVED_BYTES.labels(caller=context.calling_ae).inc(size)
+        names = [job.destination for job in jobs]
+        bound.info("stored", study_instance_uid=study, transfer_syntax=transfer_syntax, size=size,
+                   destinations=names, duration=round(time.monotonic() - started, 4))
+        if names:
+            self.on_enqueued(names)
+        return SUCCESS
