@@ -45,14 +45,14 @@ WAIT_LEAVES = (
     "Future.result", "serve_forever", "sleep (", "_worker (concurrent/futures/thread.py", "wait (",
     "resource_tracker", "EpollSelector.select", "SemLock.__enter__",
     "Association.send_c_store (pynetdicom/association.py:1960)",  # sleep(0.0001) until the reactor pauses
-    "Queue._Tx.__enter__",  # BEGIN IMMEDIATE: waiting for SQLite's write lock
+    "SqliteQueue._Tx.__enter__",  # BEGIN IMMEDIATE: waiting for SQLite's write lock
 )
 # innermost frames that are the kernel making data durable (fsync, SQLite COMMIT's fsync, unlink)
-IO_LEAVES = ("Spool.accept (", "_fsync_dir (", "Queue._Tx.__exit__ (", "Spool.remove (")
+IO_LEAVES = ("Spool.accept (", "_fsync_dir (", "SqliteQueue._Tx.__exit__ (", "Spool.remove (")
 # (step, substrings any of which on the stack selects it), first match wins, per role
 HANDLER_STEPS = [
     ("spool.accept: fsync file + rename + fsync dir", ("Spool.accept", "_fsync_dir")),
-    ("queue.add: SQLite insert + COMMIT (synchronous=FULL)", ("Queue.add",)),
+    ("queue.add: SQLite insert + COMMIT (synchronous=FULL)", ("SqliteQueue.add",)),
     ("header read: dcmread(stop_before_pixels)", ("dcmread", "filereader")),
     ("rules: decide", ("router/rules.py",)),
     ("logging (structlog)", ("structlog", "router/log.py")),
@@ -61,20 +61,20 @@ HANDLER_STEPS = [
     ("on_enqueued: wake forwarder", ("_wake", "on_enqueued")),
 ]
 INBOUND_STEPS = [
-    ("C-STORE handler", ("Receiver._on_store",)),
+    ("C-STORE handler (intake)", ("Receiver._on_store", "Intake.accept")),
     ("pynetdicom: send C-STORE-RSP", ("send_c_store_rsp", "_c_store_scp", "send_msg", "encode_msg")),
     ("pynetdicom: message dispatch", ("_serve_request", "get_msg")),
 ]
 FORWARDER_STEPS = [
-    ("queue.claim", ("Queue.claim",)),
-    ("waiting for codec workers (run_many)", ("CodecPool.run_many", "Future.result")),
-    ("header re-read: dcmread", ("_prepare",)),
-    ("queue.complete + spool.remove", ("Forwarder._done",)),
-    ("retry / dead bookkeeping", ("Forwarder._retry", "Forwarder._dead")),
+    ("queue.claim", ("SqliteQueue.claim",)),
+    ("waiting for codec workers", ("CodecPool.result", "Future.result")),
+    ("prepare: request, transcode submitted", ("Forwarder._prepare",)),
+    ("record delivered: queue.complete + spool.remove", ("Forwarder._delivered",)),
+    ("record retry / dead", ("Forwarder.record",)),
     ("logging (structlog)", ("structlog", "router/log.py")),
     ("send_c_store: read file + DIMSE encode", ("send_c_store",)),
-    ("associate / release", ("_associate", "release")),
-    ("queue.next_due", ("Queue.next_due",)),
+    ("associate / release", ("Association.open", "Association.release")),
+    ("queue.next_due", ("SqliteQueue.next_due",)),
 ]
 WORKER_STEPS = [
     ("verify: decode again + compare", ("_Transcoding.check",)),
@@ -127,7 +127,7 @@ def parse(raw: Path, router_pid: int) -> dict:
     for (proc, _thread), stacks in threads.items():
         joined = " ".join(s for s, _ in stacks)
         if proc in receivers:
-            if "Receiver._on_store" in joined:
+            if "Receiver._on_store" in joined or "Intake.accept" in joined:
                 role, steps = "receiver: inbound association thread (handler)", INBOUND_STEPS
             elif "DULServiceProvider" in joined:
                 role, steps = "receiver: inbound DUL thread (PDU receive)", DUL_STEPS

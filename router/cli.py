@@ -22,6 +22,17 @@ def _load(path: str):  # noqa: ANN202
     return config.load(path)
 
 
+def _load_or_say_why(path: str):  # noqa: ANN202
+    """The loaded configuration, or None after printing every problem to stderr."""
+    from router.config import ConfigError
+
+    try:
+        return _load(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return None
+
+
 def _metrics_across_processes(spool_dir: Path) -> None:
     """Counters of every receiving process are summed from files here (set before prometheus_client
     is imported; emptied at each start)."""
@@ -58,12 +69,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from router.config import ConfigError
-
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = _load_or_say_why(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     print(f"{cfg.path}: ok")
     for dest in cfg.destinations:
@@ -79,14 +86,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from router.config import ConfigError
     from router.intake import decide_for
     from router.rules import Context
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = _load_or_say_why(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     context = Context(calling_ae=args.calling_ae, called_ae=args.called_ae or cfg.router.listen.ae_title,
                       source_ip=args.source_ip)
@@ -100,9 +104,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
             continue
         ts = header.file_meta.get("TransferSyntaxUID", "?")
         print(f"{name}: {header.get('Modality', '?')} {header.get('SOPClassUID', '?')} in {ts}")
-        for dest, decision in decisions:
+        for rule_file, decision in decisions:
             target = decision.syntax if decision.forward else "not forwarded"
-            print(f"  {dest.name}: {target}  ({decision.reason})")
+            print(f"  {rule_file.name}: {target}  ({decision.reason})")
     return status
 
 
@@ -140,13 +144,10 @@ def cmd_transcode(args: argparse.Namespace) -> int:
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
-    from router.config import ConfigError
     from router.queue import open_queue
 
-    try:
-        cfg = _load(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    cfg = _load_or_say_why(args.config)
+    if cfg is None:
         return EXIT_CONFIG
     queue = open_queue(cfg)
     if args.action == "retry":

@@ -88,14 +88,14 @@ class Forwarder:
     def __init__(
         self,
         name: str,
-        rules: Callable[[str], DestinationRules | None],
+        rule_file: Callable[[str], DestinationRules | None],
         queue: Queue,
         spool: Spool,
         pool: CodecPool,
         calling_ae_title: str,
     ) -> None:
         self.name = name
-        self.rules = rules  # the destination's rule file in force, looked up by name
+        self.rule_file = rule_file  # the destination's rule file in force, by destination name
         self.queue = queue
         self.spool = spool
         self.codecs = pool
@@ -103,15 +103,15 @@ class Forwarder:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self.log = log.get("forwarder").bind(destination=name)
-        current = rules(name)
-        ceiling = current.destination.max_associations if current else 1
+        in_force = rule_file(name)
+        ceiling = in_force.destination.max_associations if in_force else 1
         self.associations = AssociationPool(self._destination, calling_ae_title, ceiling)
 
     def _destination(self) -> Destination:
-        current = self.rules(self.name)
-        if current is None:
+        rule_file = self.rule_file(self.name)
+        if rule_file is None:
             raise LookupError(f"destination {self.name} has no rule file any more")
-        return current.destination
+        return rule_file.destination
 
     def start(self) -> None:
         for index in range(self.associations.ceiling):
@@ -137,33 +137,33 @@ class Forwarder:
     # -- the pipeline -----------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            current = self.rules(self.name)
-            if current is None:
+            rule_file = self.rule_file(self.name)
+            if rule_file is None:
                 break
-            jobs = self.queue.claim(self.name, current.destination.batch_size)
+            jobs = self.queue.claim(self.name, rule_file.destination.batch_size)
             if not jobs:
                 self.associations.release_idle()
                 due = self.queue.next_due(self.name)
                 self._wake.wait(1.0 if due is None else min(1.0, max(0.02, due - time.time())))
                 self._wake.clear()
                 continue
-            self._batch(current, jobs)
+            self._batch(rule_file, jobs)
 
-    def _batch(self, current: DestinationRules, jobs: list[Job]) -> None:
+    def _batch(self, rule_file: DestinationRules, jobs: list[Job]) -> None:
         """Prepare, send and record one claimed batch; whatever is left unresolved (shutdown,
         lost association) goes back to pending without counting an attempt."""
         unresolved = {job.id: job for job in jobs}
         outgoing: list[_Outgoing] = []
         try:
-            outgoing = [o for o in (self._prepare(current, job, unresolved) for job in jobs) if o is not None]
+            outgoing = [o for o in (self._prepare(rule_file, job, unresolved) for job in jobs) if o is not None]
             for group in _groups(outgoing):
                 if self._stop.is_set():
                     break
-                self._send_group(current.destination, group, unresolved)
+                self._send_group(rule_file.destination, group, unresolved)
         except Exception as exc:  # noqa: BLE001 - one batch never kills the sender
             self.log.exception("batch_failed", error=str(exc))
             for job in list(unresolved.values()):
-                self.record(current.destination, job, Outcome.RETRY, f"internal error: {exc}")
+                self.record(rule_file.destination, job, Outcome.RETRY, f"internal error: {exc}")
                 unresolved.pop(job.id)
         finally:
             for item in outgoing:
@@ -172,17 +172,17 @@ class Forwarder:
             if unresolved:
                 self.queue.release(list(unresolved))
 
-    def _prepare(self, current: DestinationRules, job: Job, unresolved: dict[int, Job]) -> _Outgoing | None:
+    def _prepare(self, rule_file: DestinationRules, job: Job, unresolved: dict[int, Job]) -> _Outgoing | None:
         inst = job.instance
         item_log = self.log.bind(sop_instance_uid=inst.sop_instance_uid, study_instance_uid=inst.study_instance_uid)
         source = Path(inst.path)
         if not source.exists():
-            self.record(current.destination, job, Outcome.DEAD, f"spool file missing: {source}")
+            self.record(rule_file.destination, job, Outcome.DEAD, f"spool file missing: {source}")
             unresolved.pop(job.id)
             return None
-        decision = self._decision(current, job, item_log)
+        decision = self._decision(rule_file, job, item_log)
         if decision.request is None:
-            self.record(current.destination, job, Outcome.SKIPPED, decision.reason)
+            self.record(rule_file.destination, job, Outcome.SKIPPED, decision.reason)
             unresolved.pop(job.id)
             return None
         item = _Outgoing(job, item_log, decision.request, source, inst.transfer_syntax_uid)
@@ -196,13 +196,13 @@ class Forwarder:
         item.contexts = contexts_for(inst.sop_class_uid, possible)
         return item
 
-    def _decision(self, current: DestinationRules, job: Job, item_log) -> Decision:  # noqa: ANN001
-        if job.request is not None and job.rules_tag == current.tag:
+    def _decision(self, rule_file: DestinationRules, job: Job, item_log) -> Decision:  # noqa: ANN001
+        if job.request is not None and job.rules_tag == rule_file.tag:
             return Decision("", job.request, "decided at receipt")
         inst = job.instance
         context = Context(inst.calling_ae, inst.called_ae, inst.source_ip)
         try:
-            _, decisions = decide_for(Path(inst.path), context, [current])
+            _, decisions = decide_for(Path(inst.path), context, [rule_file])
             return decisions[0][1]
         except Exception as exc:  # noqa: BLE001 - it was accepted: send it as received
             item_log.warning("header_unreadable", error=str(exc), action="forwarded as received")
@@ -379,12 +379,12 @@ def _groups(items: list[_Outgoing]) -> list[list[_Outgoing]]:
     for item in items:
         by_class.setdefault(item.job.instance.sop_class_uid, []).append(item)
     groups: list[list[_Outgoing]] = []
-    current: list[_Outgoing] = []
+    group: list[_Outgoing] = []
     for class_items in by_class.values():
-        if current and count(merge(*(i.contexts for i in current + class_items))) > MAX_CONTEXTS:
-            groups.append(current)
-            current = []
-        current.extend(class_items)
-    if current:
-        groups.append(current)
+        if group and count(merge(*(i.contexts for i in group + class_items))) > MAX_CONTEXTS:
+            groups.append(group)
+            group = []
+        group.extend(class_items)
+    if group:
+        groups.append(group)
     return groups

@@ -117,11 +117,11 @@ class Intake:
                 return self._refuse(bound, Reason.MALFORMED, CANNOT_UNDERSTAND,
                                     f"data set cannot be understood: {exc}")
             jobs = []
-            for dest, decision in decisions:
+            for rule_file, decision in decisions:
                 if decision.request is not None:
-                    jobs.append(NewJob(dest.name, decision.request, dest.tag))
+                    jobs.append(NewJob(rule_file.name, decision.request, rule_file.tag))
                 else:
-                    metrics.SKIPPED.labels(destination=dest.name).inc()
+                    metrics.SKIPPED.labels(destination=rule_file.name).inc()
             final = self.spool.accept(path, synced)
             instance = Instance(
                 path=str(final),
