@@ -91,3 +91,10 @@ def test_transcode_file_whose_declared_vr_encoding_is_wrong(tmp_path):
         result = run("transcode", "--syntax", syntax, mislabelled, str(out))
         assert result.returncode == 0, result.stderr
         assert dcmread(out).file_meta.TransferSyntaxUID != ""
+
+
+def test_help_lists_the_user_commands_and_nothing_internal():
+    result = subprocess.run([sys.executable, "-m", "router", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "{serve,check,explain,transcode,queue}" in result.stdout
+    assert "SUPPRESS" not in result.stdout and "receive" not in result.stdout.split("positional arguments")[0]
