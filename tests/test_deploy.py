@@ -219,3 +219,15 @@ def test_dockerignore_keeps_what_the_build_copies_and_drops_the_rest():
             assert not ignored(source), f"COPY {source} is excluded by .dockerignore"
     for heavy in (".git", ".venv", "tests", "var"):
         assert ignored(heavy), f"{heavy} would be sent to the Docker build"
+
+
+def test_the_installed_package_has_every_module_of_the_source_tree(tmp_path):
+    """`pip install .` (the Dockerfile's) must carry the subpackages too, not only router/*.py."""
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True, timeout=300, capture_output=True)
+    [wheel] = tmp_path.glob("dicom_router-*.whl")
+    shipped = {name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")}
+    source = {str(p.relative_to(REPO)) for p in (REPO / "router").rglob("*.py")}
+    assert source - shipped == set()
