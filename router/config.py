@@ -67,8 +67,12 @@ class Listen(_Strict):
     allowed_callers: list[str | AllowedCaller] = Field(default_factory=list)
     require_called_ae_title: bool = True
     max_associations: int = Field(32, ge=1)
-    max_pdu: int = Field(0, ge=0, description="0: unlimited")
+    max_pdu: int = Field(1048576, ge=0, description="largest PDU accepted, bytes; 0: unlimited")
     acse_timeout_s: float = Field(30, gt=0)
+    # a caller that has not completed its A-ASSOCIATE-RQ (or one PDU) within this is disconnected
+    request_timeout_s: float = Field(10, gt=0)
+    pdu_timeout_s: float = Field(30, gt=0)
+    tls_handshake_timeout_s: float = Field(10, gt=0)
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
     max_instance_mb: int = Field(0, ge=0, description="largest instance accepted; 0: no limit")
@@ -87,8 +91,10 @@ class Storage(_Strict):
 
 
 class Metrics(_Strict):
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = Field(9110, ge=0, le=65535, description="0: no metrics endpoint")
+    max_connections: int = Field(32, ge=1, description="HTTP connections served at once; more wait or are closed")
+    idle_timeout_s: float = Field(10, gt=0, description="an HTTP connection idle this long is closed")
 
 
 class RulesDir(_Strict):
@@ -97,6 +103,9 @@ class RulesDir(_Strict):
 
 class Transcode(_Strict):
     workers: int = Field(0, ge=0, description="codec worker processes; 0: one per core")
+    timeout_s: float = Field(60, gt=0, description="deadline of one transcode, plus timeout_s_per_mb")
+    timeout_s_per_mb: float = Field(2, ge=0, description="more deadline per MB of the received instance")
+    max_decoded_mb: int = Field(4096, ge=1, description="largest decoded pixel data a transcode may produce")
     plugins: list[str] = Field(
         default_factory=list, description="codec plugin modules or .py files that register extra syntaxes"
     )
