@@ -18,11 +18,12 @@ COPY pyproject.toml README.md ./
 COPY router ./router
 RUN pip install --no-cache-dir . && rm -rf /opt/dicom-router/src
 
-# The example configuration, with the spool on the volume. Mount your own rules/ (or the whole
+# The example configuration, with the spool on the volume and the metrics port reachable through
+# the container's published port (the file's default is 127.0.0.1). Mount your own rules/ (or the whole
 # /etc/dicom-router) over it.
 COPY router.toml /etc/dicom-router/router.toml
 COPY rules /etc/dicom-router/rules
-RUN sed -i 's|^spool_dir = "[^"]*"|spool_dir = "/var/lib/dicom-router/spool"|' /etc/dicom-router/router.toml \
+RUN sed -i 's|^spool_dir = "[^"]*"|spool_dir = "/var/lib/dicom-router/spool"|; /^\[metrics\]/,/^\[/ s|^host = "[^"]*"|host = "0.0.0.0"|' /etc/dicom-router/router.toml \
     && mkdir -p /var/lib/dicom-router/spool \
     && chown -R dicom-router:dicom-router /var/lib/dicom-router
 
