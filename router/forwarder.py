@@ -30,13 +30,14 @@ from router.queue import Job, Queue
 from router.request import ORIGINAL, Outcome, Reason, Request, fallback
 from router.rules import Context, Decision
 from router.spool import Spool
-from router.transcode import Transcoded
-from router.workers import CodecCrash, CodecPool, Submitted
+from router.transcode import TranscodeError, Transcoded
+from router.workers import CodecCrash, CodecPool, CodecTimeout, Submitted
 
+# PS3.7 Annex C: the warning statuses (0001, 0107, 0116, Bxxx) all mean "stored"
+WARNINGS: list[tuple[int, int]] = [(0x0001, 0x0001), (0x0107, 0x0107), (0x0116, 0x0116), (0xB000, 0xBFFF)]
 DEFAULT_STATUSES: list[tuple[int, int, str]] = [
     (0x0000, 0x0000, "success"),
-    (0x0001, 0x0001, "success"),
-    (0xB000, 0xBFFF, "success"),
+    *((low, high, "success") for low, high in WARNINGS),
     (0xA700, 0xA7FF, "retry"),
     (0xA900, 0xA9FF, "permanent"),
     (0xC000, 0xCFFF, "permanent"),
@@ -102,6 +103,8 @@ class Forwarder:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._held_back: list[int] = []  # claimed jobs the queue could not take back yet
+        self._held_back_lock = threading.Lock()
         self.log = log.get("forwarder").bind(destination=name)
         in_force = rule_file(name)
         ceiling = in_force.destination.max_associations if in_force else 1
@@ -135,42 +138,77 @@ class Forwarder:
         self.associations.close()
 
     # -- the pipeline -----------------------------------------------------------------------
+    def alive(self) -> bool:
+        """Whether every sender thread still runs (after `start`, until `stop`)."""
+        return bool(self._threads) and all(t.is_alive() for t in self._threads)
+
     def _run(self) -> None:
+        """A sender thread: never ends on an error, only on stop or when the rule file goes."""
         while not self._stop.is_set():
-            rule_file = self.rule_file(self.name)
-            if rule_file is None:
-                break
-            jobs = self.queue.claim(self.name, rule_file.destination.batch_size)
-            if not jobs:
-                self.associations.release_idle()
-                due = self.queue.next_due(self.name)
-                self._wake.wait(1.0 if due is None else min(1.0, max(0.02, due - time.time())))
-                self._wake.clear()
-                continue
-            self._batch(rule_file, jobs)
+            try:
+                if not self._once():
+                    return
+            except Exception as exc:  # noqa: BLE001 - the queue or the disk failed: wait, then go on
+                self.log.exception("forwarder_error", error=str(exc), action="retrying in 1 s")
+                self._stop.wait(1.0)
+
+    def _once(self) -> bool:
+        """Claim and forward one batch, or wait for work; False when the destination is gone."""
+        self._release_held_back()
+        rule_file = self.rule_file(self.name)
+        if rule_file is None:
+            return False
+        jobs = self.queue.claim(self.name, rule_file.destination.batch_size)
+        if not jobs:
+            self.associations.release_idle()
+            due = self.queue.next_due(self.name)
+            self._wake.wait(1.0 if due is None else min(1.0, max(0.02, due - time.time())))
+            self._wake.clear()
+            return True
+        self._batch(rule_file, jobs)
+        return True
+
+    def _release_held_back(self) -> None:
+        """Give back to the queue the jobs a failing queue could not take back before."""
+        with self._held_back_lock:
+            ids, self._held_back = self._held_back, []
+        if ids:
+            try:
+                self.queue.release(ids)
+            except Exception:
+                with self._held_back_lock:
+                    self._held_back.extend(ids)
+                raise
 
     def _batch(self, rule_file: DestinationRules, jobs: list[Job]) -> None:
         """Prepare, send and record one claimed batch; whatever is left unresolved (shutdown,
-        lost association) goes back to pending without counting an attempt."""
+        lost association, an error) goes back to pending without counting an attempt."""
         unresolved = {job.id: job for job in jobs}
         outgoing: list[_Outgoing] = []
         try:
-            outgoing = [o for o in (self._prepare(rule_file, job, unresolved) for job in jobs) if o is not None]
+            for job in jobs:
+                item = self._prepare(rule_file, job, unresolved)
+                if item is not None:
+                    outgoing.append(item)
             for group in _groups(outgoing):
                 if self._stop.is_set():
                     break
                 self._send_group(rule_file.destination, group, unresolved)
         except Exception as exc:  # noqa: BLE001 - one batch never kills the sender
-            self.log.exception("batch_failed", error=str(exc))
-            for job in list(unresolved.values()):
-                self.record(rule_file.destination, job, Outcome.RETRY, f"internal error: {exc}")
-                unresolved.pop(job.id)
+            self.log.exception("batch_failed", error=str(exc), action="jobs back to pending")
         finally:
             for item in outgoing:
                 if item.submitted is not None:
                     item.submitted.cancel()
+                if item.job.id in unresolved:
+                    self._discard_output(item)
             if unresolved:
-                self.queue.release(list(unresolved))
+                try:
+                    self.queue.release(list(unresolved))
+                except Exception:
+                    with self._held_back_lock:
+                        self._held_back.extend(unresolved)
+                    raise
 
     def _prepare(self, rule_file: DestinationRules, job: Job, unresolved: dict[int, Job]) -> _Outgoing | None:
         inst = job.instance
@@ -227,34 +265,47 @@ class Forwarder:
                 for item in group:
                     if self._stop.is_set() or not association.is_open:
                         break
-                    self._finish_transcode(item)
+                    if not self._finish_transcode(destination, item):
+                        unresolved.pop(item.job.id)
+                        continue
                     size = self._send(destination, association, item)
-                    if size is not None:
+                    if size is None:
+                        unresolved.pop(item.job.id)  # recorded as retry or dead
+                    else:
                         delivered.append((item, size))
-                    unresolved.pop(item.job.id)
             finally:
                 self._delivered(delivered)
+                for item, _ in delivered:  # recorded: no longer the batch's to give back
+                    unresolved.pop(item.job.id)
         finally:
             self.associations.give_back(association)
 
-    def _finish_transcode(self, item: _Outgoing) -> None:
-        """Wait for the item's transcode; on a codec failure try the fallback, else send as received."""
+    def _finish_transcode(self, destination: Destination, item: _Outgoing) -> bool:
+        """Wait for the item's transcode. A codec failure (the data, a crash, a hang) goes to the
+        fallback at once, else the instance is sent as received; a failure of the machine (no
+        disk space, no memory) is a retry later. False when the job was recorded as a retry."""
         if item.submitted is None:
-            return
+            return True
         result = self.codecs.result(item.submitted)
         item.submitted = None
         while isinstance(result, BaseException):
-            reason = Reason.CODEC_CRASH if isinstance(result, CodecCrash) else Reason.CODEC_ERROR
+            if isinstance(result, (OSError, MemoryError)):
+                self._discard_output(item)
+                self.record(destination, item.job, Outcome.RETRY, f"cannot transcode now: {result}")
+                return False
+            reason = (Reason.CODEC_TIMEOUT if isinstance(result, CodecTimeout)
+                      else Reason.CODEC_CRASH if isinstance(result, CodecCrash) else Reason.CODEC_ERROR)
             metrics.FALLBACKS.labels(destination=self.name, reason=reason.value).inc()
             failed, item.request = item.request, fallback(item.request, reason)
             error = str(result) or type(result).__name__
             if item.request is None:
                 item.log.error("transcode_failed", syntax=failed.syntax, error=error, action="forwarded as received")
                 item.request = Request(syntax=ORIGINAL)
-                return
+                return True
             item.log.error("transcode_failed", syntax=failed.syntax, error=error, action=f"fallback {item.request.syntax}")
             result = self.codecs.run(item.source, self.spool.out_path(item.job.id), item.request)
         self._use(item, result)
+        return True
 
     def _use(self, item: _Outgoing, result: Transcoded) -> None:
         item.transcoded = result
@@ -280,7 +331,9 @@ class Forwarder:
         refused = item.transfer_syntax_uid
         result = self.codecs.run(item.source, self.spool.out_path(item.job.id, "-" + instead.syntax), instead)
         if isinstance(result, BaseException):
-            self.record(destination, item.job, Outcome.RETRY,
+            # a transcode error is in the data: it will not change, so no retries
+            outcome = Outcome.DEAD if isinstance(result, TranscodeError) else Outcome.RETRY
+            self.record(destination, item.job, outcome,
                         f"cannot decompress for a destination that refused {refused}: {result}")
             return False
         self._discard_output(item)
@@ -317,6 +370,9 @@ class Forwarder:
         verdict = classify_status(code, destination.statuses)
         if verdict == "success":
             ratio = item.transcoded.ratio if item.transcoded else None
+            if any(low <= code <= high for low, high in WARNINGS):
+                item.log.warning("stored_with_warning", status=f"0x{code:04X}",
+                                 comment=str(status.get("ErrorComment", "") or ""))
             item.log.info("forwarded", syntax=item.syntax, transfer_syntax=item.transfer_syntax_uid,
                           status=f"0x{code:04X}", size=size, ratio=round(ratio, 2) if ratio else None,
                           duration=round(elapsed, 4))

@@ -42,7 +42,7 @@ FORWARD_FAILURES = Counter(
 FALLBACKS = Counter(
     "dicom_router_fallbacks",
     "Instances not sent in the rule's syntax (reason: refused_by_destination, codec_cannot_carry, "
-    "verify_mismatch, codec_error, codec_crash)",
+    "verify_mismatch, codec_error, codec_crash, codec_timeout)",
     ["destination", "reason"],
 )
 SKIPPED = Counter("dicom_router_skipped", "Instances a destination's rules chose not to forward", ["destination"])

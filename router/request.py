@@ -31,6 +31,7 @@ class Reason(str, Enum):
     MALFORMED = "malformed"
     TOO_LARGE = "too_large"
     BUSY = "busy"
+    TIMEOUT = "timeout"  # a connection closed for taking too long (association request, PDU, TLS handshake)
     ERROR = "error"
     # an instance not sent in its rule's syntax (dicom_router_fallbacks{reason})
     REFUSED_BY_DESTINATION = "refused_by_destination"
@@ -38,17 +39,19 @@ class Reason(str, Enum):
     VERIFY_MISMATCH = "verify_mismatch"
     CODEC_ERROR = "codec_error"
     CODEC_CRASH = "codec_crash"
+    CODEC_TIMEOUT = "codec_timeout"
 
     def __str__(self) -> str:
         return self.value
 
 
 REJECTION_REASONS: tuple[Reason, ...] = (
-    Reason.DISK_FULL, Reason.NOT_ALLOWED, Reason.MALFORMED, Reason.TOO_LARGE, Reason.BUSY, Reason.ERROR,
+    Reason.DISK_FULL, Reason.NOT_ALLOWED, Reason.MALFORMED, Reason.TOO_LARGE, Reason.BUSY, Reason.TIMEOUT,
+    Reason.ERROR,
 )
 FALLBACK_REASONS: tuple[Reason, ...] = (
     Reason.REFUSED_BY_DESTINATION, Reason.CODEC_CANNOT_CARRY, Reason.VERIFY_MISMATCH, Reason.CODEC_ERROR,
-    Reason.CODEC_CRASH,
+    Reason.CODEC_CRASH, Reason.CODEC_TIMEOUT,
 )
 
 

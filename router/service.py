@@ -174,6 +174,11 @@ class Router:
             problems.append("not listening")
         if not self.spool.writable():
             problems.append("spool not writable")
+        elif not self.spool.has_room():
+            problems.append("spool below min_free_mb: C-STORE answers 0xA700")
+        stopped = sorted(name for name, forwarder in self.forwarders.items() if not forwarder.alive())
+        if stopped and not self._stopping.is_set():
+            problems.append(f"forwarder not running: {', '.join(stopped)}")
         try:
             self.queue.counts()
         except Exception as exc:  # noqa: BLE001
@@ -183,7 +188,9 @@ class Router:
     def start(self) -> None:
         self.recover()
         send_datasets_from_files()
-        self.pool = CodecPool(self.cfg.router.transcode.workers, self.cfg.router.transcode.plugins)
+        transcode = self.cfg.router.transcode
+        self.pool = CodecPool(transcode.workers, transcode.plugins, transcode.timeout_s, transcode.timeout_s_per_mb,
+                              transcode.max_decoded_mb)
         metrics.install_state_collector(
             metrics.StateCollector(
                 queue_counts=self.queue.counts,

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,7 +120,7 @@ class Pacs:
     def _on_store(self, event: evt.Event) -> int:
         if self.delay:
             time.sleep(self.delay)
-        if self.status not in (0x0000, 0xB000, 0xB006, 0xB007):
+        if self.status not in (0x0000, 0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007):  # warnings: stored
             return self.status
         uid = str(event.request.AffectedSOPInstanceUID)
         with self._lock:
@@ -302,6 +303,8 @@ class RouterProcess:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/readyz", timeout=2) as rsp:
                 return rsp.status == 200
+        except urllib.error.HTTPError as exc:  # 503: up, but saying why it is not ready (a full spool)
+            return "not listening" not in exc.read().decode(errors="replace")
         except (OSError, ValueError):
             return False
 

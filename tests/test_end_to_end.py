@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import urllib.error
+import urllib.request
+
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -164,3 +167,7 @@ def test_rejects_with_out_of_resources_when_spool_is_below_floor(router_factory,
     assert send(router.port, [data(CT)]) == [0xA700]
     assert list((router.spool / "instances").iterdir()) == []
     assert metric_value(router.metrics(), "dicom_router_rejected_total", reason="disk_full") == 1
+    readiness = urllib.request.Request(f"http://127.0.0.1:{router.metrics_port}/readyz")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(readiness, timeout=5)
+    assert refused.value.code == 503 and "spool below min_free_mb" in refused.value.read().decode()

@@ -166,3 +166,64 @@ def test_hanging_destination_is_aborted_and_retried(router_factory, pacs_factory
     wait_until(lambda: metric_value(router.metrics(), "dicom_router_forwarded_instances_total",
                                     destination="PACS") == 1, 30, what="delivery once the destination answers")
     assert echo(router.port)
+
+
+def _fill(directory: Path) -> Path:
+    """Fill the filesystem of `directory` to the last byte; returns the filler file."""
+    filler = directory / "filler"
+    chunk = b"\0" * (1 << 20)
+    with open(filler, "wb") as out:
+        try:
+            while True:
+                out.write(chunk)
+                out.flush()
+        except OSError:
+            pass
+        try:
+            while True:
+                out.write(b"\0" * 4096)
+                out.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def _readyz(router) -> tuple[int, str]:  # noqa: ANN001
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{router.metrics_port}/readyz", timeout=5) as rsp:
+            return rsp.status, rsp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_a_spool_that_fills_while_forwarding_stops_nothing_for_good(router_factory, tmp_path):
+    mount = tmp_path / "small-fs"
+    if not _mount_tmpfs(mount, 40):
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
+    try:
+        port = free_port()
+        router = router_factory([Destination("PACS", port, '[[rule]]\nsyntax = "jpeg-ls-lossless"\n',
+                                             retry="{ max_attempts = 1000, backoff_s = 0.2, max_backoff_s = 0.5 }")],
+                                min_free_mb=1, spool_dir=mount / "spool")
+        series = make_series(data("MR2_UNCR.dcm"), 6, tmp_path / "series")
+        assert send(router.port, series) == [0] * 6
+        filler = _fill(mount)
+        pacs = Pacs(tmp_path / "pacs", port=port).start()  # the destination comes back while the disk is full
+        try:
+            wait_until(lambda: "spool below min_free_mb" in _readyz(router)[1], 20, what="/readyz saying the spool is full")
+            time.sleep(3)  # transcoded outputs and queue writes fail meanwhile
+            status, why = _readyz(router)
+            assert status == 503 and "forwarder not running" not in why, why
+            filler.unlink()
+            wait_until(lambda: pacs.count() >= 6, 60, what="every instance once space is back")
+            wait_until(lambda: _readyz(router)[0] == 200, 20, what="/readyz ready again")
+            wait_until(lambda: not list((mount / "spool" / "out").iterdir()), 20, what="no transcoded output left")
+            assert not list((mount / "spool" / "instances").iterdir())
+        finally:
+            pacs.stop()
+        router.kill()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

@@ -159,3 +159,14 @@ def test_a_backlog_uses_every_association_the_destination_allows(site, pacs_fact
     s.forwarder.start()
     wait_until(lambda: pacs.count() == 60, 60, what="the backlog delivered")
     assert pacs.most_at_once == 2
+
+
+@pytest.mark.parametrize("status", [0x0001, 0x0107, 0x0116, 0xB000, 0xB006, 0xB007])
+def test_every_warning_status_means_stored_once(site, pacs_factory, status):
+    pacs = pacs_factory(status=status)
+    s = site(pacs.port, LOSSLESS)
+    s.receive([CT])
+    s.forwarder.start()
+    wait_until(lambda: s.queue.counts() == {}, 30, what="the job recorded as delivered")
+    time.sleep(0.5)  # a retry would have come by now (backoff 0.2 s)
+    assert pacs.count() == 1

@@ -128,3 +128,32 @@ def test_a_request_from_an_older_router_still_reads(queue):
     db.execute("UPDATE jobs SET request = ?", ('{"syntax":"rle","retired_option":1}',))
     [job] = queue.claim("PACS", 10)
     assert job.request == Request(syntax="rle")
+
+
+def test_versions_of_one_sop_instance_go_out_in_the_order_received(queue):
+    """A corrected image resent while the destination was down must not overtake the first one."""
+    queue.add(instance("/spool/v1.dcm", "2.25.7"), jobs("PACS", "ARCHIVE"))
+    queue.add(instance("/spool/other.dcm", "2.25.8"), jobs("PACS"))
+    queue.add(instance("/spool/v2.dcm", "2.25.7"), jobs("PACS", "ARCHIVE"))
+    first = queue.claim("PACS", 10)
+    assert [j.instance.path for j in first] == ["/spool/v1.dcm", "/spool/other.dcm"]
+    [v1] = [j for j in first if j.instance.path == "/spool/v1.dcm"]
+    now = time.time()
+    queue.retry(v1.id, "destination answered 0xA700", now + 30)
+    assert queue.claim("PACS", 10, now=now + 1) == []  # v2 waits for v1, even though v1 waits
+    assert queue.due_count("PACS", now=now + 1) == 0
+    assert queue.next_due("PACS") == pytest.approx(now + 30)
+    assert [j.instance.path for j in queue.claim("ARCHIVE", 10)] == ["/spool/v1.dcm"]  # per destination
+    [again] = queue.claim("PACS", 10, now=now + 31)
+    assert again.instance.path == "/spool/v1.dcm"
+    queue.complete([again.id])
+    [v2] = queue.claim("PACS", 10, now=now + 31)
+    assert v2.instance.path == "/spool/v2.dcm"
+
+
+def test_a_dead_earlier_version_does_not_hold_the_later_one(queue):
+    queue.add(instance("/spool/v1.dcm", "2.25.7"), jobs("PACS"))
+    queue.add(instance("/spool/v2.dcm", "2.25.7"), jobs("PACS"))
+    [v1] = queue.claim("PACS", 10)
+    queue.dead(v1.id, "destination answered 0xC000 (permanent failure)")
+    assert [j.instance.path for j in queue.claim("PACS", 10)] == ["/spool/v2.dcm"]

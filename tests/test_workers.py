@@ -3,6 +3,8 @@ its worker costs that one image a retry alone, then a CodecCrash, never the pool
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -11,10 +13,12 @@ from pydicom.uid import JPEGLSLossless
 from router import codecs
 from router.request import Request
 from router.transcode import Transcoded
-from router.workers import CodecCrash, CodecPool
+from router.compat.futures import worker_processes
+from router.workers import CodecCrash, CodecPool, CodecTimeout
 from tests.peers import REPO, data
 
 PLUGIN = str(REPO / "tests" / "plugins" / "aborting_codec.py")
+HANGING = str(REPO / "tests" / "plugins" / "hanging_codec.py")
 MR = data("MR2_UNCR.dcm")
 
 
@@ -26,12 +30,13 @@ def pool():
     pool.shutdown()
 
 
-def marked_copy(tmp_path) -> object:
+def marked_copy(tmp_path, marker: int = 3333) -> object:
+    """MR with its first pixel set to `marker`: the plugins' codecs abort or hang on it."""
     ds = dcmread(MR)
     pixels = ds.pixel_array.copy()
-    pixels[0, 0] = 3333  # the plugin's codec aborts its process on this value
+    pixels[0, 0] = marker
     ds.PixelData = pixels.tobytes()
-    path = tmp_path / "marked.dcm"
+    path = tmp_path / f"marked{marker}.dcm"
     ds.save_as(path)
     return path
 
@@ -64,3 +69,43 @@ def test_a_transcode_error_comes_back_as_the_exception(pool, tmp_path):
     broken.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00")
     result = pool.run(broken, tmp_path / "x.dcm", Request(syntax="rle"))
     assert isinstance(result, Exception) and not isinstance(result, CodecCrash)
+
+
+@pytest.fixture
+def hanging_pool():
+    codecs.load_plugins([HANGING])
+    pool = CodecPool(workers=2, plugins=[HANGING], timeout_s=1.5, timeout_s_per_mb=0)
+    yield pool
+    pool.shutdown(timeout=1)
+
+
+def test_a_transcode_past_its_deadline_stops_its_worker_and_the_pool_goes_on(hanging_pool, tmp_path):
+    started = time.monotonic()
+    result = hanging_pool.run(marked_copy(tmp_path, 4444), tmp_path / "hang.dcm",
+                              Request(syntax="jpeg-ls-hangs-on-marker"))
+    assert isinstance(result, CodecTimeout), result
+    assert time.monotonic() - started < 15
+    after = hanging_pool.run(MR, tmp_path / "after.dcm", Request(syntax="jpeg-ls-hangs-on-marker"))
+    assert isinstance(after, Transcoded) and after.changed
+
+
+def test_the_deadline_grows_with_the_size_of_the_instance(tmp_path):
+    pool = CodecPool(workers=1, timeout_s=10, timeout_s_per_mb=2)
+    try:
+        big = tmp_path / "big.dcm"
+        big.write_bytes(b"\0" * (5 * 1024 * 1024))
+        assert pool.deadline_s(big) == pytest.approx(20)
+    finally:
+        pool.shutdown()
+
+
+def test_shutdown_is_bounded_whatever_the_workers_do(tmp_path):
+    codecs.load_plugins([HANGING])
+    pool = CodecPool(workers=1, plugins=[HANGING], timeout_s=3600)
+    pool.submit(marked_copy(tmp_path, 4444), tmp_path / "hang.dcm", Request(syntax="jpeg-ls-hangs-on-marker"))
+    time.sleep(1.0)  # the worker is inside the codec
+    workers = worker_processes(pool._pool)  # noqa: SLF001
+    started = time.monotonic()
+    pool.shutdown(timeout=1)
+    assert time.monotonic() - started < 10
+    assert workers and not any(p.is_alive() for p in workers)

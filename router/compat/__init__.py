@@ -8,4 +8,5 @@ relies on (a private attribute renamed, a fix released), so that it can be remov
   C-STORE, a server made with our own socket options that `AE.shutdown()` still stops.
 - `pydicom`: the JPEG XL transfer syntax UIDs pydicom 3.0 does not know, and big endian
   OW/OL/OF/OD values that pydicom writes little endian without swapping their bytes.
+- `futures`: the codec pool's worker processes, to kill a hung one (concurrent.futures).
 """

@@ -45,7 +45,16 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_instance ON jobs (instance_id);
+CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_instance_uid);
 """
+
+# A job waits while an earlier-received instance with the same SOP Instance UID still has a job
+# pending or in flight to the same destination: versions of an image arrive in the order received.
+_IN_ORDER = (
+    "NOT EXISTS (SELECT 1 FROM instances e JOIN jobs k ON k.instance_id = e.id "
+    "WHERE e.sop_instance_uid = i.sop_instance_uid AND e.id < i.id AND k.destination = j.destination "
+    "AND k.state IN ('pending', 'in_flight'))"
+)
 
 
 _JOB_COLUMNS = (
@@ -161,7 +170,7 @@ class SqliteQueue(Queue):
         with self._tx() as db:
             rows = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id "
-                "WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? "
+                f"WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? AND {_IN_ORDER} "
                 "ORDER BY j.next_attempt_at, j.id LIMIT ?",
                 (destination, now, limit),
             ).fetchall()
@@ -172,14 +181,16 @@ class SqliteQueue(Queue):
 
     def next_due(self, destination: str) -> float | None:
         row = self._db().execute(
-            "SELECT MIN(next_attempt_at) FROM jobs WHERE destination = ? AND state = 'pending'", (destination,)
+            "SELECT MIN(j.next_attempt_at) FROM jobs j JOIN instances i ON i.id = j.instance_id "
+            f"WHERE j.destination = ? AND j.state = 'pending' AND {_IN_ORDER}", (destination,)
         ).fetchone()
         return row[0]
 
     def due_count(self, destination: str, now: float | None = None) -> int:
         now = time.time() if now is None else now
         return self._db().execute(
-            "SELECT COUNT(*) FROM jobs WHERE destination = ? AND state = 'pending' AND next_attempt_at <= ?",
+            "SELECT COUNT(*) FROM jobs j JOIN instances i ON i.id = j.instance_id "
+            f"WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? AND {_IN_ORDER}",
             (destination, now),
         ).fetchone()[0]
 
