@@ -111,11 +111,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_transcode(args: argparse.Namespace) -> int:
+    """Exit 0 with the output written (a copy of the input when left alone); 2 for a bad option;
+    1 with one line on stderr for any input it cannot take, whatever the reason."""
     import shutil
+    import warnings
 
     from router import codecs
     from router.request import Request
-    from router.transcode import TranscodeError, transcode_file
+    from router.transcode import transcode_file
 
     request = Request(syntax=args.syntax, quality=args.quality, near=args.near, ratio=args.ratio,
                       fallback=args.fallback, verify=args.verify, max_error=args.max_error,
@@ -132,15 +135,32 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         print(f"{args.input}: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return EXIT_FAILURE
     try:
-        transcoded = transcode_file(Path(args.input), Path(args.output), request)
-    except (TranscodeError, OSError) as exc:
-        print(f"{args.input}: {exc}", file=sys.stderr)
+        # what pydicom warns about a damaged input is said, if it matters, in the one line below
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            transcoded = transcode_file(Path(args.input), Path(args.output), request,
+                                        max_decoded_bytes=args.max_decoded_mb * 2**20)
+            if not transcoded.changed:
+                shutil.copyfile(args.input, args.output)
+    except Exception as exc:  # noqa: BLE001 - any input it cannot take: one line, no traceback
+        print(_one_line(args.input, exc), file=sys.stderr)
         return EXIT_FAILURE
-    if not transcoded.changed:
-        shutil.copyfile(args.input, args.output)
     ratio = f", ratio {transcoded.ratio:.2f}" if transcoded.ratio else ""
     print(f"{args.output}: {transcoded.syntax} ({transcoded.transfer_syntax_uid}){ratio}: {transcoded.note}")
     return EXIT_OK
+
+
+def _one_line(path: str, exc: BaseException) -> str:
+    """``exc`` said on one line that names ``path`` once."""
+    from router.transcode import TranscodeError
+
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror if exc.filename in (None, path) else f"{exc.filename}: {exc.strerror}"
+    else:
+        text = " ".join(str(exc).split())
+    if not isinstance(exc, TranscodeError):
+        text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if text.startswith(f"{path}: ") else f"{path}: {text}"
 
 
 def cmd_queue(args: argparse.Namespace) -> int:
@@ -172,6 +192,13 @@ def cmd_queue(args: argparse.Namespace) -> int:
             print(f"job {job.id} {job.destination} {job.state} attempts={job.attempts} received={when} "
                   f"sop_instance_uid={job.instance.sop_instance_uid} error={job.last_error or '-'}")
     return EXIT_OK
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                     ranges.setdefault(f"{p.minimum}-{p.maximum}{default}", []).append(syntax.name)
         return "; ".join(f"{', '.join(names)}: {bounds}" for bounds, names in ranges.items())
 
+    from router.config import Transcode
+
+    max_decoded_mb = Transcode.model_fields["max_decoded_mb"].default
     transcode = sub.add_parser("transcode", help="run the router's transcoder on one file, offline")
     transcode.add_argument("--syntax", required=True, help="registry name (e.g. jpeg-ls-lossless) or UID")
     transcode.add_argument("--quality", type=int, help=f"encoder quality ({declared('quality')})")
@@ -220,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="decode again and compare (default: on for lossless syntaxes)")
     transcode.add_argument("--max-error", type=int, help="lossy: largest allowed absolute pixel difference")
     transcode.add_argument("--keep-uid", action="store_true", help="lossy output keeps the SOP Instance UID")
+    transcode.add_argument("--max-decoded-mb", type=_positive, default=max_decoded_mb, metavar="MB",
+                           help="refuse an input whose header declares more decoded pixel data, in MiB "
+                                f"(default {max_decoded_mb}, as [transcode] max_decoded_mb)")
     transcode.add_argument("input")
     transcode.add_argument("output")
     transcode.set_defaults(func=cmd_transcode)

@@ -53,6 +53,32 @@ def test_transcode_reports_unknown_syntax_and_bad_input(tmp_path):
     assert result.returncode == 1 and str(junk) in result.stderr
 
 
+def test_transcode_says_one_line_and_exits_1_for_any_input_it_cannot_take(tmp_path):
+    from tests import transcode_images as img
+    from tests.malformed import CATALOGUE
+
+    broken = ["random-333-bytes", "native-truncated-in-pixel-data", "implicit-pixels-short", "native-endless-item",
+              "native-huge-pixel-data-length", "jpeg-codestream-header", "rle-codestream-header",
+              "j2k-codestream-header"]
+    runs = [(c.write(tmp_path / "in"), c.target, tmp_path / "out.dcm", ()) for c in CATALOGUE if c.name in broken]
+    assert len(runs) == len(broken)
+    tiles = img.tiled_jpeg(tmp_path, [(64, 96), (64, 104)])  # a frame larger than the header
+    bomb = img.jpeg_ls_frames(tmp_path, 40, (1024, 1024))  # 40 MiB declared in a few KB
+    (tmp_path / "taken").mkdir()
+    runs += [
+        (tiles, "explicit-le", tmp_path / "out.dcm", ()),
+        (bomb, "explicit-le", tmp_path / "out.dcm", ("--max-decoded-mb", "1")),
+        (tmp_path / "missing.dcm", "rle", tmp_path / "out.dcm", ()),
+        (data("MR_small.dcm"), "rle", tmp_path / "taken", ()),  # the output cannot be written
+    ]
+    for path, syntax, out, options in runs:
+        result = run("transcode", "--syntax", syntax, *options, str(path), str(out))
+        lines = result.stderr.splitlines()
+        assert result.returncode == 1 and len(lines) == 1, f"{path.name}: {result.returncode}\n{result.stderr}"
+        assert lines[0].startswith(f"{path}: ") and lines[0].count(str(path)) == 1, lines[0]
+        assert "Traceback" not in result.stderr
+
+
 def test_sighup_reloads_rules_and_keeps_them_when_broken(router_factory, pacs):
     router = router_factory([Destination("PACS", pacs.port, '[[rule]]\nname = "all"\nsyntax = "original"\n')])
     rule_file = router.rules_dir / "PACS.toml"

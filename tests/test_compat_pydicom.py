@@ -11,10 +11,11 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import dcmwrite
+from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from router.codecs import JPEGXL, JPEGXL_JPEG, JPEGXL_LOSSLESS
-from router.compat.pydicom import swap_other_words_to_little_endian, teach_jpeg_xl
+from router.compat.pydicom import resolve_ambiguous_vrs, swap_other_words_to_little_endian, teach_jpeg_xl
 from tests.peers import REPO
 
 JPEG_XL_UIDS = (JPEGXL_LOSSLESS, JPEGXL_JPEG, JPEGXL)
@@ -102,3 +103,72 @@ def test_swapping_follows_the_word_size_and_leaves_pixel_data_alone(vr, size):
     words = [value[i:i + size][::-1] for i in range(0, 8, size)]
     assert ds[0x00091010].value == b"".join(words)
     assert ds.PixelData == value
+
+
+# ---------------------------------------------------------------- ambiguous VRs from Implicit VR
+
+
+def _implicit(tmp_path) -> pydicom.Dataset:
+    from tests import transcode_images as img
+
+    return pydicom.dcmread(img.curve_data_implicit(tmp_path))
+
+
+def _as_explicit(ds: Dataset) -> Dataset:
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    dcmwrite(out, ds, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    out.seek(0)
+    return pydicom.dcmread(out)
+
+
+def test_pydicom_still_cannot_write_every_ambiguous_vr_of_implicit_input(tmp_path):
+    """Fails once pydicom writes these (Curve Data, Dark Current Counts, Gray LUT Data, Perimeter
+    Value, LUT Data without descriptor) with explicit VR: then remove `resolve_ambiguous_vrs`."""
+    ds = _implicit(tmp_path)
+    for tag in (0x00283006, 0x50003000, 0x00143050, 0x00281200, 0x00280071):
+        one = Dataset()
+        one.file_meta = ds.file_meta
+        one.set_original_encoding(True, True)
+        one._dict[Tag(tag)] = ds._dict[Tag(tag)]  # still raw, as read
+        with pytest.raises((ValueError, AttributeError), match="ambiguous VR"):
+            _as_explicit(one)
+
+
+def test_resolving_gives_dcmtks_vrs_and_keeps_the_bytes(tmp_path):
+    ds = _implicit(tmp_path)
+    tags = (0x50003000, 0x50023000, 0x00143050, 0x00280071, 0x00281200, 0x00283006)
+    raw = {tag: ds._dict[Tag(tag)].value for tag in tags}
+    resolve_ambiguous_vrs(ds)
+    out = _as_explicit(ds)
+    vrs = {tag: out[tag].VR for tag in raw}
+    assert vrs == {0x50003000: "OW", 0x50023000: "OB", 0x00143050: "OB", 0x00280071: "SS", 0x00281200: "OW",
+                   0x00283006: "OW"}
+    for tag, value in raw.items():
+        written = out[tag].value
+        assert (written if isinstance(written, bytes) else int(written).to_bytes(2, "little", signed=True)) == value
+    # in sequences too, by the nearest Pixel Representation
+    item = out.ReferencedImageSequence[0]
+    assert (item[0x00280106].VR, item[0x00280106].value, item[0x50043000].VR) == ("SS", -2, "OB")
+
+
+def test_us_or_ss_follows_the_nearest_pixel_representation_and_is_us_without_one():
+    ds = Dataset()
+    ds.add_new(0x00280071, "US or SS", b"\xfe\xff")  # Perimeter Value
+    inner = Dataset()
+    inner.PixelRepresentation = 1
+    inner.add_new(0x00280071, "US or SS", b"\xfe\xff")
+    ds.add_new(0x00081140, "SQ", [inner])
+    resolve_ambiguous_vrs(ds)
+    assert (ds[0x00280071].VR, ds[0x00280071].value) == ("US", 65534)
+    assert (inner[0x00280071].VR, inner[0x00280071].value) == ("SS", -2)
+
+
+def test_variable_pixel_data_and_odd_values_never_stop_the_write():
+    ds = Dataset()
+    ds.BitsAllocated = 16
+    ds.add_new(0x7F000010, "OB or OW", b"\x01\x00\x02\x00")  # Variable Pixel Data (retired)
+    ds.add_new(0x00280071, "US or SS", b"\x01\x02\x03")  # three bytes: neither US nor SS
+    resolve_ambiguous_vrs(ds)
+    assert (ds[0x7F000010].VR, ds[0x00280071].VR) == ("OW", "UN")
+    assert ds[0x00280071].value == b"\x01\x02\x03"

@@ -1,6 +1,8 @@
 """The codecs: `registry` declares every outbound syntax, one module per backend encodes and
 decodes its frames (`rle`, `jpeg`, `jpegls`, `j2k`, `htj2k`, `jpegxl`; numpy helpers in
-`frames`). Importing this package loads neither numpy nor pydicom."""
+`frames`). `pixeldata` checks one data set's Pixel Data against its header and decodes it,
+`codestream` reads the size a frame's codestream declares. Importing this package loads neither
+numpy nor pydicom."""
 
 from router.codecs.registry import (
     DEFLATED,

@@ -41,6 +41,11 @@ def uid_for(image: ImageInfo) -> str:
     return JPEG_EXTENDED if image.bits > 8 else JPEG_BASELINE
 
 
+def valid_uids(image: ImageInfo) -> tuple[str, ...]:
+    """An 8-bit (baseline) codestream is also one of JPEG Extended (processes 2 and 4)."""
+    return (JPEG_BASELINE, JPEG_EXTENDED) if image.bits <= 8 else (JPEG_EXTENDED,)
+
+
 def bits_allocated_for(image: ImageInfo) -> int:
     """Baseline JPEG is 8-bit: its pixels are allocated 8 bits whatever the input's words."""
     return 8 if image.bits <= 8 else image.bits_allocated

@@ -237,6 +237,9 @@ class Syntax:
     check: Backend | None = field(default=None, repr=False, compare=False)
     # what it writes for an image, when that depends on the image
     pick_uid: Backend | None = field(default=None, repr=False, compare=False)
+    # the transfer syntaxes a codestream of an image may stand in, when more than its own
+    # (an image nested in a file written for another, such as an icon): valid_uids(image)
+    valid_uids: Backend | None = field(default=None, repr=False, compare=False)
     photometric_out: Backend | None = field(default=None, repr=False, compare=False)
     bits_allocated_out: Backend | None = field(default=None, repr=False, compare=False)
 
@@ -247,6 +250,13 @@ class Syntax:
     def uid_for(self, image: ImageInfo) -> str:
         """The transfer syntax UID this syntax writes for ``image``."""
         return _resolve(self.pick_uid)(image) if self.pick_uid else self.uid
+
+    def valid_in(self, image: ImageInfo, uid: str) -> bool:
+        """True when this syntax's codestream of ``image`` may stand in a file of transfer syntax
+        ``uid``: one it writes for ``image``, or one that also takes that codestream."""
+        if self.uid_for(image) == uid:
+            return True
+        return self.valid_uids is not None and uid in _resolve(self.valid_uids)(image)
 
     def photometric_for(self, image: ImageInfo) -> str:
         """Photometric Interpretation of the output for ``image``."""
@@ -286,7 +296,7 @@ class Syntax:
         if not self.encapsulated:
             return None
         if self.repacks:
-            return f"{self.name} only re-packs {_uid_name(self.repacks)} input, it does not encode pixels"
+            return f"{self.name} only re-packs {uid_name(self.repacks)} input, it does not encode pixels"
         if self.encoder is None:
             return f"{self.name} has no encoder on this system"
         missing = _installed(self.encoder) if isinstance(self.encoder, str) else ()
@@ -393,6 +403,7 @@ def _entries() -> list[Syntax]:
             encoder="router.codecs.jpeg:encode_lossy",
             decoder="router.codecs.jpeg:decode_frame",
             pick_uid="router.codecs.jpeg:uid_for",
+            valid_uids="router.codecs.jpeg:valid_uids",
             photometric_out="router.codecs.jpeg:photometric_for",
             bits_allocated_out="router.codecs.jpeg:bits_allocated_for",
         ),
@@ -534,17 +545,20 @@ def get(name_or_uid: str) -> Syntax:
     close += [n for n in difflib.get_close_matches(key.lower(), list(_REGISTRY), n=3, cutoff=0.5) if n not in close]
     hint = f"; did you mean {' or '.join(repr(n) for n in close[:3])}?" if close else ""
     if key.startswith("1.2.840.10008.1.2"):
-        hint = f" ({_uid_name(key)}) is not an outbound syntax of this router" + hint
+        hint = f" ({uid_name(key)}) is not an outbound syntax of this router" + hint
     raise KeyError(f"unknown syntax {key!r}{hint} (known: {', '.join(_REGISTRY)})")
 
 
-def _uid_name(uid: str) -> str:
+def uid_name(uid: str) -> str:
+    """The name pydicom's dictionary gives ``uid`` ("JPEG-LS Lossless Image Compression"), else
+    the UID itself ("unknown syntax" for none)."""
     try:
-        from pydicom.uid import UID  # only for this message: the registry stays free of pydicom
+        from pydicom.uid import UID  # only for messages: the registry stays free of pydicom
 
-        return UID(uid).name
+        name = UID(uid).name
     except Exception:  # noqa: BLE001 - pydicom's dictionary lookup
-        return uid
+        name = uid
+    return name if name and name != uid else uid or "unknown syntax"
 
 
 def check_params(syntax: Syntax, params: Params) -> None:
