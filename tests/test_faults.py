@@ -172,19 +172,13 @@ def _fill(directory: Path) -> Path:
     """Fill the filesystem of `directory` to the last byte; returns the filler file."""
     filler = directory / "filler"
     chunk = b"\0" * (1 << 20)
-    with open(filler, "wb") as out:
-        try:
-            while True:
-                out.write(chunk)
-                out.flush()
-        except OSError:
-            pass
-        try:
-            while True:
-                out.write(b"\0" * 4096)
-                out.flush()
-        except OSError:
-            pass
+    with open(filler, "wb", buffering=0) as out:
+        for size in (len(chunk), 4096, 512):
+            try:
+                while True:
+                    out.write(chunk[:size])
+            except OSError:
+                pass
     return filler
 
 
