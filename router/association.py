@@ -59,7 +59,7 @@ class Association:
 
     def __init__(self, destination: Destination, calling_ae_title: str) -> None:
         self.destination = destination
-        self.calling_ae_title = destination.calling_ae_title or calling_ae_title
+        self.calling_ae_title = calling_ae_title
         self._assoc = None
         self._proposed: set[tuple[str, str]] = set()
         self.last_used = time.monotonic()
@@ -68,14 +68,18 @@ class Association:
     def is_open(self) -> bool:
         return self._assoc is not None and self._assoc.is_established
 
-    def covers(self, wanted: Contexts) -> bool:
-        return self.is_open and {(s, t) for s, uids in wanted.items() for t in uids} <= self._proposed
+    def covers(self, wanted: Contexts, calling_ae_title: str | None = None) -> bool:
+        return (self.is_open and calling_ae_title in (None, self.calling_ae_title)
+                and {(s, t) for s, uids in wanted.items() for t in uids} <= self._proposed)
 
-    def open(self, wanted: Contexts) -> str | None:
-        """Make sure the association is open and proposed `wanted`; returns an error or None."""
-        if self.covers(wanted):
+    def open(self, wanted: Contexts, calling_ae_title: str | None = None) -> str | None:
+        """Make sure the association is open, as `calling_ae_title` (default: as it was made),
+        and proposed `wanted`; returns an error or None."""
+        if self.covers(wanted, calling_ae_title):
             return None
         self.release()
+        if calling_ae_title is not None:
+            self.calling_ae_title = calling_ae_title
         dest = self.destination
         ae = AE(ae_title=self.calling_ae_title)
         ae.acse_timeout = dest.timeouts.acse_s
@@ -163,20 +167,25 @@ class AssociationPool:
         self._busy = 0
         self._cond = threading.Condition()
 
-    def acquire(self, wanted: Contexts, timeout: float | None = None) -> Association | None:
-        """An association to open for `wanted` (the caller calls `open`); None on timeout."""
+    def acquire(self, wanted: Contexts, calling_ae_title: str | None = None,
+                timeout: float | None = None) -> Association | None:
+        """An association to open for `wanted` (the caller calls `open`), preferably one made as
+        `calling_ae_title` (default: the router's); None on timeout."""
+        calling = calling_ae_title or self._destination().calling_ae_title or self.calling_ae_title
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
                 self._idle = [a for a in self._idle if a.is_open]  # the peer may have closed one
-                if self._idle:
-                    chosen = next((a for a in self._idle if a.covers(wanted)), self._idle[0])
+                # one made as the same calling AE title first; another caller's is re-made as this one
+                candidates = [a for a in self._idle if a.calling_ae_title == calling] or self._idle
+                if candidates:
+                    chosen = next((a for a in candidates if a.covers(wanted, calling)), candidates[0])
                     self._idle.remove(chosen)
                     self._busy += 1
                     return chosen
-                if self._busy < self.ceiling:
+                if self._busy + len(self._idle) < self.ceiling:
                     self._busy += 1
-                    return Association(self._destination(), self.calling_ae_title)
+                    return Association(self._destination(), calling)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None

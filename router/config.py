@@ -26,8 +26,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def is_valid_ae_title(value: str) -> bool:
+    """1 to 16 printable characters, no backslash (PS3.5 AE VR)."""
+    return 0 < len(value) <= 16 and "\\" not in value and value.isprintable()
+
+
 def _ae_title(value: str) -> str:
-    if not value or len(value) > 16 or "\\" in value or not value.isprintable():
+    if not is_valid_ae_title(value):
         raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
     return value
 
@@ -140,6 +145,7 @@ class Destination(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     calling_ae_title: str | None = None
+    forward_calling_ae_title: bool = False  # associate with the calling AE title of the modality that sent it
     max_associations: int = Field(1, ge=1, le=16)
     batch_size: int = Field(32, ge=1, le=1000)
     keep_sop_instance_uid: bool = False

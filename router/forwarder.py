@@ -24,7 +24,7 @@ from pathlib import Path
 from router import codecs, log, metrics
 from router.association import MAX_CONTEXTS, UNCOMPRESSED, Association, AssociationPool, Contexts, contexts_for, \
     count, merge
-from router.config import Destination, DestinationRules, parse_status_range
+from router.config import Destination, DestinationRules, is_valid_ae_title, parse_status_range
 from router.intake import decide_for
 from router.queue import Job, Queue
 from router.request import ORIGINAL, Outcome, Reason, Request, fallback
@@ -190,7 +190,8 @@ class Forwarder:
                 item = self._prepare(rule_file, job, unresolved)
                 if item is not None:
                     outgoing.append(item)
-            for group in _groups(outgoing):
+            by_caller = rule_file.destination.forward_calling_ae_title
+            for group in _groups(outgoing, by_caller):
                 if self._stop.is_set():
                     break
                 self._send_group(rule_file.destination, group, unresolved)
@@ -248,9 +249,10 @@ class Forwarder:
 
     def _send_group(self, destination: Destination, group: list[_Outgoing], unresolved: dict[int, Job]) -> None:
         wanted = merge(*(item.contexts for item in group))
-        association = self.associations.acquire(wanted)
+        calling = self._calling_ae_title(destination, group[0])
+        association = self.associations.acquire(wanted, calling)
         try:
-            error = association.open(wanted)
+            error = association.open(wanted, calling)
             if error:
                 self.log.warning("association_failed", error=error, host=destination.host, port=destination.port)
                 for item in group:
@@ -279,6 +281,13 @@ class Forwarder:
                     unresolved.pop(item.job.id)
         finally:
             self.associations.give_back(association)
+
+    def _calling_ae_title(self, destination: Destination, item: _Outgoing) -> str:
+        """The calling AE title of the association: the modality's own with
+        `forward_calling_ae_title` (when it is a valid one), else the configured one."""
+        if destination.forward_calling_ae_title and is_valid_ae_title(item.job.instance.calling_ae):
+            return item.job.instance.calling_ae
+        return destination.calling_ae_title or self.associations.calling_ae_title
 
     def _finish_transcode(self, destination: Destination, item: _Outgoing) -> bool:
         """Wait for the item's transcode. A codec failure (the data, a crash, a hang) goes to the
@@ -429,15 +438,20 @@ class Forwarder:
         metrics.FORWARD_FAILURES.labels(destination=self.name, outcome=outcome.value).inc()
 
 
-def _groups(items: list[_Outgoing]) -> list[list[_Outgoing]]:
-    """Split a batch so that no association needs more than 128 presentation contexts."""
-    by_class: dict[str, list[_Outgoing]] = {}
+def _groups(items: list[_Outgoing], by_caller: bool = False) -> list[list[_Outgoing]]:
+    """Split a batch so that no association needs more than 128 presentation contexts, and,
+    `by_caller`, so that each association carries the instances of one calling AE title."""
+    by_key: dict[tuple[str, str], list[_Outgoing]] = {}
     for item in items:
-        by_class.setdefault(item.job.instance.sop_class_uid, []).append(item)
+        caller = item.job.instance.calling_ae if by_caller else ""
+        by_key.setdefault((caller, item.job.instance.sop_class_uid), []).append(item)
     groups: list[list[_Outgoing]] = []
     group: list[_Outgoing] = []
-    for class_items in by_class.values():
-        if group and count(merge(*(i.contexts for i in group + class_items))) > MAX_CONTEXTS:
+    keys = sorted(by_key, key=lambda key: key[0]) if by_caller else list(by_key)
+    for caller, sop_class in keys:
+        class_items = by_key[(caller, sop_class)]
+        if group and (count(merge(*(i.contexts for i in group + class_items))) > MAX_CONTEXTS
+                      or (by_caller and group[0].job.instance.calling_ae != caller)):
             groups.append(group)
             group = []
         group.extend(class_items)

@@ -47,12 +47,13 @@ class Site:
         self.intake = Intake(self.spool, self.queue, lambda: [self.rules],
                              on_enqueued=lambda names: self.forwarder.wake())
 
-    def receive(self, files: list[Path]) -> None:
+    def receive(self, files: list[Path], calling_ae: str = "CT1") -> None:
         for index, source in enumerate(files):
             path = self.spool.incoming / f"rx{time.monotonic_ns()}-{index}.dcm"
             shutil.copyfile(source, path)
             ds = dcmread(source, stop_before_pixels=True)
-            received = Received(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID), Context("CT1", "ROUTER", "::1"))
+            received = Received(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                Context(calling_ae, "ROUTER", "::1"))
             assert self.intake.accept(received) == SUCCESS
 
     def stop(self) -> None:
@@ -170,3 +171,18 @@ def test_every_warning_status_means_stored_once(site, pacs_factory, status):
     wait_until(lambda: s.queue.counts() == {}, 30, what="the job recorded as delivered")
     time.sleep(0.5)  # a retry would have come by now (backoff 0.2 s)
     assert pacs.count() == 1
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_the_destination_sees_the_modality_s_ae_title_when_asked(site, pacs, forward, tmp_path):
+    s = site(pacs.port, LOSSLESS, extra=f"forward_calling_ae_title = {str(forward).lower()}\nmax_associations = 1")
+    ct, mr = make_series(CT, 3, tmp_path / "ct"), make_series(data("MR2_UNCR.dcm"), 2, tmp_path / "mr")
+    s.receive(ct[:2], calling_ae="CT1")
+    s.receive(mr, calling_ae="MR_3T")
+    s.receive(ct[2:], calling_ae="CT1")
+    s.forwarder.start()
+    wait_until(lambda: pacs.count() == 5, 30, what="delivery")
+    callers = {r.sop_instance_uid: r.calling_ae for r in pacs.received}
+    sent_by = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): ae
+               for ae, paths in (("CT1", ct), ("MR_3T", mr)) for p in paths}
+    assert callers == ({uid: ae for uid, ae in sent_by.items()} if forward else dict.fromkeys(sent_by, "ROUTER"))
