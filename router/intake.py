@@ -89,6 +89,27 @@ class Intake:
             self.cpu_seconds += spent
             metrics.CPU_SECONDS.labels(stage="spool").inc(spent)
 
+    def check_receiving(self, received_bytes: int, calling_ae: str, sop_instance_uid: str) -> int | None:
+        """While a data set is still arriving: the status to refuse it at once (already larger
+        than max_instance_mb, or the spool below min_free_mb), or None to go on receiving.
+
+        The network layer asks at the start of each data set and as its bytes land, so bytes
+        being received count against the free-space floor before the transfer ends.
+        """
+        bound = _log.bind(calling_ae=calling_ae, sop_instance_uid=sop_instance_uid, received_bytes=received_bytes)
+        return self._no_room_for(received_bytes, bound)
+
+    def _no_room_for(self, size: int, bound) -> int | None:  # noqa: ANN001
+        """The status refusing `size` bytes (too large, or the spool below its floor), or None."""
+        if self.max_instance_bytes and size > self.max_instance_bytes:
+            return self._refuse(bound, Reason.TOO_LARGE, OUT_OF_RESOURCES,
+                                f"instance of {size} bytes exceeds max_instance_mb "
+                                f"({self.max_instance_bytes // (1024 * 1024)})")
+        if not self.spool.has_room():
+            return self._refuse(bound, Reason.DISK_FULL, OUT_OF_RESOURCES, "spool below min_free_mb",
+                                free_bytes=self.spool.free_bytes())
+        return None
+
     def _refuse(self, bound, reason: Reason, status: int, why: str, **fields) -> int:  # noqa: ANN001, ANN003
         metrics.REJECTED.labels(reason=reason.value).inc()
         bound.error("store_refused", reason=why, status=f"0x{status:04X}", **fields)
@@ -101,13 +122,9 @@ class Intake:
         path = received.path
         try:
             size = path.stat().st_size
-            if self.max_instance_bytes and size > self.max_instance_bytes:
-                return self._refuse(bound, Reason.TOO_LARGE, OUT_OF_RESOURCES,
-                                    f"instance of {size} bytes exceeds max_instance_mb "
-                                    f"({self.max_instance_bytes // (1024 * 1024)})")
-            if not self.spool.has_room():
-                return self._refuse(bound, Reason.DISK_FULL, OUT_OF_RESOURCES, "spool below min_free_mb",
-                                    free_bytes=self.spool.free_bytes())
+            refused = self._no_room_for(size, bound)
+            if refused is not None:
+                return refused
             synced = self.spool.sync_soon(path)  # the fsync runs while the header is read
             try:
                 header, decisions = decide_for(path, context, self.destinations(), received.sop_instance_uid)

@@ -7,6 +7,7 @@ Never UIDs or patient data.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -163,6 +164,7 @@ class _Handler(BaseHTTPRequestHandler):
     ready: Callable[[], tuple[bool, str]] = staticmethod(lambda: (True, "ok"))  # type: ignore[assignment]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
+        self.server.request_arrived(self.request)  # type: ignore[attr-defined]
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             body, ctype, code = generate_latest(_registry()), CONTENT_TYPE_LATEST, 200
@@ -183,11 +185,67 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def serve_http(host: str, port: int, ready: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
-    """Start /metrics, /healthz and /readyz on a daemon thread; returns the server (call shutdown())."""
-    handler = type("MetricsHandler", (_Handler,), {"ready": staticmethod(ready)})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """At most `max_connections` connections at once (one more is closed as soon as it is
+    accepted), and each must deliver its request within `idle_timeout` of connecting: idle or
+    trickling clients cannot pile up threads and file descriptors in the router."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int,
+                 idle_timeout: float) -> None:
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._waiting: dict[socket.socket, float] = {}  # connection -> when its request must have arrived
+        self._open = 0
+
+    def process_request(self, request, client_address) -> None:  # noqa: ANN001 - socketserver API
+        with self._lock:
+            full = self._open >= self.max_connections
+            if not full:
+                self._open += 1
+                self._waiting[request] = time.monotonic() + self.idle_timeout
+        if full:
+            super().shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def request_arrived(self, request: socket.socket) -> None:
+        with self._lock:
+            self._waiting.pop(request, None)
+
+    def shutdown_request(self, request) -> None:  # noqa: ANN001 - socketserver API
+        with self._lock:
+            self._open -= 1
+            self._waiting.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Between two turns of the accept loop: close the connections whose request is late
+        (a socket timeout alone lets a client that sends a byte now and then stay forever)."""
+        now = time.monotonic()
+        with self._lock:
+            late = [request for request, deadline in self._waiting.items() if deadline < now]
+            for request in late:
+                del self._waiting[request]
+                try:
+                    request.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def serve_http(host: str, port: int, ready: Callable[[], tuple[bool, str]], max_connections: int = 32,
+               idle_timeout_s: float = 10.0) -> ThreadingHTTPServer:
+    """Start /metrics, /healthz and /readyz on a daemon thread; returns the server (call shutdown()).
+
+    At most `max_connections` are served at once; a connection beyond them is closed as soon as
+    it is accepted. A connection whose request has not fully arrived `idle_timeout_s` after it
+    opened is closed, and so is one idle that long while its answer is sent.
+    """
+    handler = type("MetricsHandler", (_Handler,), {"ready": staticmethod(ready), "timeout": idle_timeout_s})
+    server = _BoundedHTTPServer((host, port), handler, max_connections, idle_timeout_s)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 

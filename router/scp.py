@@ -4,25 +4,29 @@ The AE accepts C-ECHO and every storage SOP class in every transfer syntax; the 
 streams each data set to a file in the spool's `incoming/` without decoding it, and the C-STORE
 handler hands that file to `intake.Intake.accept`, whose status it answers. Association-level
 policy (called AE title, allowed callers, the association limit) is here too, since only the
-association knows it.
+association knows it, and so is what the listener's limits close (`compat.pynetdicom.Limits`):
+counted in `dicom_router_rejected_total` and logged.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import threading
 from pathlib import Path
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
 
 from router import log, metrics
 from router.compat.pydicom import teach_jpeg_xl
-from router.compat.pynetdicom import register_server
+from router.compat.pynetdicom import (
+    Cut, GuardedAssociationServer, Hooks, Limits, register_server, reject_association,
+)
 from router.config import AllowedCaller, Listen
-from router.intake import SUCCESS, Intake, Received
+from router.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake, Received
 from router.request import Reason
 from router.rules import Context
 from router.tls import server_context
@@ -51,7 +55,20 @@ def _caller_allowed(allowed: list[str | AllowedCaller], ae_title: str, address: 
     return False
 
 
-class _SharedPortServer(ThreadedAssociationServer):
+# why the listener closed a connection -> the reason it is counted under
+_CUT_REASONS = {
+    Cut.REQUEST_TIMEOUT: Reason.TIMEOUT,
+    Cut.PDU_TIMEOUT: Reason.TIMEOUT,
+    Cut.TLS_TIMEOUT: Reason.TIMEOUT,
+    Cut.PDU_TOO_LARGE: Reason.TOO_LARGE,
+    Cut.MESSAGE_TOO_LARGE: Reason.TOO_LARGE,
+    Cut.NOT_A_REQUEST: Reason.MALFORMED,
+    Cut.TLS_FAILED: Reason.NOT_ALLOWED,
+    Cut.CROWDED: Reason.BUSY,
+}
+
+
+class _SharedPortServer(GuardedAssociationServer):
     def server_bind(self) -> None:
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
@@ -63,7 +80,7 @@ class Receiver:
     def __init__(self, listen: Listen, intake: Intake) -> None:
         self.listen = listen
         self.intake = intake
-        self.server: ThreadedAssociationServer | None = None
+        self.server: GuardedAssociationServer | None = None
         self.port = 0
 
     # -- handlers ----------------------------------------------------------------------------
@@ -92,7 +109,7 @@ class Receiver:
         if not _caller_allowed(self.listen.allowed_callers, calling, address):
             self._refuse(Reason.NOT_ALLOWED, "calling AE title or address not allowed", calling, address)
             # rejected-permanent, service-user, calling AE title not recognised
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            reject_association(event.assoc, 0x01, 0x01, 0x03)
 
     def _on_established(self, event: evt.Event) -> None:
         metrics.ASSOCIATIONS.labels(caller=event.assoc.requestor.ae_title.strip()).inc()
@@ -111,6 +128,25 @@ class Receiver:
             sop_instance_uid=str(request.AffectedSOPInstanceUID),
             context=context,
         ))
+
+    # -- what the listener's limits and guards report ----------------------------------------
+    def _on_closed(self, cut: Cut, detail: str, address: str) -> None:
+        reason = _CUT_REASONS[cut]
+        metrics.REJECTED.labels(reason=reason.value).inc()
+        _log.warning("connection_closed", reason=detail, cause=cut.value, source_ip=address)
+
+    def _on_receiving(self, assoc: Association, sop_instance_uid: str, received: int) -> int | None:
+        return self.intake.check_receiving(received, assoc.requestor.ae_title.strip(), sop_instance_uid)
+
+    def _on_unwritable(self, assoc: Association, error: Exception) -> int:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason, status, why = Reason.DISK_FULL, OUT_OF_RESOURCES, f"cannot write the data set: {error}"
+        else:
+            reason, status, why = Reason.MALFORMED, CANNOT_UNDERSTAND, f"C-STORE request cannot be used: {error}"
+        metrics.REJECTED.labels(reason=reason.value).inc()
+        _log.error("store_refused", reason=why, status=f"0x{status:04X}", calling_ae=assoc.requestor.ae_title.strip(),
+                   source_ip=assoc.requestor.address)
+        return status
 
     # -- lifecycle ---------------------------------------------------------------------------
     def make_ae(self) -> AE:
@@ -142,9 +178,18 @@ class Receiver:
             (evt.EVT_ESTABLISHED, self._on_established),
         ]
         ssl_context = server_context(self.listen.tls) if self.listen.tls is not None else None
+        limits = Limits(
+            request_timeout=self.listen.request_timeout_s,
+            pdu_timeout=self.listen.pdu_timeout_s,
+            max_pdu=self.listen.max_pdu,
+            tls_handshake_timeout=self.listen.tls_handshake_timeout_s,
+            pending=self.listen.max_associations,  # connections still on their way in, besides the associations
+        )
+        hooks = Hooks(closed=self._on_closed, receiving=self._on_receiving, unwritable=self._on_unwritable)
         self.server = ae.make_server((self.listen.host, self.listen.port), evt_handlers=handlers,
                                      ssl_context=ssl_context,
-                                     server_class=_SharedPortServer if reuse_port else ThreadedAssociationServer)
+                                     server_class=_SharedPortServer if reuse_port else GuardedAssociationServer,
+                                     limits=limits, hooks=hooks)
         register_server(ae, self.server)
         threading.Thread(target=self.server.serve_forever, name="dicom-accept", daemon=True).start()
         self.port = self.server.server_address[1]

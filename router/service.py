@@ -23,7 +23,7 @@ from pathlib import Path
 
 from router import config as config_mod
 from router import log, metrics
-from router.compat.pynetdicom import send_datasets_from_files, stream_datasets_to_files
+from router.compat.pynetdicom import send_datasets_from_files, stream_datasets_to_files, use_poll
 from router.config import ConfigError, DestinationRules, Loaded
 from router.forwarder import Forwarder
 from router.intake import Intake
@@ -186,6 +186,7 @@ class Router:
         return (not problems, "; ".join(problems) or "ready")
 
     def start(self) -> None:
+        use_poll()
         self.recover()
         send_datasets_from_files()
         transcode = self.cfg.router.transcode
@@ -201,7 +202,9 @@ class Router:
         )
         self._start_forwarders()
         if self.cfg.router.metrics.port:
-            self.http = metrics.serve_http(self.cfg.router.metrics.host, self.cfg.router.metrics.port, self.ready)
+            self.http = metrics.serve_http(self.cfg.router.metrics.host, self.cfg.router.metrics.port, self.ready,
+                                           max_connections=self.cfg.router.metrics.max_connections,
+                                           idle_timeout_s=self.cfg.router.metrics.idle_timeout_s)
         self._start_receivers()
         _log.info("listening", ae_title=self.cfg.router.listen.ae_title, host=self.cfg.router.listen.host,
                   port=self.cfg.router.listen.port, processes=len(self.receivers),
@@ -254,6 +257,7 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     """One of the receiving processes `serve` starts: listens on the shared port until SIGTERM
     or until its parent goes away; SIGHUP reloads the rule files. `wake` names the parent's
     abstract Unix socket, told which destinations have new work (and, once, that we listen)."""
+    use_poll()
     parent = os.getppid()
     # a receiver that outlived the router would accept images no forwarder sends until the next start
     die_with_parent()

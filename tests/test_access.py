@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import sys
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,17 @@ def test_only_allowed_callers_may_store(router_factory, pacs):
     assert router.log().count('"event": "association_rejected"') == 2
 
 
+def test_a_refused_caller_hears_association_rejected_with_the_reason(router_factory, pacs):
+    router = router_factory([Destination("PACS", pacs.port, RULE)], listen_extra='allowed_callers = ["CT1"]')
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
+    assert assoc.is_rejected, "the caller saw the connection closed, not an A-ASSOCIATE-RJ"
+    rj = assoc.acceptor.primitive
+    # rejected-permanent, service-user, calling AE title not recognised
+    assert (rj.result, rj.result_source, rj.diagnostic) == (0x01, 0x01, 0x03)
+
+
 def test_called_ae_title_must_match(router_factory, pacs):
     router = router_factory([Destination("PACS", pacs.port, RULE)])
     assert send(router.port, [data("693_UNCR.dcm")], called_ae="SOMEONE_ELSE") == [-1]
@@ -47,6 +60,10 @@ def test_association_limit_refuses_clearly(router_factory, pacs):
     try:
         assert send(router.port, [data("693_UNCR.dcm")]) == [-1]
         assert metric_value(router.metrics(), "dicom_router_rejected_total", reason="busy") == 1
+        refused = ae.associate("127.0.0.1", router.port, ae_title="ROUTER")
+        rj = refused.acceptor.primitive
+        # rejected-transient, service provider (presentation), local limit exceeded
+        assert refused.is_rejected and (rj.result, rj.result_source, rj.diagnostic) == (0x02, 0x03, 0x02)
     finally:
         held.release()
     assert send(router.port, [data("693_UNCR.dcm")]) == [0]
@@ -109,6 +126,39 @@ def test_tls_inbound_requires_a_client_certificate_and_outbound_verifies_the_des
     assert send(router.port, [data("693_UNCR.dcm")], tls_args=_client(pki, with_cert=False)) == [-1]
     assert send(router.port, [data("693_UNCR.dcm")]) == [-1]  # plain TCP to a TLS port
     assert pacs.count() == 1
+
+
+def _tls_echo(port: int, pki: Path, timeout: float) -> bool:
+    ae = AE(ae_title="CT1")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    assoc = ae.associate("127.0.0.1", port, ae_title="ROUTER", tls_args=_client(pki, with_cert=True))
+    if not assoc.is_established:
+        return False
+    try:
+        return assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_silent_connections_do_not_stop_dicom_tls(router_factory, pacs, pki):
+    tls = f'{{ cert = "{pki}/server.pem", key = "{pki}/server.key", ca = "{pki}/ca.pem" }}'
+    router = router_factory([Destination("PACS", pacs.port, RULE)],
+                            listen_extra=f"tls = {tls}\ntls_handshake_timeout_s = 3\nprocesses = 1")
+    silent = [socket.create_connection(("127.0.0.1", router.port), timeout=5) for _ in range(2)]
+    try:
+        started = time.monotonic()
+        assert _tls_echo(router.port, pki, timeout=5)
+        assert time.monotonic() - started < 2.5  # while both are still waiting for their handshake
+        for sock in silent:
+            sock.settimeout(6)
+            assert sock.recv(1) == b"", "a silent connection was not closed"
+    finally:
+        for sock in silent:
+            sock.close()
+    wait_until(lambda: metric_value(router.metrics(), "dicom_router_rejected_total", reason="timeout") == 2, 5,
+               what="two failed TLS handshakes counted")
+    assert router.log().count('"cause": "tls_timeout"') == 2
 
 
 def test_check_reports_missing_certificate_files(tmp_path):
