@@ -27,7 +27,8 @@ RECEIVED_INSTANCES = Counter(
 RECEIVED_BYTES = Counter("dicom_router_received_bytes", "Bytes of instances received and made durable", ["caller"])
 REJECTED = Counter(
     "dicom_router_rejected",
-    "C-STORE requests or associations refused (reason: disk_full, not_allowed, malformed, too_large, busy, error)",
+    "C-STORE requests or associations refused (reason: disk_full, not_allowed, malformed, too_large, busy, "
+    "timeout, error)",
     ["reason"],
 )
 ASSOCIATIONS = Counter("dicom_router_associations", "Inbound associations accepted", ["caller"])
