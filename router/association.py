@@ -26,12 +26,21 @@ from router.compat.pynetdicom import park_reactor
 from router.config import Destination
 from router.tls import client_context
 
-MAX_CONTEXTS = 128
+MAX_CONTEXTS = 127  # 128 per association, one of them Verification
+VERIFICATION = "1.2.840.10008.1.1"
+IMPLICIT_VR_LE = ImplicitVRLittleEndian
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # a destination offered a lossy JPEG also gets the syntax the standard makes its default
 COMPANIONS = {"1.2.840.10008.1.2.4.51": "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.57": "1.2.840.10008.1.2.4.70"}
 
 Contexts = dict[str, set[str]]  # SOP class UID -> transfer syntax UIDs
+
+
+def _context(abstract_syntax: str, transfer_syntax: str) -> PresentationContext:
+    cx = PresentationContext()
+    cx.abstract_syntax = abstract_syntax
+    cx.transfer_syntax = [transfer_syntax]
+    return cx
 
 
 def contexts_for(sop_class_uid: str, transfer_syntaxes: set[str]) -> Contexts:
@@ -86,13 +95,12 @@ class Association:
         ae.dimse_timeout = dest.timeouts.dimse_s
         ae.network_timeout = dest.timeouts.network_s
         ae.connection_timeout = dest.timeouts.connect_s
-        contexts = []
+        # Verification too: a destination that refuses every storage context still associates, and
+        # says which SOP classes it refuses instead of aborting
+        contexts = [_context(VERIFICATION, IMPLICIT_VR_LE)]
         for sop, uids in wanted.items():
             for ts in sorted(uids, key=lambda u: (u in UNCOMPRESSED, u)):
-                cx = PresentationContext()
-                cx.abstract_syntax = sop
-                cx.transfer_syntax = [ts]
-                contexts.append(cx)
+                contexts.append(_context(sop, ts))
         ae.requested_contexts = contexts
         connected = threading.Event()
         tls_args = (client_context(dest.tls), dest.host) if dest.tls is not None else None

@@ -83,6 +83,9 @@ class Listen(_Strict):
     max_instance_mb: int = Field(0, ge=0, description="largest instance accepted; 0: no limit")
     processes: int = Field(0, ge=0, le=64, description="receiving processes sharing the port; 0: one per core")
     tls: Tls | None = None
+    # private and unknown storage SOP classes are accepted and forwarded (as Orthanc's
+    # UnknownSopClassAccepted); false: only the storage classes pynetdicom knows
+    accept_unknown_sop_classes: bool = True
 
     @field_validator("ae_title")
     @classmethod

@@ -23,7 +23,12 @@ from pathlib import Path
 
 from router import config as config_mod
 from router import log, metrics
-from router.compat.pynetdicom import send_datasets_from_files, stream_datasets_to_files, use_poll
+from router.compat.pynetdicom import (
+    accept_unknown_storage_classes,
+    send_datasets_from_files,
+    stream_datasets_to_files,
+    use_poll,
+)
 from router.config import ConfigError, DestinationRules, Loaded
 from router.forwarder import Forwarder
 from router.intake import Intake
@@ -283,6 +288,7 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     spool = Spool(cfg.spool_dir, cfg.router.storage.min_free_mb)
     # incoming data sets stream to files on the spool's filesystem, so accepting one is a rename
     stream_datasets_to_files(spool.incoming)
+    accept_unknown_storage_classes(cfg.router.listen.accept_unknown_sop_classes)
     intake = Intake(spool, open_queue(cfg), destinations, cfg.router.listen.max_instance_mb, notify)
     receiver = Receiver(cfg.router.listen, intake)
     stop = threading.Event()

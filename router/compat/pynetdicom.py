@@ -580,3 +580,11 @@ class GuardedAssociationServer(ThreadedAssociationServer):
             return False
         connection.request = bytes(header + body)
         return True
+
+
+def accept_unknown_storage_classes(enabled: bool) -> None:
+    """Accept, as an SCP, every private or unknown abstract syntax as part of the storage service
+    (pynetdicom 2.0's `_config.UNRESTRICTED_STORAGE_SERVICE`, module-level, hence process-wide:
+    call it from the receiving process's entry point). Known non-storage services (C-FIND,
+    C-MOVE, N-ACTION...) are still negotiated against the supported contexts only."""
+    _config.UNRESTRICTED_STORAGE_SERVICE = enabled
