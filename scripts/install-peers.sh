@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install the independent DICOM programs the tests and the benchmark talk to:
-# DCMTK (storescu, storescp, dcmdjpeg, dcmdjpls, ...), GDCM (gdcmconv), Orthanc, Prometheus (promtool).
+# DCMTK (storescu, storescp, dcmdjpeg, dcmdjpls, ...), GDCM (gdcmconv), Orthanc, Prometheus (promtool),
+# and podman with runc and mmdebstrap to build and run the container image on a Debian base.
 set -euo pipefail
-packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl)
+packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl podman runc mmdebstrap)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

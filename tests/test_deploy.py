@@ -162,7 +162,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_image_runs_as_non_root_with_the_spool_on_a_volume():
-    assert instruction("FROM") == ["python:3.11-slim"]
+    assert instruction("ARG") == ["BASE=python:3.11-slim"] and instruction("FROM") == ["${BASE}"]
     [user] = instruction("USER")
     assert user.split(":")[0] not in ("root", "0")
     assert json.loads(instruction("VOLUME")[0]) == ["/var/lib/dicom-router"]
