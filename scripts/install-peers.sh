@@ -3,7 +3,7 @@
 # DCMTK (storescu, storescp, dcmdjpeg, dcmdjpls, ...), GDCM (gdcmconv), Orthanc, Prometheus (promtool),
 # and podman with runc and mmdebstrap to build and run the container image on a Debian base.
 set -euo pipefail
-packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl podman runc mmdebstrap)
+packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl podman runc mmdebstrap uidmap slirp4netns fuse-overlayfs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
