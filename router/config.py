@@ -119,12 +119,53 @@ class Transcode(_Strict):
     )
 
 
+class Queue(_Strict):
+    history_days: float = Field(7, gt=0, description="how long each job's outcome is kept after it finished")
+
+
+class ReplyAddress(_Strict):
+    """Where a modality listens for the storage commitment reports the router sends on a new
+    association (the modality's own storage commitment SCU port)."""
+
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ae_title: str | None = Field(None, description="the modality's AE title there; default: its calling AE title")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return value if value is None else _ae_title(value)
+
+
+class Commitment(_Strict):
+    """Storage commitment (Push Model) offered to modalities: what "committed" means."""
+
+    # delivered: every destination the rules send it to stored it; spooled: durable in the
+    # router; off: the SOP class is not offered
+    mode: Literal["delivered", "spooled", "off"] = "delivered"
+    modalities: dict[str, ReplyAddress] = Field(
+        default_factory=dict, description="reply addresses by the modality's calling AE title")
+    timeout_s: float = Field(3600, gt=0, description="a request still undecided this long after it came is "
+                                                     "reported, its undelivered instances as failed")
+    report_retry_s: float = Field(5, gt=0, description="first wait before a report that could not be delivered is "
+                                                       "sent again; doubles each time, up to 10 minutes")
+
+    @field_validator("modalities")
+    @classmethod
+    def _titles(cls, modalities: dict[str, ReplyAddress]) -> dict[str, ReplyAddress]:
+        for title in modalities:
+            _ae_title(title)
+        return modalities
+
+
 class RouterConfig(_Strict):
     listen: Listen = Field(default_factory=Listen)
     storage: Storage = Field(default_factory=Storage)
     metrics: Metrics = Field(default_factory=Metrics)
     rules: RulesDir = Field(default_factory=RulesDir)
     transcode: Transcode = Field(default_factory=Transcode)
+    queue: Queue = Field(default_factory=Queue)
+    commitment: Commitment = Field(default_factory=Commitment)
 
 
 class Retry(_Strict):

@@ -25,8 +25,9 @@ from router import codecs, log, metrics
 from router.association import MAX_CONTEXTS, UNCOMPRESSED, Association, AssociationPool, Contexts, contexts_for, \
     count, merge
 from router.config import Destination, DestinationRules, is_valid_ae_title, parse_status_range
+from router.holds import Holds
 from router.intake import decide_for
-from router.queue import Job, Queue
+from router.queue import Delivery, Job, Queue
 from router.request import ORIGINAL, Outcome, Reason, Request, fallback
 from router.rules import Context, Decision
 from router.spool import Spool
@@ -106,6 +107,7 @@ class Forwarder:
         self._held_back: list[int] = []  # claimed jobs the queue could not take back yet
         self._held_back_lock = threading.Lock()
         self.log = log.get("forwarder").bind(destination=name)
+        self.holds = Holds(spool.root)  # `dicom-router pause` puts a destination on hold
         in_force = rule_file(name)
         ceiling = in_force.destination.max_associations if in_force else 1
         self.associations = AssociationPool(self._destination, calling_ae_title, ceiling)
@@ -158,6 +160,11 @@ class Forwarder:
         rule_file = self.rule_file(self.name)
         if rule_file is None:
             return False
+        if self.holds.is_paused(self.name):
+            self.associations.release_idle()
+            self._wake.wait(1.0)
+            self._wake.clear()
+            return True
         jobs = self.queue.claim(self.name, rule_file.destination.batch_size)
         if not jobs:
             self.associations.release_idle()
@@ -346,7 +353,7 @@ class Forwarder:
                         f"cannot decompress for a destination that refused {refused}: {result}")
             return False
         self._discard_output(item)
-        item.request = instead
+        item.request, item.transcoded = instead, result
         item.path, item.transfer_syntax_uid, item.syntax = result.path, result.transfer_syntax_uid, instead.syntax
         metrics.FALLBACKS.labels(destination=self.name, reason=Reason.REFUSED_BY_DESTINATION.value).inc()
         item.log.warning("syntax_refused", refused=refused, sent_as=result.transfer_syntax_uid,
@@ -405,7 +412,7 @@ class Forwarder:
         """
         if not delivered:
             return
-        for path in self.queue.complete([item.job.id for item, _ in delivered]):
+        for path in self.queue.complete([_delivery(item, size) for item, size in delivered]):
             self.spool.remove(path)
         now = time.time()
         for item, size in delivered:
@@ -419,7 +426,7 @@ class Forwarder:
         metrics and the log. A retry past `max_attempts` is a dead letter."""
         uid = job.instance.sop_instance_uid
         if outcome is Outcome.SKIPPED:
-            for path in self.queue.complete([job.id]):
+            for path in self.queue.complete([Delivery(job.id, Outcome.SKIPPED, note=why)]):
                 self.spool.remove(path)
             metrics.SKIPPED.labels(destination=self.name).inc()
             self.log.info("skipped", sop_instance_uid=uid, reason=why)
@@ -436,6 +443,21 @@ class Forwarder:
             self.log.warning("retry_scheduled", sop_instance_uid=uid, attempts=attempts, retry_in_s=round(delay, 1),
                              error=why)
         metrics.FORWARD_FAILURES.labels(destination=self.name, outcome=outcome.value).inc()
+
+
+def _delivery(item: _Outgoing, size: int) -> Delivery:
+    """How a delivered item went out, for its history row."""
+    received = item.job.instance
+    sent_uid = item.transcoded.sop_instance_uid if item.transcoded is not None else ""
+    if item.transcoded is not None and item.transcoded.ratio:
+        ratio = item.transcoded.ratio
+    else:
+        ratio = received.size / size if size else None
+    return Delivery(
+        item.job.id, Outcome.DELIVERED, syntax=item.syntax, transfer_syntax_uid=item.transfer_syntax_uid,
+        sent_size=size, ratio=round(ratio, 3) if ratio else None,
+        sent_sop_instance_uid=sent_uid if sent_uid and sent_uid != received.sop_instance_uid else "",
+    )
 
 
 def _groups(items: list[_Outgoing], by_caller: bool = False) -> list[list[_Outgoing]]:

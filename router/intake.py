@@ -52,7 +52,8 @@ def decide_for(
     reported as malformed rather than surfacing later.
     """
     keys = {k for d in destinations for r in d.rules for k in r.match if k not in CONTEXT_KEYS}
-    header = read_header(path, expected_sop_instance_uid, decode=("StudyInstanceUID", *sorted(keys)))
+    header = read_header(path, expected_sop_instance_uid,
+                         decode=("StudyInstanceUID", "SeriesInstanceUID", *sorted(keys)))
     attributes = Attributes(header, context)
     return header, [(d, decide(d.rules, attributes, d.destination.keep_sop_instance_uid)) for d in destinations]
 
@@ -130,6 +131,7 @@ class Intake:
                 header, decisions = decide_for(path, context, self.destinations(), received.sop_instance_uid)
                 transfer_syntax = str(header.file_meta.TransferSyntaxUID)
                 study = str(header.get("StudyInstanceUID", ""))
+                series = str(header.get("SeriesInstanceUID", ""))
             except Exception as exc:  # noqa: BLE001 - whatever pydicom raises on broken input
                 return self._refuse(bound, Reason.MALFORMED, CANNOT_UNDERSTAND,
                                     f"data set cannot be understood: {exc}")
@@ -151,15 +153,15 @@ class Intake:
                 source_ip=context.source_ip,
                 size=size,
                 received_at=time.time(),
+                series_instance_uid=series,
             )
-            if jobs:
-                try:
-                    self.queue.add(instance, jobs)
-                except Exception:
-                    self.spool.remove(final)
-                    raise
-            else:
-                # no destination wants it: nothing to keep once it has been accepted
+            try:
+                self.queue.add(instance, jobs)  # no job: a history row ("not forwarded") only
+            except Exception:
+                self.spool.remove(final)
+                raise
+            if not jobs:
+                # no destination wants it: nothing to keep but its history once it has been accepted
                 self.spool.remove(final)
         except OSError as exc:
             reason = Reason.DISK_FULL if exc.errno in _DISK_FULL_ERRNOS else Reason.ERROR

@@ -74,6 +74,25 @@ END_TO_END_SECONDS = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
 )
 
+COMMITMENT_REQUESTS = Counter(
+    "dicom_router_commitment_requests",
+    "Storage commitment requests (result: new, repeated (the same request again while pending), duplicate (a "
+    "transaction UID in use for other instances), refused)",
+    ["result"],
+)
+COMMITMENT_REPORTS = Counter(
+    "dicom_router_commitment_reports",
+    "Storage commitment reports delivered (outcome: committed, failures; association: same, new)",
+    ["outcome", "association"],
+)
+COMMITMENT_INSTANCES = Counter(
+    "dicom_router_commitment_instances", "Instances in the storage commitment reports delivered (result: committed, "
+    "failed)", ["result"],
+)
+COMMITMENT_REPORT_FAILURES = Counter(
+    "dicom_router_commitment_report_failures", "Storage commitment reports that could not be delivered (retried)",
+)
+
 
 class StateCollector(Collector):
     """Gauges read at scrape time from the queue and the spool, so they are never stale."""
@@ -84,11 +103,13 @@ class StateCollector(Collector):
         oldest_pending: Callable[[], dict[str, float]],
         spool_free_bytes: Callable[[], int],
         destinations: Callable[[], list[str]],
+        paused: Callable[[], dict[str, float]] = dict,
     ) -> None:
         self._queue_counts = queue_counts
         self._oldest_pending = oldest_pending
         self._spool_free_bytes = spool_free_bytes
         self._destinations = destinations
+        self._paused = paused
 
     def collect(self):  # noqa: ANN201 - prometheus_client protocol
         names = self._destinations()
@@ -109,6 +130,14 @@ class StateCollector(Collector):
         for name in sorted(set(names) | set(ages)):
             oldest.add_metric([name], ages.get(name, 0.0))
         yield oldest
+        held = self._paused()
+        paused = GaugeMetricFamily(
+            "dicom_router_destination_paused",
+            "1 while a destination is on hold (dicom-router pause), else 0", labels=["destination"],
+        )
+        for name in sorted(set(names) | set(held)):
+            paused.add_metric([name], 1 if name in held else 0)
+        yield paused
         yield GaugeMetricFamily(
             "dicom_router_spool_free_bytes", "Free bytes on the spool's filesystem", value=self._spool_free_bytes()
         )
@@ -140,6 +169,7 @@ class _AllProcesses(Collector):
         m._name: m for m in (
             RECEIVED_INSTANCES, RECEIVED_BYTES, REJECTED, ASSOCIATIONS, FORWARDED_INSTANCES, FORWARDED_BYTES,
             FORWARD_FAILURES, FALLBACKS, SKIPPED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
+            COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
         )
     }
 
@@ -258,6 +288,13 @@ def declare(destinations: list[str]) -> None:
         REJECTED.labels(reason=reason.value)
     for stage in CPU_STAGES:
         CPU_SECONDS.labels(stage=stage)
+    for result in ("new", "repeated", "duplicate", "refused"):
+        COMMITMENT_REQUESTS.labels(result=result)
+    for outcome in ("committed", "failures"):
+        for association in ("same", "new"):
+            COMMITMENT_REPORTS.labels(outcome=outcome, association=association)
+    for result in ("committed", "failed"):
+        COMMITMENT_INSTANCES.labels(result=result)
     for name in destinations:
         SKIPPED.labels(destination=name)
         for outcome in (Outcome.RETRY, Outcome.DEAD):

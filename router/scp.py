@@ -2,7 +2,10 @@
 
 The AE accepts C-ECHO and every storage SOP class in every transfer syntax; the network layer
 streams each data set to a file in the spool's `incoming/` without decoding it, and the C-STORE
-handler hands that file to `intake.Intake.accept`, whose status it answers. Association-level
+handler hands that file to `intake.Intake.accept`, whose status it answers. With storage
+commitment on, the AE also accepts the Storage Commitment Push Model SOP class, and the
+N-ACTION handler hands the request to `commitment.AssociationReports.accept`, whose status it
+answers. Association-level
 policy (called AE title, allowed callers, the association limit) is here too, since only the
 association knows it, and so is what the listener's limits close (`compat.pynetdicom.Limits`):
 counted in `dicom_router_rejected_total` and logged.
@@ -16,11 +19,13 @@ import socket
 import threading
 from pathlib import Path
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from router import log, metrics
+from router.commitment import STORAGE_COMMITMENT, AssociationReports
 from router.compat.pydicom import teach_jpeg_xl
 from router.compat.pynetdicom import (
     Cut, GuardedAssociationServer, Hooks, Limits, register_server, reject_association,
@@ -77,9 +82,10 @@ class _SharedPortServer(GuardedAssociationServer):
 class Receiver:
     """The inbound side: owns the pynetdicom AE; every C-STORE goes to `intake`."""
 
-    def __init__(self, listen: Listen, intake: Intake) -> None:
+    def __init__(self, listen: Listen, intake: Intake, commitments: AssociationReports | None = None) -> None:
         self.listen = listen
         self.intake = intake
+        self.commitments = commitments  # None: storage commitment is not offered
         self.server: GuardedAssociationServer | None = None
         self.port = 0
 
@@ -129,6 +135,15 @@ class Receiver:
             context=context,
         ))
 
+    def _on_n_action(self, event: evt.Event) -> tuple[int, None]:
+        assert self.commitments is not None  # the SOP class is only offered with it
+        try:
+            information = event.action_information
+        except Exception:  # noqa: BLE001 - undecodable: the request is malformed
+            information = None
+        calling = event.assoc.requestor.ae_title.strip()
+        return self.commitments.accept(event.action_type, information, calling, event.assoc), None
+
     # -- what the listener's limits and guards report ----------------------------------------
     def _on_closed(self, cut: Cut, detail: str, address: str) -> None:
         reason = _CUT_REASONS[cut]
@@ -155,6 +170,8 @@ class Receiver:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        if self.commitments is not None:
+            ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.require_called_aet = self.listen.require_called_ae_title
         ae.maximum_associations = self.listen.max_associations
         ae.maximum_pdu_size = self.listen.max_pdu
@@ -177,6 +194,8 @@ class Receiver:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
         ]
+        if self.commitments is not None:
+            handlers.append((evt.EVT_N_ACTION, self._on_n_action))
         ssl_context = server_context(self.listen.tls) if self.listen.tls is not None else None
         limits = Limits(
             request_timeout=self.listen.request_timeout_s,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from router import config as config_mod
 from router import log, metrics
+from router.commitment import AssociationReports, Reporter, Timeouts
 from router.compat.pynetdicom import (
     accept_unknown_storage_classes,
     send_datasets_from_files,
@@ -31,6 +32,7 @@ from router.compat.pynetdicom import (
 )
 from router.config import ConfigError, DestinationRules, Loaded
 from router.forwarder import Forwarder
+from router.holds import Holds
 from router.intake import Intake
 from router.lifetime import die_with_parent
 from router.queue import open_queue
@@ -58,6 +60,7 @@ class Router:
         self._wake_name = ""
         self.log_format, self.log_level = log_format, log_level
         self.http = None
+        self.reporter: Reporter | None = None
 
     # -- the rules the other parts read ---------------------------------------------------------
     def destinations(self) -> list[DestinationRules]:
@@ -203,9 +206,17 @@ class Router:
                 oldest_pending=self.queue.oldest_pending,
                 spool_free_bytes=self.spool.free_bytes,
                 destinations=lambda: [d.name for d in self.destinations()],
+                paused=Holds(self.spool.root).paused,
             )
         )
         self._start_forwarders()
+        commitment = self.cfg.router.commitment
+        if commitment.mode != "off":
+            listen = self.cfg.router.listen
+            self.reporter = Reporter(self.queue, commitment, listen.ae_title,
+                                     Timeouts(acse_s=listen.acse_timeout_s, dimse_s=listen.dimse_timeout_s,
+                                              network_s=listen.network_timeout_s))
+            self.reporter.start()
         if self.cfg.router.metrics.port:
             self.http = metrics.serve_http(self.cfg.router.metrics.host, self.cfg.router.metrics.port, self.ready,
                                            max_connections=self.cfg.router.metrics.max_connections,
@@ -224,6 +235,8 @@ class Router:
             forwarder.signal_stop()
         for forwarder in self.forwarders.values():
             forwarder.stop(timeout=max(0.0, timeout - (time.monotonic() - started)))
+        if self.reporter is not None:
+            self.reporter.stop()
         if self.pool is not None:
             self.pool.shutdown()
         if self.http is not None:
@@ -289,8 +302,10 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     # incoming data sets stream to files on the spool's filesystem, so accepting one is a rename
     stream_datasets_to_files(spool.incoming)
     accept_unknown_storage_classes(cfg.router.listen.accept_unknown_sop_classes)
-    intake = Intake(spool, open_queue(cfg), destinations, cfg.router.listen.max_instance_mb, notify)
-    receiver = Receiver(cfg.router.listen, intake)
+    queue = open_queue(cfg)
+    intake = Intake(spool, queue, destinations, cfg.router.listen.max_instance_mb, notify)
+    commitments = AssociationReports(queue, cfg.router.commitment) if cfg.router.commitment.mode != "off" else None
+    receiver = Receiver(cfg.router.listen, intake, commitments)
     stop = threading.Event()
     reload_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -299,6 +314,8 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     # this process's CPU other than intake's is the network receive
     cpu = metrics.ProcessCpu("receive", lambda: intake.cpu_seconds)
     receiver.start(reuse_port=True)
+    if commitments is not None:
+        commitments.start()
     sock.sendto(f"\0ready {os.getpid()}".encode(), address)
     while not stop.wait(0.5):
         cpu.tick()
@@ -315,6 +332,8 @@ def run_receiver_process(config_path: str, wake: str) -> int:
             with lock:
                 state["destinations"] = fresh
     receiver.stop()
+    if commitments is not None:
+        commitments.stop()
     cpu.tick()
     return 0
 

@@ -228,6 +228,121 @@ def echo(port: int, called_ae: str = "ROUTER") -> bool:
         assoc.release()
 
 
+# -- storage commitment: the modality's side ------------------------------------------------------------
+STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"
+
+
+@dataclass
+class Report:
+    """An N-EVENT-REPORT the modality received."""
+
+    transaction_uid: str
+    event_type: int
+    committed: list[str]  # SOP Instance UIDs
+    failed: dict[str, int]  # SOP Instance UID -> Failure Reason
+    same_association: bool
+    sender: str  # the calling AE title of the association it came on ("" on the modality's own)
+
+
+def references(files: list[Path]) -> list[tuple[str, str]]:
+    """(SOP Class UID, SOP Instance UID) of each file."""
+    out = []
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        out.append((str(ds.SOPClassUID), str(ds.SOPInstanceUID)))
+    return out
+
+
+class CommittingModality:
+    """A pynetdicom modality that asks for storage commitment (N-ACTION) and collects the
+    reports: on the association it asked on, and, once `listen()`ed, on new associations the
+    router opens to it with the SCP role (SCP/SCU Role Selection)."""
+
+    def __init__(self, ae_title: str = "MODALITY") -> None:
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.reports: list[Report] = []
+        self.role_selections: list[tuple[bool | None, bool | None]] = []  # (SCU, SCP) proposed by the router
+        self._lock = threading.Lock()
+        self.server = None
+
+    def _on_report(self, event: evt.Event, same: bool) -> tuple[int, None]:
+        info = event.event_information
+        committed = [str(item.ReferencedSOPInstanceUID) for item in info.get("ReferencedSOPSequence", [])]
+        failed = {str(item.ReferencedSOPInstanceUID): int(item.FailureReason)
+                  for item in info.get("FailedSOPSequence", [])}
+        sender = "" if same else event.assoc.requestor.ae_title.strip()
+        with self._lock:
+            self.reports.append(Report(str(info.TransactionUID), int(event.event_type), committed, failed, same, sender))
+        return 0x0000, None
+
+    def _on_requested(self, event: evt.Event) -> None:
+        for item in event.assoc.requestor.primitive.user_information:
+            if type(item).__name__ == "SCP_SCU_RoleSelectionNegotiation":
+                self.role_selections.append((item.scu_role, item.scp_role))
+
+    def listen(self) -> CommittingModality:
+        ae = AE(ae_title=self.ae_title)
+        ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                                 scu_role=False, scp_role=True)
+        ae.require_called_aet = True
+        self.server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[
+            (evt.EVT_N_EVENT_REPORT, lambda event: self._on_report(event, False)),
+            (evt.EVT_REQUESTED, self._on_requested),
+        ])
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def request(self, port: int, refs: list[tuple[str, str]], transaction_uid: str | None = None,
+                keep_open_s: float = 0.0, called_ae: str = "ROUTER", action_type: int = 1,
+                information: Dataset | None = None) -> tuple[int, str]:
+        """Send one storage commitment request; returns the N-ACTION status (-1: no answer) and the
+        Transaction UID. With `keep_open_s`, the association stays open until a report for it
+        arrives on it or that many seconds pass."""
+        from pydicom.uid import generate_uid
+
+        transaction_uid = transaction_uid or generate_uid()
+        if information is None:
+            information = Dataset()
+            information.TransactionUID = transaction_uid
+            items = []
+            for sop_class, uid in refs:
+                item = Dataset()
+                item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, uid
+                items.append(item)
+            information.ReferencedSOPSequence = items
+        ae = AE(ae_title=self.ae_title)
+        ae.add_requested_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", port, ae_title=called_ae,
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: self._on_report(event, True))])
+        if not assoc.is_established:
+            return -1, transaction_uid
+        try:
+            status, _ = assoc.send_n_action(information, action_type, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
+            code = int(status.Status) if "Status" in status else -1
+            deadline = time.monotonic() + keep_open_s
+            while time.monotonic() < deadline and assoc.is_established and not self.report(transaction_uid):
+                time.sleep(0.05)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return code, transaction_uid
+
+    def report(self, transaction_uid: str) -> Report | None:
+        with self._lock:
+            found = [r for r in self.reports if r.transaction_uid == transaction_uid]
+        return found[-1] if found else None
+
+    def count(self, transaction_uid: str) -> int:
+        with self._lock:
+            return sum(1 for r in self.reports if r.transaction_uid == transaction_uid)
+
+
 # -- the router ---------------------------------------------------------------------------------------
 @dataclass
 class Destination:

@@ -5,6 +5,16 @@ retryable). An instance row and its spool file live as long as any of its jobs d
 claimed but not finished (a crash, a shutdown) goes back to pending: delivery is at least once,
 never lost.
 
+History: every finished job (delivered, skipped, dead) and every instance no destination wants
+("not forwarded") leaves one row, written in the same transaction as the queue change, kept for
+`[queue] history_days` (pruned by the queue itself, at most once an hour). It holds UIDs, AE
+titles, syntaxes, sizes and times, never patient data; it maps an original SOP Instance UID to
+the one that went out (`HistoryEntry.sent_sop_instance_uid`).
+
+Storage commitment requests (`commitment`) live in the same database: a request and its
+referenced instances are stored before the modality hears success, and a report is claimed in
+one transaction, so that one process alone sends it.
+
 Backends implement `Queue`: `sqlite.SqliteQueue` (the embedded default, in the spool). The
 forwarder and the receiving side know only this interface; `open_queue` picks the backend from
 the configuration.
@@ -18,12 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from router.request import Request
+from router.request import Outcome, Request
 
 if TYPE_CHECKING:
     from router.config import Loaded
 
 STATES = ("pending", "in_flight", "dead")
+NOT_FORWARDED = "not forwarded"  # the history outcome of an instance no destination wants
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class Instance:
     source_ip: str
     size: int
     received_at: float
+    series_instance_uid: str = ""
 
 
 @dataclass(frozen=True)
@@ -65,13 +77,80 @@ class Job:
     instance: Instance
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """What the forwarder knows of a finished job, for its history row: how it went out.
+
+    `outcome` is delivered or skipped (dead letters go through `Queue.dead`); the sizes,
+    attempts and times the queue takes from the job itself."""
+
+    job_id: int
+    outcome: Outcome = Outcome.DELIVERED
+    syntax: str = ""  # the syntax name it went out in ("original": as received)
+    transfer_syntax_uid: str = ""
+    sent_size: int | None = None
+    ratio: float | None = None
+    sent_sop_instance_uid: str = ""  # only when it went out under another SOP Instance UID
+    note: str = ""  # why it was skipped
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One finished job (or an instance no destination wants): what the history keeps."""
+
+    destination: str  # "" for an instance no destination wants
+    outcome: str  # delivered, skipped, dead, not forwarded
+    syntax: str
+    transfer_syntax_uid: str
+    received_size: int
+    sent_size: int | None
+    ratio: float | None
+    attempts: int
+    last_error: str
+    received_at: float
+    finished_at: float  # sent (delivered), or when it became a dead letter or was skipped
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str  # as received
+    sent_sop_instance_uid: str  # "" when it went out under the received UID
+    sop_class_uid: str
+    calling_ae: str
+
+
+@dataclass(frozen=True)
+class Whereabouts:
+    """Where the instances with one SOP Instance UID are, as far as the queue and the history
+    know: what storage commitment decides on."""
+
+    sop_class_uids: frozenset[str]
+    unfinished: int  # jobs pending or in flight
+    dead: int  # dead letters: jobs, or destinations whose last outcome in the history is dead
+    finished: int  # history rows of the other outcomes (delivered, skipped, not forwarded)
+
+
+@dataclass(frozen=True)
+class StoredCommitment:
+    """A storage commitment request as the queue keeps it."""
+
+    id: int
+    transaction_uid: str
+    calling_ae: str
+    references: tuple[tuple[str, str], ...]  # (SOP Class UID, SOP Instance UID), as requested
+    received_at: float
+    deadline: float
+    duplicate: bool  # a transaction UID already in use for other instances
+    attempts: int
+    last_error: str
+
+
 class Queue(ABC):
     """The verbs every backend offers; all are safe to call from several threads."""
 
     # -- receiving
     @abstractmethod
     def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:
-        """Record an instance and its jobs in one committed transaction."""
+        """Record an instance and its jobs in one committed transaction; an instance with no
+        job (no destination wants it) is recorded in the history only, as not forwarded."""
 
     # -- forwarding
     @abstractmethod
@@ -87,9 +166,9 @@ class Queue(ABC):
         """How many pending jobs of `destination` are due now."""
 
     @abstractmethod
-    def complete(self, job_ids: Iterable[int]) -> list[str]:
-        """Delete delivered (or skipped) jobs in one transaction; returns the spool paths that
-        no job needs any more."""
+    def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
+        """Delete delivered (or skipped) jobs and write their history rows in one transaction
+        (a bare job id: delivered, how unknown); returns the spool paths no job needs any more."""
 
     @abstractmethod
     def release(self, job_ids: Iterable[int]) -> None:
@@ -101,7 +180,8 @@ class Queue(ABC):
 
     @abstractmethod
     def dead(self, job_id: int, error: str) -> None:
-        """Count a failed attempt and keep the job as a dead letter with `error`."""
+        """Count a failed attempt and keep the job as a dead letter with `error`, and write its
+        history row, in one transaction."""
 
     # -- start-up and operation
     @abstractmethod
@@ -133,6 +213,54 @@ class Queue(ABC):
         """Put dead letters back to pending with a fresh attempt count; returns how many."""
 
     @abstractmethod
+    def purge_dead(self, destination: str | None = None, older_than: float | None = None) -> list[Job]:
+        """Delete dead letters (of `destination`, dead before the epoch time `older_than`), and
+        the instances no job needs any more; returns the jobs deleted (their instances' spool
+        files are the caller's to remove when `paths()` no longer lists them)."""
+
+    # -- history
+    @abstractmethod
+    def history(self, study: str | None = None, series: str | None = None, sop: str | None = None,
+                limit: int = 10000) -> list[HistoryEntry]:
+        """History rows, oldest first, of a study, a series or a SOP Instance UID (matching the
+        received or the sent UID); the conditions given must all hold."""
+
+    @abstractmethod
+    def whereabouts(self, sop_instance_uids: Iterable[str]) -> dict[str, Whereabouts]:
+        """For each received SOP Instance UID the queue or the history knows, where it is."""
+
+    # -- storage commitment
+    @abstractmethod
+    def add_commitment(self, transaction_uid: str, calling_ae: str, references: Iterable[tuple[str, str]],
+                       received_at: float, deadline: float, holder: str = "", held_until: float = 0.0) -> str:
+        """Store a storage commitment request durably; returns "new", "repeated" (the same
+        request while it is still pending: nothing more stored) or "duplicate" (its transaction
+        UID is in use for other instances: stored to be reported failed). `holder` names the
+        association that may report it while `held_until` has not passed."""
+
+    @abstractmethod
+    def hold_commitments(self, holder: str, held_until: float) -> None:
+        """Renew (or, with 0, give up) the hold of `holder` on its pending requests."""
+
+    @abstractmethod
+    def pending_commitments(self, now: float | None = None, holder: str | None = None) -> list[StoredCommitment]:
+        """Requests not reported yet and due for a try: held by `holder`, or (None) held by no
+        live association, not claimed, and past their next attempt time."""
+
+    @abstractmethod
+    def claim_commitment(self, commitment_id: int, claimer: str, until: float) -> bool:
+        """Take the right to send one request's report until `until`; False when another
+        process has it, or it was reported."""
+
+    @abstractmethod
+    def commitment_reported(self, commitment_id: int, event_type: int) -> None:
+        """The report went out: the request is done (kept, with the history, for history_days)."""
+
+    @abstractmethod
+    def commitment_not_reported(self, commitment_id: int, error: str, next_attempt_at: float) -> None:
+        """The report could not be delivered: give up the claim and try again at `next_attempt_at`."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release this thread's connection."""
 
@@ -149,4 +277,4 @@ def open_queue(cfg: Loaded) -> Queue:
     """The queue the configuration names: SQLite in the spool directory."""
     from router.queue.sqlite import SqliteQueue
 
-    return SqliteQueue(Path(cfg.spool_dir) / QUEUE_FILE)
+    return SqliteQueue(Path(cfg.spool_dir) / QUEUE_FILE, history_days=cfg.router.queue.history_days)

@@ -14,8 +14,10 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from router.queue import Instance, Job, NewJob, Queue
-from router.request import Request
+from router.queue import (
+    NOT_FORWARDED, Delivery, HistoryEntry, Instance, Job, NewJob, Queue, StoredCommitment, Whereabouts,
+)
+from router.request import Outcome, Request
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -46,7 +48,76 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_instance ON jobs (instance_id);
 CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_instance_uid);
+CREATE TABLE IF NOT EXISTS history (
+    id INTEGER PRIMARY KEY,
+    destination TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    syntax TEXT NOT NULL DEFAULT '',
+    transfer_syntax_uid TEXT NOT NULL DEFAULT '',
+    received_size INTEGER NOT NULL,
+    sent_size INTEGER,
+    ratio REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    received_at REAL NOT NULL,
+    finished_at REAL NOT NULL,
+    study_instance_uid TEXT NOT NULL DEFAULT '',
+    series_instance_uid TEXT NOT NULL DEFAULT '',
+    sop_instance_uid TEXT NOT NULL,
+    sent_sop_instance_uid TEXT NOT NULL DEFAULT '',
+    sop_class_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS history_sop ON history (sop_instance_uid);
+CREATE INDEX IF NOT EXISTS history_sent_sop ON history (sent_sop_instance_uid);
+CREATE INDEX IF NOT EXISTS history_study ON history (study_instance_uid);
+CREATE INDEX IF NOT EXISTS history_series ON history (series_instance_uid);
+CREATE INDEX IF NOT EXISTS history_finished ON history (finished_at);
+CREATE TABLE IF NOT EXISTS commitments (
+    id INTEGER PRIMARY KEY,
+    transaction_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    duplicate INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'reporting', 'reported')),
+    holder TEXT NOT NULL DEFAULT '',
+    held_until REAL NOT NULL DEFAULT 0,
+    claimed_until REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    event_type INTEGER,
+    reported_at REAL
+);
+CREATE INDEX IF NOT EXISTS commitments_state ON commitments (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS commitments_transaction ON commitments (transaction_uid);
+CREATE TABLE IF NOT EXISTS commitment_instances (
+    commitment_id INTEGER NOT NULL REFERENCES commitments(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    PRIMARY KEY (commitment_id, position)
+);
 """
+# columns added after the first release: (table, column, definition)
+_ADDED_COLUMNS = (("instances", "series_instance_uid", "TEXT NOT NULL DEFAULT ''"),)
+PRUNE_EVERY_S = 3600.0
+
+_HISTORY_COLUMNS = (
+    "destination, outcome, syntax, transfer_syntax_uid, received_size, sent_size, ratio, attempts, last_error, "
+    "received_at, finished_at, study_instance_uid, series_instance_uid, sop_instance_uid, sent_sop_instance_uid, "
+    "sop_class_uid, calling_ae"
+)
+# a history row from a job and its instance; the parameters: outcome, syntax, transfer syntax UID,
+# sent size, ratio, attempts added to the job's, last error (NULL: the job's), finished at, sent UID, job id
+_HISTORY_FROM_JOB = (
+    f"INSERT INTO history ({_HISTORY_COLUMNS}) "
+    "SELECT j.destination, ?, ?, ?, i.size, ?, ?, j.attempts + ?, COALESCE(?, j.last_error), i.received_at, ?, "
+    "i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid, ?, i.sop_class_uid, i.calling_ae "
+    "FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = ?"
+)
+_CHUNK = 500  # UIDs per IN (...) list
 
 # A job waits while an earlier-received instance with the same SOP Instance UID still has a job
 # pending or in flight to the same destination: versions of an image arrive in the order received.
@@ -60,7 +131,7 @@ _IN_ORDER = (
 _JOB_COLUMNS = (
     "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.request, j.rules_tag, "
     "i.path, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid, i.transfer_syntax_uid, "
-    "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at"
+    "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at, i.series_instance_uid"
 )
 
 
@@ -72,15 +143,21 @@ def _job(row: tuple) -> Job:
 class SqliteQueue(Queue):
     """Thread-safe: each thread gets its own SQLite connection."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, history_days: float = 7) -> None:
         self.path = Path(path)
+        self.history_s = history_days * 86400
+        self._pruned_at = 0.0
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._local = threading.local()
         self._write_lock = threading.Lock()
         self._lock_fd = os.open(self.path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         try:
-            self._db().executescript(SCHEMA)
+            db = self._db()
+            db.executescript(SCHEMA)
+            for table, column, definition in _ADDED_COLUMNS:
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
@@ -139,11 +216,22 @@ class SqliteQueue(Queue):
 
     def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:
         now = time.time()
+        jobs = list(jobs)
         with self._tx() as db:
+            self._prune(db, now)
+            if not jobs:
+                db.execute(
+                    f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, '', '', ?, NULL, NULL, 0, '', ?, ?, ?, ?, "
+                    "?, '', ?, ?)",
+                    ("", NOT_FORWARDED, instance.size, instance.received_at, now, instance.study_instance_uid,
+                     instance.series_instance_uid, instance.sop_instance_uid, instance.sop_class_uid,
+                     instance.calling_ae),
+                )
+                return
             cur = db.execute(
                 "INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
-                "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at, series_instance_uid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     instance.path,
                     instance.sop_class_uid,
@@ -155,6 +243,7 @@ class SqliteQueue(Queue):
                     instance.source_ip,
                     instance.size,
                     instance.received_at,
+                    instance.series_instance_uid,
                 ),
             )
             instance_id = int(cur.lastrowid)
@@ -194,12 +283,19 @@ class SqliteQueue(Queue):
             (destination, now),
         ).fetchone()[0]
 
-    def complete(self, job_ids: Iterable[int]) -> list[str]:
+    def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
+        now = time.time()
         with self._tx() as db:
-            paths = [self._finish(db, job_id) for job_id in job_ids]
+            paths = [self._finish(db, d if isinstance(d, Delivery) else Delivery(d), now) for d in deliveries]
         return [p for p in paths if p]
 
-    def _finish(self, db: sqlite3.Connection, job_id: int) -> str | None:
+    def _finish(self, db: sqlite3.Connection, delivery: Delivery, now: float) -> str | None:
+        job_id = delivery.job_id
+        skipped = delivery.outcome is Outcome.SKIPPED
+        db.execute(_HISTORY_FROM_JOB, (
+            delivery.outcome.value, delivery.syntax, delivery.transfer_syntax_uid, delivery.sent_size, delivery.ratio,
+            0 if skipped else 1, delivery.note if skipped else None, now, delivery.sent_sop_instance_uid, job_id,
+        ))
         row = db.execute(
             "SELECT j.instance_id, i.path FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = ?",
             (job_id,),
@@ -230,11 +326,17 @@ class SqliteQueue(Queue):
             )
 
     def dead(self, job_id: int, error: str) -> None:
+        now = time.time()
         with self._tx() as db:
             db.execute(
                 "UPDATE jobs SET state = 'dead', attempts = attempts + 1, last_error = ?, updated_at = ? WHERE id = ?",
-                (error, time.time(), job_id),
+                (error, now, job_id),
             )
+            self._dead_history(db, job_id, now)
+
+    @staticmethod
+    def _dead_history(db: sqlite3.Connection, job_id: int, now: float) -> None:
+        db.execute(_HISTORY_FROM_JOB, (Outcome.DEAD.value, "", "", None, None, 0, None, now, "", job_id))
 
     # -- start-up and operation -------------------------------------------------------------
     def recover(self) -> int:
@@ -243,21 +345,30 @@ class SqliteQueue(Queue):
                 "UPDATE jobs SET state = 'pending', next_attempt_at = MIN(next_attempt_at, ?) WHERE state = 'in_flight'",
                 (time.time(),),
             )
+            resumed = cur.rowcount
+            # no process holds an association or a report claim across a restart
+            db.execute("UPDATE commitments SET state = 'pending', holder = '', held_until = 0, claimed_until = 0 "
+                       "WHERE state IN ('pending', 'reporting')")
             # instances whose every job finished but whose row survived (should not happen)
             db.execute("DELETE FROM instances WHERE id NOT IN (SELECT instance_id FROM jobs)")
-            return cur.rowcount
+            return resumed
 
     def paths(self) -> list[str]:
         return [r[0] for r in self._db().execute("SELECT path FROM instances")]
 
     def fail_missing_files(self, exists: Callable[[str], bool]) -> int:
         missing = [(i, p) for i, p in self._db().execute("SELECT id, path FROM instances") if not exists(p)]
+        now = time.time()
         with self._tx() as db:
             for instance_id, path in missing:
+                fresh = [r[0] for r in db.execute(
+                    "SELECT id FROM jobs WHERE instance_id = ? AND state != 'dead'", (instance_id,))]
                 db.execute(
                     "UPDATE jobs SET state = 'dead', last_error = ?, updated_at = ? WHERE instance_id = ?",
-                    (f"spool file missing: {path}", time.time(), instance_id),
+                    (f"spool file missing: {path}", now, instance_id),
                 )
+                for job_id in fresh:
+                    self._dead_history(db, job_id, now)
         return len(missing)
 
     def counts(self) -> dict[tuple[str, str], int]:
@@ -302,3 +413,164 @@ class SqliteQueue(Queue):
             args.extend(ids)
         with self._tx() as db:
             return db.execute(sql, args).rowcount
+
+    def purge_dead(self, destination: str | None = None, older_than: float | None = None) -> list[Job]:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.state = 'dead'"
+        args: list = []
+        if destination:
+            sql += " AND j.destination = ?"
+            args.append(destination)
+        if older_than is not None:
+            sql += " AND j.updated_at < ?"
+            args.append(older_than)
+        with self._tx() as db:
+            rows = db.execute(sql, args).fetchall()
+            purged = [_job(r) for r in rows]
+            db.executemany("DELETE FROM jobs WHERE id = ?", [(job.id,) for job in purged])
+            db.execute("DELETE FROM instances WHERE id NOT IN (SELECT instance_id FROM jobs)")
+        return purged
+
+    # -- history ----------------------------------------------------------------------------
+    def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        """Drop history and reported commitment requests older than history_days, at most once
+        an hour per process."""
+        if now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        cutoff = now - self.history_s
+        db.execute("DELETE FROM history WHERE finished_at < ?", (cutoff,))
+        db.execute("DELETE FROM commitments WHERE state = 'reported' AND reported_at < ?", (cutoff,))
+
+    def history(self, study: str | None = None, series: str | None = None, sop: str | None = None,
+                limit: int = 10000) -> list[HistoryEntry]:
+        sql = f"SELECT {_HISTORY_COLUMNS} FROM history WHERE 1=1"
+        args: list = []
+        if study:
+            sql += " AND study_instance_uid = ?"
+            args.append(study)
+        if series:
+            sql += " AND series_instance_uid = ?"
+            args.append(series)
+        if sop:
+            sql += " AND (sop_instance_uid = ? OR sent_sop_instance_uid = ?)"
+            args.extend((sop, sop))
+        sql += " ORDER BY id LIMIT ?"
+        args.append(limit)
+        return [HistoryEntry(*row) for row in self._db().execute(sql, args)]
+
+    def whereabouts(self, sop_instance_uids: Iterable[str]) -> dict[str, Whereabouts]:
+        uids = sorted(set(sop_instance_uids))
+        classes: dict[str, set[str]] = {}
+        unfinished: dict[str, int] = {}
+        dead: dict[str, set[str]] = {}
+        finished: dict[str, int] = {}
+        last: dict[tuple[str, str], str] = {}  # (uid, destination) -> its latest outcome in the history
+        db = self._db()
+        for start in range(0, len(uids), _CHUNK):
+            chunk = uids[start:start + _CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for uid, sop_class, destination, state in db.execute(
+                "SELECT i.sop_instance_uid, i.sop_class_uid, j.destination, j.state FROM jobs j "
+                f"JOIN instances i ON i.id = j.instance_id WHERE i.sop_instance_uid IN ({marks})", chunk,
+            ):
+                classes.setdefault(uid, set()).add(sop_class)
+                if state == "dead":
+                    dead.setdefault(uid, set()).add(destination)
+                else:
+                    unfinished[uid] = unfinished.get(uid, 0) + 1
+            for uid, sop_class, destination, outcome in db.execute(
+                "SELECT sop_instance_uid, sop_class_uid, destination, outcome FROM history "
+                f"WHERE sop_instance_uid IN ({marks}) ORDER BY id", chunk,
+            ):
+                classes.setdefault(uid, set()).add(sop_class)
+                last[(uid, destination)] = outcome
+        for (uid, destination), outcome in last.items():
+            if outcome == Outcome.DEAD.value:
+                dead.setdefault(uid, set()).add(destination)
+            else:
+                finished[uid] = finished.get(uid, 0) + 1
+        return {
+            uid: Whereabouts(frozenset(found), unfinished.get(uid, 0), len(dead.get(uid, ())), finished.get(uid, 0))
+            for uid, found in classes.items()
+        }
+
+    # -- storage commitment -------------------------------------------------------------------
+    def add_commitment(self, transaction_uid: str, calling_ae: str, references: Iterable[tuple[str, str]],
+                       received_at: float, deadline: float, holder: str = "", held_until: float = 0.0) -> str:
+        references = [tuple(r) for r in references]
+        with self._tx() as db:
+            earlier = db.execute(
+                "SELECT id, state FROM commitments WHERE transaction_uid = ? AND duplicate = 0 ORDER BY id DESC LIMIT 1",
+                (transaction_uid,),
+            ).fetchone()
+            duplicate = False
+            if earlier is not None:
+                same = [tuple(r) for r in db.execute(
+                    "SELECT sop_class_uid, sop_instance_uid FROM commitment_instances WHERE commitment_id = ? "
+                    "ORDER BY position", (earlier[0],))] == references
+                if same and earlier[1] != "reported":
+                    if earlier[1] == "pending" and holder:
+                        db.execute("UPDATE commitments SET holder = ?, held_until = ? WHERE id = ?",
+                                   (holder, held_until, earlier[0]))
+                    return "repeated"
+                duplicate = not same
+            cur = db.execute(
+                "INSERT INTO commitments (transaction_uid, calling_ae, received_at, deadline, duplicate, state, holder, "
+                "held_until) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (transaction_uid, calling_ae, received_at, deadline, int(duplicate), holder, held_until),
+            )
+            commitment_id = int(cur.lastrowid)
+            db.executemany(
+                "INSERT INTO commitment_instances (commitment_id, position, sop_class_uid, sop_instance_uid) "
+                "VALUES (?, ?, ?, ?)",
+                [(commitment_id, index, sop_class, uid) for index, (sop_class, uid) in enumerate(references)],
+            )
+        return "duplicate" if duplicate else "new"
+
+    def hold_commitments(self, holder: str, held_until: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE commitments SET held_until = ? WHERE holder = ? AND state = 'pending'",
+                       (held_until, holder))
+
+    def pending_commitments(self, now: float | None = None, holder: str | None = None) -> list[StoredCommitment]:
+        now = time.time() if now is None else now
+        columns = "id, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error"
+        db = self._db()
+        if holder is not None:
+            rows = db.execute(f"SELECT {columns} FROM commitments WHERE state = 'pending' AND holder = ? ORDER BY id",
+                              (holder,)).fetchall()
+        else:
+            rows = db.execute(
+                f"SELECT {columns} FROM commitments WHERE (state = 'pending' AND held_until < ? AND next_attempt_at <= ?) "
+                "OR (state = 'reporting' AND claimed_until < ?) ORDER BY id", (now, now, now),
+            ).fetchall()
+        found = []
+        for cid, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error in rows:
+            references = tuple((c, u) for c, u in db.execute(
+                "SELECT sop_class_uid, sop_instance_uid FROM commitment_instances WHERE commitment_id = ? "
+                "ORDER BY position", (cid,)))
+            found.append(StoredCommitment(cid, transaction_uid, calling_ae, references, received_at, deadline,
+                                          bool(duplicate), attempts, last_error))
+        return found
+
+    def claim_commitment(self, commitment_id: int, claimer: str, until: float) -> bool:
+        now = time.time()
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE commitments SET state = 'reporting', holder = ?, claimed_until = ? WHERE id = ? AND "
+                "((state = 'pending' AND (held_until < ? OR holder = ?)) OR (state = 'reporting' AND claimed_until < ?))",
+                (claimer, until, commitment_id, now, claimer, now),
+            ).rowcount == 1
+
+    def commitment_reported(self, commitment_id: int, event_type: int) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE commitments SET state = 'reported', event_type = ?, reported_at = ?, attempts = "
+                       "attempts + 1 WHERE id = ?", (event_type, time.time(), commitment_id))
+
+    def commitment_not_reported(self, commitment_id: int, error: str, next_attempt_at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE commitments SET state = 'pending', holder = '', held_until = 0, claimed_until = 0, "
+                "attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE id = ? AND state = 'reporting'",
+                (error, next_attempt_at, commitment_id),
+            )
