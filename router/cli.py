@@ -1,4 +1,4 @@
-"""The `dicom-router` command: serve, check, explain, transcode, queue.
+"""The `dicom-router` command: serve, check, explain, transcode, queue, pause, resume.
 
 A thin shell over functions the tests also call. Exit codes: 0 ok, 1 runtime failure,
 2 invalid configuration or usage.
@@ -7,6 +7,7 @@ A thin shell over functions the tests also call. Exit codes: 0 ok, 1 runtime fai
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,29 @@ def _one_line(path: str, exc: BaseException) -> str:
     return text if text.startswith(f"{path}: ") else f"{path}: {text}"
 
 
+def cmd_hold(args: argparse.Namespace) -> int:
+    """pause / resume a destination; persisted in the spool, seen by a running router within a second."""
+    from router import log
+    from router.holds import Holds
+
+    cfg = _load_or_say_why(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    names = [d.name for d in cfg.destinations]
+    if args.destination not in names:
+        print(f"no destination {args.destination!r} (known: {', '.join(names) or 'none'})", file=sys.stderr)
+        return EXIT_CONFIG
+    holds = Holds(cfg.spool_dir)
+    changed = holds.pause(args.destination) if args.verb == "pause" else holds.resume(args.destination)
+    state = "paused" if args.verb == "pause" else "resumed"
+    if changed:
+        log.get("cli").warning(f"destination_{state}", destination=args.destination)
+        print(f"{args.destination}: {state}" + (": it keeps receiving into its queue" if state == "paused" else ""))
+    else:
+        print(f"{args.destination}: already {'paused' if state == 'paused' else 'sending'}")
+    return EXIT_OK
+
+
 def cmd_queue(args: argparse.Namespace) -> int:
     from router.queue import open_queue
 
@@ -170,27 +194,80 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     queue = open_queue(cfg)
+    if args.action == "purge":
+        return _purge(cfg, queue, args)
     if args.action == "retry":
         count = queue.retry_dead(args.destination, args.job)
         print(f"{count} dead letter(s) put back to pending")
         print("a running router picks them up within a second")
         return EXIT_OK
+    from router.holds import Holds
+
     counts = queue.counts()
     oldest = queue.oldest_pending()
+    paused = Holds(cfg.spool_dir).paused()
     names = sorted({d.name for d in cfg.destinations} | {d for d, _ in counts})
-    print(f"{'destination':20} {'pending':>8} {'in_flight':>9} {'dead':>6} {'oldest_pending':>15}")
+    print(f"{'destination':20} {'pending':>8} {'in_flight':>9} {'dead':>6} {'oldest_pending':>15}  state")
     for name in names:
         if args.destination and name != args.destination:
             continue
         age = oldest.get(name)
+        state = (f"paused since {time.strftime('%Y-%m-%d %H:%M', time.localtime(paused[name]))}"
+                 if name in paused else "-")
         print(f"{name:20} {counts.get((name, 'pending'), 0):>8} {counts.get((name, 'in_flight'), 0):>9} "
-              f"{counts.get((name, 'dead'), 0):>6} {(f'{age:.0f}s' if age is not None else '-'):>15}")
+              f"{counts.get((name, 'dead'), 0):>6} {(f'{age:.0f}s' if age is not None else '-'):>15}  {state}")
     if args.action == "dead" or args.verbose:
         state = "dead" if args.action == "dead" else None
         for job in queue.jobs(args.destination, state):
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.instance.received_at))
             print(f"job {job.id} {job.destination} {job.state} attempts={job.attempts} received={when} "
                   f"sop_instance_uid={job.instance.sop_instance_uid} error={job.last_error or '-'}")
+    return EXIT_OK
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '12h', '7d' (or plain seconds) -> seconds."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    try:
+        if text and text[-1] in units:
+            value = float(text[:-1]) * units[text[-1]]
+        else:
+            value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 12h or 7d") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a duration cannot be negative")
+    return value
+
+
+def _purge(cfg, queue, args: argparse.Namespace) -> int:  # noqa: ANN001
+    """Drop dead letters deliberately: only with --dead and --yes; logged and counted."""
+    from router import log
+
+    if not args.dead:
+        print("queue purge drops dead letters only: say --dead", file=sys.stderr)
+        return EXIT_CONFIG
+    older_than = time.time() - args.older_than if args.older_than is not None else None
+    if not args.yes:
+        print(f"would drop the dead letters of {args.destination or 'every destination'}"
+              + (f" dead for more than {args.older_than:.0f}s" if older_than is not None else "")
+              + ": add --yes to drop them (nothing is dropped without it)", file=sys.stderr)
+        return EXIT_FAILURE
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(cfg.spool_dir / "metrics"))
+    from router import metrics
+    from router.spool import Spool
+
+    purged = queue.purge_dead(args.destination, older_than)
+    still = set(queue.paths())
+    spool = Spool(cfg.spool_dir)
+    for path in {job.instance.path for job in purged} - still:
+        spool.remove(path)
+    for job in purged:
+        metrics.PURGED.labels(destination=job.destination).inc()
+        log.get("cli").warning("dead_letter_purged", destination=job.destination,
+                               sop_instance_uid=job.instance.sop_instance_uid, error=job.last_error)
+    print(f"{len(purged)} dead letter(s) dropped")
     return EXIT_OK
 
 
@@ -258,12 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     transcode.set_defaults(func=cmd_transcode)
 
     queue = sub.add_parser("queue", help="show pending, in-flight and dead jobs; 'retry' puts dead letters back")
-    queue.add_argument("action", nargs="?", choices=["list", "dead", "retry"], default="list")
+    queue.add_argument("action", nargs="?", choices=["list", "dead", "retry", "purge"], default="list",
+                       help="list (default), dead (list dead letters), retry (dead letters back to pending), "
+                            "purge (drop dead letters: needs --dead and --yes)")
     queue.add_argument("--config", required=True)
     queue.add_argument("--destination", help="only this destination (rule file name without .toml)")
     queue.add_argument("--job", type=int, action="append", help="retry: only this job id (repeatable)")
     queue.add_argument("-v", "--verbose", action="store_true", help="list: also print every job")
+    queue.add_argument("--dead", action="store_true", help="purge: the dead letters (the only thing purge drops)")
+    queue.add_argument("--older-than", type=parse_duration, metavar="DURATION",
+                       help="purge: only those dead for longer than this (90s, 30m, 12h, 7d)")
+    queue.add_argument("--yes", action="store_true", help="purge: really drop them")
     queue.set_defaults(func=cmd_queue)
+
+    for verb, what in (("pause", "put a destination on hold: it keeps receiving into its queue, sends nothing"),
+                       ("resume", "take a destination off hold")):
+        hold = sub.add_parser(verb, help=what)
+        hold.add_argument("destination", help="the destination (rule file name without .toml)")
+        hold.add_argument("--config", required=True)
+        hold.set_defaults(func=cmd_hold, verb=verb)
     return parser
 
 
