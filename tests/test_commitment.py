@@ -21,7 +21,9 @@ from router.queue.sqlite import SqliteQueue
 from router.request import Request
 from router.scp import Receiver
 from router.spool import Spool
-from tests.peers import CommittingModality, free_port, wait_until
+from tests.peers import (
+    CommittingModality, Destination, Pacs, data, free_port, make_series, metric_value, references, send, wait_until,
+)
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -304,3 +306,100 @@ def test_a_malformed_n_action_is_answered_with_a_failure_status(queue, receiver)
 def test_with_commitment_off_the_sop_class_is_not_offered(receiver):
     router = receiver("off")
     assert CommittingModality("CT1").request(router.port, [(CT, "2.25.1")])[0] == -1
+
+
+# -- the router as it runs (`serve`), a pynetdicom modality and PACS ----------------------------------------
+PATIENT_RETRY = "{ max_attempts = 100, backoff_s = 0.2, max_backoff_s = 0.5 }"
+
+
+def committing_router(router_factory, pacs_port: int, modality: CommittingModality, mode: str = "delivered",
+                      timeout_s: float = 3600, retry: str = PATIENT_RETRY):
+    return router_factory(
+        [Destination("PACS", pacs_port, '[[rule]]\nsyntax = "jpeg-ls-lossless"\n', retry=retry)],
+        extra=f'[commitment]\nmode = "{mode}"\ntimeout_s = {timeout_s}\nreport_retry_s = 0.5\n'
+              f'modalities = {{ CT1 = {{ host = "127.0.0.1", port = {modality.port} }} }}\n',
+    )
+
+
+def test_no_success_while_the_pacs_is_down_and_every_instance_committed_once_it_drained(
+        router_factory, modality, tmp_path):
+    pacs = Pacs(tmp_path / "pacs")  # not started: the PACS is down
+    router = committing_router(router_factory, pacs.port, modality)
+    series = make_series(data("693_UNCR.dcm"), 3, tmp_path / "series")
+    assert send(router.port, series, calling_ae="CT1") == [0, 0, 0]
+    status, transaction = modality.request(router.port, references(series))
+    assert status == 0x0000
+    time.sleep(2)
+    assert modality.report(transaction) is None  # nothing stored at the PACS: nothing committed
+    pacs.start()
+    try:
+        wait_until(lambda: modality.report(transaction), 60, what=f"the report\n{router.log()}")
+        report = modality.report(transaction)
+        assert report.event_type == 1 and report.failed == {}
+        assert sorted(report.committed) == sorted(uid for _, uid in references(series)) == sorted(pacs.by_uid())
+        time.sleep(1)
+        assert modality.count(transaction) == 1
+    finally:
+        pacs.stop()
+
+
+def test_a_dead_letter_fails_with_0x0110_and_an_unknown_instance_with_0x0112(router_factory, pacs_factory, modality,
+                                                                             tmp_path):
+    pacs = pacs_factory(status=0xC000)
+    router = committing_router(router_factory, pacs.port, modality)
+    [image] = make_series(data("MR2_UNCR.dcm"), 1, tmp_path / "series")
+    assert send(router.port, [image], calling_ae="CT1") == [0]
+    [(sop_class, uid)] = references([image])
+    status, transaction = modality.request(router.port, [(sop_class, uid), (sop_class, "2.25.404")])
+    assert status == 0x0000
+    wait_until(lambda: modality.report(transaction), 30, what=f"the report\n{router.log()}")
+    report = modality.report(transaction)
+    assert report.event_type == 2 and report.committed == []
+    assert report.failed == {uid: PROCESSING_FAILURE, "2.25.404": NO_SUCH_OBJECT_INSTANCE}
+    logged = [line for line in router.log().splitlines() if '"commitment_reported"' in line]
+    assert len(logged) == 1 and transaction in logged[0] and "0x0110" in logged[0]
+
+
+def test_a_commitment_pending_across_a_kill_9_is_answered_after_restart(router_factory, modality, tmp_path):
+    pacs = Pacs(tmp_path / "pacs")
+    router = committing_router(router_factory, pacs.port, modality)
+    series = make_series(data("693_UNCR.dcm"), 2, tmp_path / "series")
+    assert send(router.port, series, calling_ae="CT1") == [0, 0]
+    status, transaction = modality.request(router.port, references(series))
+    assert status == 0x0000
+    router.kill()  # SIGKILL: the request was only in the queue database
+    pacs.start()
+    try:
+        router.start()
+        wait_until(lambda: modality.report(transaction), 60, what=f"the report after restart\n{router.log()}")
+        report = modality.report(transaction)
+        assert report.event_type == 1 and sorted(report.committed) == sorted(uid for _, uid in references(series))
+    finally:
+        pacs.stop()
+
+
+def test_past_the_timeout_the_undelivered_instances_are_reported_failed(router_factory, modality, tmp_path):
+    pacs = Pacs(tmp_path / "pacs")  # down for good
+    router = committing_router(router_factory, pacs.port, modality, timeout_s=2)
+    [image] = make_series(data("693_UNCR.dcm"), 1, tmp_path / "series")
+    assert send(router.port, [image], calling_ae="CT1") == [0]
+    status, transaction = modality.request(router.port, references([image]))
+    assert status == 0x0000
+    wait_until(lambda: modality.report(transaction), 30, what=f"the report\n{router.log()}")
+    report = modality.report(transaction)
+    assert report.event_type == 2 and report.failed == {references([image])[0][1]: PROCESSING_FAILURE}
+
+
+def test_the_modality_that_keeps_its_association_hears_on_it_once(router_factory, pacs, modality, tmp_path):
+    router = committing_router(router_factory, pacs.port, modality, mode="spooled")
+    series = make_series(data("693_UNCR.dcm"), 2, tmp_path / "series")
+    assert send(router.port, series, calling_ae="CT1") == [0, 0]
+    status, transaction = modality.request(router.port, references(series), keep_open_s=15)
+    assert status == 0x0000
+    report = modality.report(transaction)
+    assert report is not None and report.same_association and report.event_type == 1
+    time.sleep(1.5)
+    assert modality.count(transaction) == 1
+    text = router.metrics()
+    assert metric_value(text, "dicom_router_commitment_reports_total", association="same", outcome="committed") == 1
+    assert metric_value(text, "dicom_router_commitment_requests_total", result="new") == 1
