@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install the independent DICOM programs the tests and the benchmark talk to:
 # DCMTK (storescu, storescp, dcmdjpeg, dcmdjpls, ...), GDCM (gdcmconv), Orthanc, Prometheus (promtool),
-# and podman with runc and mmdebstrap to build and run the container image on a Debian base.
+# podman with runc and mmdebstrap to build and run the container image on a Debian base, and
+# Chromium with its driver for the status page's browser test.
 set -euo pipefail
-packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl podman runc mmdebstrap uidmap slirp4netns fuse-overlayfs)
+packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl podman runc mmdebstrap uidmap slirp4netns fuse-overlayfs chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
