@@ -15,7 +15,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from router.codecs import registry
-from router.rules import COMPARISON, CONTEXT_KEYS, SKIP
+from router.rules import COMPARISON, CONTEXT_KEYS, PRIORITIES, SKIP
+from router.schedule import Schedule, parse_duration, parse_timezone, parse_window
 
 
 class ConfigError(Exception):
@@ -201,11 +202,50 @@ class Destination(_Strict):
         default_factory=dict,
         description="C-STORE status (hex, e.g. '0xA700' or a range 'A700-A7FF') to outcome; overrides the defaults",
     )
+    # when and how fast (router.schedule): windows in which sending may happen (none: always),
+    # read in `timezone` (none: the machine's local time)
+    schedule: list[str] = Field(default_factory=list)
+    timezone: str | None = None
+    max_mbps: float = Field(0, ge=0, description="cap in megabits per second, all associations together; 0: none")
+    delay: str = Field("0s", description="hold each instance this long after receipt")
+    study_stable: str = Field("0s", description="send a study once none of its instances arrived for this long")
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
     def _check_ae(cls, value: str | None) -> str | None:
         return value if value is None else _ae_title(value)
+
+    @field_validator("schedule")
+    @classmethod
+    def _windows(cls, windows: list[str]) -> list[str]:
+        for window in windows:
+            parse_window(window)
+        return windows
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_timezone(value)
+        return value
+
+    @field_validator("delay", "study_stable")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @property
+    def delay_s(self) -> float:
+        return parse_duration(self.delay)
+
+    @property
+    def study_stable_s(self) -> float:
+        return parse_duration(self.study_stable)
+
+    @property
+    def sending_schedule(self) -> Schedule:
+        return Schedule.parse(self.schedule, self.timezone)
 
     @field_validator("statuses")
     @classmethod
@@ -243,6 +283,8 @@ class Rule(_Strict):
     fallback: str | None = None
     verify: bool | None = None
     max_error: int | None = Field(None, ge=0)
+    # high overtakes the destination's backlog (as does a C-STORE sent with Priority HIGH)
+    priority: Literal[PRIORITIES] = "normal"
 
     @field_validator("match")
     @classmethod

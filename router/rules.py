@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 CONTEXT_KEYS = ("CallingAE", "CalledAE", "SourceIP")
 SKIP = "skip"
+# a job's priority within its destination, first to last (the queue stores the index)
+PRIORITIES = ("high", "normal", "low")
 # a match value such as ">12" or "!=0"
 COMPARISON = re.compile(r"^\s*(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?)\s*$")
 
@@ -30,6 +32,7 @@ class Decision:
     rule_name: str
     request: Request | None
     reason: str
+    priority: str = "normal"  # one of PRIORITIES: the rule's
 
     @property
     def forward(self) -> bool:
@@ -141,5 +144,5 @@ def decide(rules: list[Rule], attributes: Attributes, keep_sop_instance_uid: boo
             max_error=rule.max_error,
             keep_sop_instance_uid=keep_sop_instance_uid,
         )
-        return Decision(label, request, f"rule {index} ({label!r}): {why}: {rule.syntax}")
+        return Decision(label, request, f"rule {index} ({label!r}): {why}: {rule.syntax}", rule.priority)
     return Decision("", None, "no rule matched: not forwarded")
