@@ -253,20 +253,51 @@ def _due(queue: Queue, mode: str, request: StoredCommitment, now: float) -> Answ
     return None if answer.pending else answer
 
 
-class AssociationReports:
+class _Periodic:
+    """A daemon thread calling `once()` every `interval` seconds until `stop()`; an error (the
+    queue unavailable) is logged and the next pass tries again."""
+
+    thread_name = "commitment"
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.once()
+            except Exception as exc:  # noqa: BLE001 - the queue failed: try again later
+                _log.exception("commitment_error", error=str(exc))
+
+    def once(self) -> object:
+        raise NotImplementedError
+
+
+class AssociationReports(_Periodic):
     """In a receiving process: takes the requests (`accept`) and reports on the association a
     request came on, for as long as the modality keeps it open. When the association ends its
     requests are left to the supervisor's `Reporter`."""
 
+    thread_name = "commitment-same-association"
+
     def __init__(self, queue: Queue, config: Commitment, interval: float = 0.2) -> None:
+        super().__init__(interval)
         self.queue = queue
         self.config = config
-        self.interval = interval
         self._held: dict[str, Association] = {}
         self._renewed: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     def accept(self, action_type_id: int | None, information: Dataset | None, calling_ae: str,
                assoc: Association | None = None) -> int:
@@ -301,14 +332,8 @@ class AssociationReports:
             self._renewed[holder] = time.monotonic()
             return holder
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="commitment-same-association", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        super().stop()
         with self._lock:
             holders, self._held = list(self._held), {}
         for holder in holders:
@@ -319,13 +344,6 @@ class AssociationReports:
             self.queue.hold_commitments(holder, 0.0)  # the supervisor reports them from now on
         except Exception as exc:  # noqa: BLE001 - the hold expires by itself
             _log.warning("commitment_hold_not_released", error=str(exc))
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.once()
-            except Exception as exc:  # noqa: BLE001 - the queue failed: try again later
-                _log.exception("commitment_error", error=str(exc))
 
     def once(self, now: float | None = None) -> None:
         """One pass over the held associations: report what is decided, renew the holds."""
@@ -380,37 +398,21 @@ def send_on_new_association(ae_title: str, address: ReplyAddress, calling_ae: st
             assoc.release()
 
 
-class Reporter:
+class Reporter(_Periodic):
     """In the supervisor: reports the requests no association holds any more, on a new
     association to each modality's configured address, retried with backoff."""
 
+    thread_name = "commitment-reporter"
+
     def __init__(self, queue: Queue, config: Commitment, ae_title: str, timeouts: Timeouts = Timeouts(),
                  interval: float = 0.5, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(interval)
         self.queue = queue
         self.config = config
         self.ae_title = ae_title
         self.timeouts = timeouts
-        self.interval = interval
         self.clock = clock
         self.claimer = f"reporter-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="commitment-reporter", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.once()
-            except Exception as exc:  # noqa: BLE001 - the queue failed: try again later
-                _log.exception("commitment_error", error=str(exc))
 
     def once(self) -> int:
         """Report every request that is decided (or past its deadline); returns how many went out."""

@@ -4,6 +4,7 @@ report on the association the request came on, or on a new one with the SCP role
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -273,7 +274,7 @@ def test_the_report_goes_on_the_same_association_while_the_modality_holds_it(que
     received(queue, "2.25.1", "PACS")
     router = receiver("delivered")
     modality = CommittingModality("CT1")
-    deliver_later = __import__("threading").Timer(0.5, deliver, (queue, "PACS"))
+    deliver_later = threading.Timer(0.5, deliver, (queue, "PACS"))
     deliver_later.start()
     status, transaction = modality.request(router.port, [(CT, "2.25.1")], keep_open_s=10)
     assert status == 0x0000
