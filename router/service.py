@@ -1,9 +1,12 @@
 """The running router: the only module that knows every process and wires them.
 
 - the supervising process (`Router`): recovery at start-up, the codec pool, one forwarder per
-  destination, metrics over HTTP, and the receiving processes it starts and restarts;
+  destination, the storage commitment reports sent on new associations (`commitment.Reporter`),
+  metrics over HTTP, and the receiving processes it starts and restarts;
 - each receiving process (`run_receiver_process`): a `scp.Receiver` on the shared port feeding
-  an `intake.Intake`, which tells the supervisor which destinations have new work.
+  an `intake.Intake`, which tells the supervisor which destinations have new work, and the
+  storage commitment requests with their reports on the requests' own associations
+  (`commitment.AssociationReports`).
 
 SIGTERM/SIGINT drain (stop accepting, finish the C-STORE in progress, put the rest back to
 pending) and exit; SIGHUP reloads the rule files, keeping the previous rules if any is broken.
