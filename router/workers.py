@@ -41,6 +41,10 @@ class CodecTimeout(CodecCrash):
     """The transcode ran past its deadline; its worker was killed."""
 
 
+class PoolClosed(RuntimeError):
+    """The pool was shut down (the router is stopping): the transcode did not happen."""
+
+
 @dataclass(frozen=True)
 class Submitted:
     """A transcode handed to the pool; pass it to `CodecPool.result`."""
@@ -115,6 +119,7 @@ class CodecPool:
         self._context = multiprocessing.get_context("spawn")
         self._started_queue = self._context.SimpleQueue()
         self._closed = threading.Event()
+        self._closing = False
         threading.Thread(target=self._note_starts, name="codec-starts", daemon=True).start()
         self._pool = self._new_pool()
 
@@ -148,6 +153,8 @@ class CodecPool:
         task_id = next(self._ids)
         args = (_run, task_id, src, dst, request, self.max_decoded_bytes)
         with self._lock:
+            if self._closing:
+                raise PoolClosed("the codec pool is shut down")
             try:
                 future = self._pool.submit(*args)
             except (BrokenProcessPool, RuntimeError):
@@ -157,7 +164,7 @@ class CodecPool:
 
     def _replace_broken(self, broken: ProcessPoolExecutor) -> None:
         with self._lock:
-            if self._pool is broken:
+            if self._pool is broken and not self._closing:
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._new_pool()
 
@@ -184,11 +191,15 @@ class CodecPool:
                         return CodecTimeout(f"transcoding {submitted.src.name} to {submitted.request.syntax} "
                                             f"took more than {submitted.deadline_s:.0f} s: its worker was stopped")
         except BrokenProcessPool:
+            if self._closing:
+                raise PoolClosed("the codec pool was shut down during the transcode") from None
             self._replace_broken(submitted.pool)
             if retry:
                 return self.result(self.submit(submitted.src, submitted.dst, submitted.request), retry=False)
             return CodecCrash(f"a codec worker died twice on {submitted.src.name} ({submitted.request.syntax})")
         except BaseException as exc:  # noqa: BLE001 - reported per transcode
+            if self._closing:
+                raise PoolClosed("the codec pool was shut down during the transcode") from exc
             return exc
         finally:
             with self._lock:
@@ -208,8 +219,10 @@ class CodecPool:
         return self.result(self.submit(src, dst, request))
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the workers: those still busy after `timeout` seconds are killed."""
+        """Stop the workers: those still busy after `timeout` seconds are killed. Waiting callers
+        and later submissions get PoolClosed."""
         with self._lock:
+            self._closing = True
             pool = self._pool
         processes = list(worker_processes(pool))
         pool.shutdown(wait=False, cancel_futures=True)

@@ -221,3 +221,64 @@ def test_a_spool_that_fills_while_forwarding_stops_nothing_for_good(router_facto
         router.kill()
     finally:
         subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+HANGING = REPO / "tests" / "plugins" / "hanging_codec.py"
+
+
+def _marked_series(tmp_path: Path, marker: int) -> tuple[list[Path], object]:
+    series = make_series(data("MR2_UNCR.dcm"), 3, tmp_path / "series")
+    marked = dcmread(series[1])
+    pixels = marked.pixel_array.copy()
+    pixels[0, 0] = marker
+    marked.PixelData = pixels.tobytes()
+    marked.save_as(series[1])
+    return series, marked
+
+
+def test_a_hung_codec_costs_its_image_the_fallback_not_the_destination(router_factory, pacs, tmp_path):
+    router = router_factory(
+        [Destination("PACS", pacs.port, '[[rule]]\nsyntax = "jpeg-ls-hangs-on-marker"\nfallback = "explicit-le"\n')],
+        extra=f'[transcode]\nplugins = ["{HANGING}"]\ntimeout_s = 2\ntimeout_s_per_mb = 0\n',
+    )
+    series, marked = _marked_series(tmp_path, 4444)
+    assert send(router.port, series) == [0, 0, 0]
+    wait_until(lambda: pacs.count() == 3, 60, what=f"all three\n{router.log()[-3000:]}")
+    assert pacs.by_uid()[str(marked.SOPInstanceUID)].transfer_syntax_uid == ExplicitVRLittleEndian
+    assert metric_value(router.metrics(), "dicom_router_fallbacks_total", destination="PACS", reason="codec_timeout") == 1
+    assert any(e.get("action") == "worker stopped and replaced" for e in events(router, "codec_timeout"))
+
+
+def test_sigterm_stops_the_router_even_while_a_codec_hangs(router_factory, pacs, tmp_path):
+    router = router_factory(
+        [Destination("PACS", pacs.port, '[[rule]]\nsyntax = "jpeg-ls-hangs-on-marker"\n')],
+        extra=f'[transcode]\nplugins = ["{HANGING}"]\nworkers = 1\ntimeout_s = 3600\n',
+    )
+    series, _ = _marked_series(tmp_path, 4444)
+    assert send(router.port, series[1:2]) == [0]
+    time.sleep(2)  # the only worker is now stuck in the codec
+    started = time.monotonic()
+    assert router.terminate(timeout=40) == 0
+    assert time.monotonic() - started < 40
+
+
+def test_an_image_that_cannot_be_decompressed_for_a_destination_is_a_dead_letter_at_once(
+        router_factory, pacs_factory, tmp_path):
+    """A deterministic transcoding failure is not retried: the reason is in the dead letter."""
+    legacy = pacs_factory(transfer_syntaxes=["1.2.840.10008.1.2"])  # Implicit VR Little Endian only
+    router = router_factory([Destination("LEGACY", legacy.port, '[[rule]]\nsyntax = "original"\n',
+                                         retry="{ max_attempts = 5, backoff_s = 0.2, max_backoff_s = 0.5 }")])
+    compressed = tmp_path / "short.dcm"  # Explicit VR Little Endian, for a destination that takes only Implicit
+    ds = dcmread(data("MR2_UNCR.dcm"))
+    ds.PixelData = ds.PixelData[:-512]  # shorter than Rows x Columns x Bits Allocated says
+    ds.save_as(compressed)
+    assert send(router.port, [compressed]) == [0]
+
+    def dead() -> float:
+        return metric_value(router.metrics(), "dicom_router_queue_jobs", destination="LEGACY", state="dead")
+
+    wait_until(lambda: dead() == 1, 30, what="a dead letter")
+    listing = router.cli("queue", "dead").stdout
+    assert "attempts=1" in listing and "cannot decompress for a destination that refused" in listing
+    assert metric_value(router.metrics(), "dicom_router_forward_failures_total", destination="LEGACY",
+                        outcome="retry") == 0
