@@ -27,7 +27,7 @@ from router.association import MAX_CONTEXTS, UNCOMPRESSED, Association, Associat
 from router.config import Destination, DestinationRules, is_valid_ae_title, parse_status_range
 from router.holds import Holds
 from router.intake import decide_for
-from router.queue import Delivery, Job, Queue
+from router.queue import HIGH, Delivery, Holding, Job, Queue
 from router.request import ORIGINAL, Outcome, Reason, Request, fallback
 from router.rules import Context, Decision
 from router.spool import Spool
@@ -95,8 +95,10 @@ class Forwarder:
         spool: Spool,
         pool: CodecPool,
         calling_ae_title: str,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
+        self.clock = clock  # epoch seconds: what the schedule, delay and study_stable are read against
         self.rule_file = rule_file  # the destination's rule file in force, by destination name
         self.queue = queue
         self.spool = spool
@@ -165,11 +167,19 @@ class Forwarder:
             self._wake.wait(1.0)
             self._wake.clear()
             return True
-        jobs = self.queue.claim(self.name, rule_file.destination.batch_size)
+        destination, now = rule_file.destination, self.clock()
+        opens = destination.sending_schedule.next_open(now)
+        if opens != now:  # outside every window: nothing is claimed until the next one opens
+            self.associations.release_idle()
+            self._wake.wait(1.0 if opens is None else min(1.0, max(0.02, opens - now)))
+            self._wake.clear()
+            return True
+        holding = holding_of(destination)
+        jobs = self.queue.claim(self.name, destination.batch_size, now=now, holding=holding)
         if not jobs:
             self.associations.release_idle()
-            due = self.queue.next_due(self.name)
-            self._wake.wait(1.0 if due is None else min(1.0, max(0.02, due - time.time())))
+            due = self.queue.next_due(self.name, holding)
+            self._wake.wait(1.0 if due is None else min(1.0, max(0.02, due - now)))
             self._wake.clear()
             return True
         self._batch(rule_file, jobs)
@@ -272,7 +282,7 @@ class Forwarder:
             delivered: list[tuple[_Outgoing, int]] = []
             try:
                 for item in group:
-                    if self._stop.is_set() or not association.is_open:
+                    if self._stop.is_set() or not association.is_open or self._sends_later(destination, item):
                         break
                     if not self._finish_transcode(destination, item):
                         unresolved.pop(item.job.id)
@@ -288,6 +298,19 @@ class Forwarder:
                     unresolved.pop(item.job.id)
         finally:
             self.associations.give_back(association)
+
+    def _sends_later(self, destination: Destination, item: _Outgoing) -> bool:
+        """Whether the rest of the batch goes back to the queue before `item`: its window closed,
+        or a job of higher priority became due (it overtakes the batch at the next claim)."""
+        now = self.clock()
+        if not destination.sending_schedule.is_open(now):
+            item.log.info("window_closed", action="the rest of the batch waits for the next window")
+            return True
+        if item.job.priority > HIGH and self.queue.due_count(self.name, now, holding_of(destination),
+                                                             priority=item.job.priority - 1):
+            item.log.info("overtaken", action="a job of higher priority goes first")
+            return True
+        return False
 
     def _calling_ae_title(self, destination: Destination, item: _Outgoing) -> str:
         """The calling AE title of the association: the modality's own with
@@ -443,6 +466,11 @@ class Forwarder:
             self.log.warning("retry_scheduled", sop_instance_uid=uid, attempts=attempts, retry_in_s=round(delay, 1),
                              error=why)
         metrics.FORWARD_FAILURES.labels(destination=self.name, outcome=outcome.value).inc()
+
+
+def holding_of(destination: Destination) -> Holding:
+    """What holds the destination's jobs, from its rule file."""
+    return Holding(destination.delay_s, destination.study_stable_s)
 
 
 def _delivery(item: _Outgoing, size: int) -> Delivery:

@@ -18,12 +18,13 @@ from typing import Any
 from router import log, metrics
 from router.config import DestinationRules
 from router.dicomfile import read_header
-from router.queue import Instance, NewJob, Queue
+from router.queue import HIGH, Instance, NewJob, Queue
 from router.request import Reason
-from router.rules import CONTEXT_KEYS, Attributes, Context, Decision, decide
+from router.rules import CONTEXT_KEYS, PRIORITIES, Attributes, Context, Decision, decide
 from router.spool import Spool
 
 SUCCESS = 0x0000
+PRIORITY_HIGH = 0x0001  # the C-STORE request's Priority (PS3.7 9.1.1.1): 0 medium, 1 high, 2 low
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 _DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
@@ -39,6 +40,23 @@ class Received:
     sop_class_uid: str
     sop_instance_uid: str
     context: Context
+    priority: int = 0  # the C-STORE request's Priority; high makes the instance high priority everywhere
+
+
+def job_priority(decision: Decision, store_priority: int = 0) -> int:
+    """The queue priority of a job: high when its rule or the modality's C-STORE says so."""
+    if store_priority == PRIORITY_HIGH:
+        return HIGH
+    return PRIORITIES.index(decision.priority)
+
+
+def _number(header: Any, keyword: str) -> int | None:
+    """An IS attribute as an int, None when absent or unreadable (it only orders a study)."""
+    try:
+        value = header.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except Exception:  # noqa: BLE001 - a malformed value orders like a missing one
+        return None
 
 
 def decide_for(
@@ -138,7 +156,8 @@ class Intake:
             jobs = []
             for rule_file, decision in decisions:
                 if decision.request is not None:
-                    jobs.append(NewJob(rule_file.name, decision.request, rule_file.tag))
+                    jobs.append(NewJob(rule_file.name, decision.request, rule_file.tag,
+                                       job_priority(decision, received.priority)))
                 else:
                     metrics.SKIPPED.labels(destination=rule_file.name).inc()
             final = self.spool.accept(path, synced)
@@ -154,6 +173,8 @@ class Intake:
                 size=size,
                 received_at=time.time(),
                 series_instance_uid=series,
+                series_number=_number(header, "SeriesNumber"),
+                instance_number=_number(header, "InstanceNumber"),
             )
             try:
                 self.queue.add(instance, jobs)  # no job: a history row ("not forwarded") only

@@ -133,6 +133,7 @@ class Receiver:
             sop_class_uid=str(request.AffectedSOPClassUID),
             sop_instance_uid=str(request.AffectedSOPInstanceUID),
             context=context,
+            priority=int(request.Priority or 0),
         ))
 
     def _on_n_action(self, event: evt.Event) -> tuple[int, None]:

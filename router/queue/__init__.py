@@ -52,6 +52,12 @@ class Instance:
     size: int
     received_at: float
     series_instance_uid: str = ""
+    series_number: int | None = None  # with instance_number: the order a whole study goes out in
+    instance_number: int | None = None
+
+
+# a job's priority within its destination (router.rules.PRIORITIES), lowest first
+HIGH, NORMAL, LOW = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,20 @@ class NewJob:
     destination: str
     request: Request
     rules_tag: str
+    priority: int = NORMAL
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What holds a destination's pending jobs besides their retry time, from its rule file:
+    each instance for `delay_s` after receipt, each study until none of its instances arrived
+    for `study_stable_s` (then the study goes in series and instance number order)."""
+
+    delay_s: float = 0.0
+    study_stable_s: float = 0.0
+
+
+HELD_BY_DELAY, HELD_FOR_STABLE_STUDY = "delay", "study_stable"
 
 
 @dataclass(frozen=True)
@@ -75,6 +95,7 @@ class Job:
     request: Request | None  # None: decide again from the rules in force
     rules_tag: str
     instance: Instance
+    priority: int = NORMAL
 
 
 @dataclass(frozen=True)
@@ -154,16 +175,26 @@ class Queue(ABC):
 
     # -- forwarding
     @abstractmethod
-    def claim(self, destination: str, limit: int, now: float | None = None) -> list[Job]:
-        """Move up to `limit` due pending jobs of `destination` to in_flight and return them."""
+    def claim(self, destination: str, limit: int, now: float | None = None,
+              holding: Holding = Holding()) -> list[Job]:
+        """Move up to `limit` due pending jobs of `destination` to in_flight and return them,
+        high priority first; a job is due once its retry time has come and `holding` no longer
+        holds it. With `holding.study_stable_s`, a study's jobs come in series and instance
+        number order."""
 
     @abstractmethod
-    def next_due(self, destination: str) -> float | None:
+    def next_due(self, destination: str, holding: Holding = Holding()) -> float | None:
         """When the earliest pending job of `destination` is due (epoch seconds), or None."""
 
     @abstractmethod
-    def due_count(self, destination: str, now: float | None = None) -> int:
-        """How many pending jobs of `destination` are due now."""
+    def due_count(self, destination: str, now: float | None = None, holding: Holding = Holding(),
+                  priority: int | None = None) -> int:
+        """How many pending jobs of `destination` (of at most `priority`, the number) are due now."""
+
+    @abstractmethod
+    def held(self, destination: str, now: float | None = None, holding: Holding = Holding()) -> dict[str, int]:
+        """Pending jobs of `destination` past their retry time that `holding` holds, by reason
+        (HELD_BY_DELAY, HELD_FOR_STABLE_STUDY; a job held by both counts as delayed)."""
 
     @abstractmethod
     def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:

@@ -15,7 +15,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from router.queue import (
-    NOT_FORWARDED, Delivery, HistoryEntry, Instance, Job, NewJob, Queue, StoredCommitment, Whereabouts,
+    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob, Queue,
+    StoredCommitment, Whereabouts,
 )
 from router.request import Outcome, Request
 
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_due ON jobs (destination, state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS jobs_instance ON jobs (instance_id);
 CREATE INDEX IF NOT EXISTS instances_sop ON instances (sop_instance_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances (study_instance_uid);
 CREATE TABLE IF NOT EXISTS history (
     id INTEGER PRIMARY KEY,
     destination TEXT NOT NULL,
@@ -101,7 +103,14 @@ CREATE TABLE IF NOT EXISTS commitment_instances (
 );
 """
 # columns added after the first release: (table, column, definition)
-_ADDED_COLUMNS = (("instances", "series_instance_uid", "TEXT NOT NULL DEFAULT ''"),)
+_ADDED_COLUMNS = (
+    ("instances", "series_instance_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("instances", "series_number", "INTEGER"),
+    ("instances", "instance_number", "INTEGER"),
+    ("jobs", "priority", "INTEGER NOT NULL DEFAULT 1"),
+)
+# indexes on added columns, made once the columns exist
+_ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_by_priority ON jobs (destination, state, priority, next_attempt_at);"
 PRUNE_EVERY_S = 3600.0
 
 _HISTORY_COLUMNS = (
@@ -131,13 +140,42 @@ _IN_ORDER = (
 _JOB_COLUMNS = (
     "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.request, j.rules_tag, "
     "i.path, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid, i.transfer_syntax_uid, "
-    "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at, i.series_instance_uid"
+    "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at, i.series_instance_uid, i.series_number, "
+    "i.instance_number, j.priority"
 )
 
 
 def _job(row: tuple) -> Job:
     request = Request.from_json(row[6]) if row[6] else None
-    return Job(*row[:6], request, row[7], instance=Instance(*row[8:]))
+    return Job(*row[:6], request, row[7], instance=Instance(*row[8:-1]), priority=row[-1])
+
+
+# When a pending job is due, in SQL over `jobs j JOIN instances i`: its retry time, its instance's
+# receipt plus the destination's delay, and (study_stable) the last receipt of an instance of its
+# study still to go to the destination plus study_stable. The parameters: delay, study_stable.
+_STUDY_LAST = (
+    "(SELECT MAX(e.received_at) FROM instances e JOIN jobs k ON k.instance_id = e.id "
+    "WHERE e.study_instance_uid = i.study_instance_uid AND k.destination = j.destination "
+    "AND k.state IN ('pending', 'in_flight'))"
+)
+
+
+def _due_at(holding: Holding) -> tuple[str, list[float]]:
+    """The SQL expression of a job's due time under `holding`, and its parameters."""
+    if holding.study_stable_s > 0:
+        return (f"MAX(j.next_attempt_at, i.received_at + ?, CASE WHEN i.study_instance_uid = '' THEN i.received_at "
+                f"ELSE {_STUDY_LAST} END + ?)", [holding.delay_s, holding.study_stable_s])
+    if holding.delay_s > 0:
+        return "MAX(j.next_attempt_at, i.received_at + ?)", [holding.delay_s]
+    return "j.next_attempt_at", []
+
+
+def _claim_order(holding: Holding) -> str:
+    """High priority first; a stable study whole, in series and instance number order."""
+    if holding.study_stable_s > 0:
+        return ("j.priority, (SELECT MIN(e.id) FROM instances e WHERE e.study_instance_uid = i.study_instance_uid), "
+                "i.series_number, i.series_instance_uid, i.instance_number, j.id")
+    return "j.priority, j.next_attempt_at, j.id"
 
 
 class SqliteQueue(Queue):
@@ -158,6 +196,7 @@ class SqliteQueue(Queue):
             for table, column, definition in _ADDED_COLUMNS:
                 if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
                     db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+            db.executescript(_ADDED_INDEXES)
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
@@ -230,8 +269,8 @@ class SqliteQueue(Queue):
                 return
             cur = db.execute(
                 "INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
-                "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at, series_instance_uid) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at, series_instance_uid, "
+                "series_number, instance_number) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     instance.path,
                     instance.sop_class_uid,
@@ -244,44 +283,67 @@ class SqliteQueue(Queue):
                     instance.size,
                     instance.received_at,
                     instance.series_instance_uid,
+                    instance.series_number,
+                    instance.instance_number,
                 ),
             )
             instance_id = int(cur.lastrowid)
             db.executemany(
-                "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, rules_tag) "
-                "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
-                [(instance_id, j.destination, now, now, j.request.to_json(), j.rules_tag) for j in jobs],
+                "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, rules_tag, "
+                "priority) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
+                [(instance_id, j.destination, now, now, j.request.to_json(), j.rules_tag, j.priority) for j in jobs],
             )
 
     # -- forwarding ------------------------------------------------------------------------
-    def claim(self, destination: str, limit: int, now: float | None = None) -> list[Job]:
+    def claim(self, destination: str, limit: int, now: float | None = None,
+              holding: Holding = Holding()) -> list[Job]:
         now = time.time() if now is None else now
+        due_at, args = _due_at(holding)
         with self._tx() as db:
             rows = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id "
-                f"WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? AND {_IN_ORDER} "
-                "ORDER BY j.next_attempt_at, j.id LIMIT ?",
-                (destination, now, limit),
+                f"WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? AND {due_at} <= ? "
+                f"AND {_IN_ORDER} ORDER BY {_claim_order(holding)} LIMIT ?",
+                (destination, now, *args, now, limit),
             ).fetchall()
             db.executemany(
                 "UPDATE jobs SET state = 'in_flight', updated_at = ? WHERE id = ?", [(now, r[0]) for r in rows]
             )
         return [_job(r) for r in rows]
 
-    def next_due(self, destination: str) -> float | None:
+    def next_due(self, destination: str, holding: Holding = Holding()) -> float | None:
+        due_at, args = _due_at(holding)
         row = self._db().execute(
-            "SELECT MIN(j.next_attempt_at) FROM jobs j JOIN instances i ON i.id = j.instance_id "
-            f"WHERE j.destination = ? AND j.state = 'pending' AND {_IN_ORDER}", (destination,)
+            f"SELECT MIN({due_at}) FROM jobs j JOIN instances i ON i.id = j.instance_id "
+            f"WHERE j.destination = ? AND j.state = 'pending' AND {_IN_ORDER}", (*args, destination)
         ).fetchone()
         return row[0]
 
-    def due_count(self, destination: str, now: float | None = None) -> int:
+    def due_count(self, destination: str, now: float | None = None, holding: Holding = Holding(),
+                  priority: int | None = None) -> int:
         now = time.time() if now is None else now
+        due_at, args = _due_at(holding)
         return self._db().execute(
             "SELECT COUNT(*) FROM jobs j JOIN instances i ON i.id = j.instance_id "
-            f"WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? AND {_IN_ORDER}",
-            (destination, now),
+            f"WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? AND {due_at} <= ? "
+            f"AND j.priority <= ? AND {_IN_ORDER}",
+            (destination, now, *args, now, 2 if priority is None else priority),
         ).fetchone()[0]
+
+    def held(self, destination: str, now: float | None = None, holding: Holding = Holding()) -> dict[str, int]:
+        now = time.time() if now is None else now
+        if holding.delay_s <= 0 and holding.study_stable_s <= 0:
+            return {}
+        stable, _ = _due_at(Holding(0.0, holding.study_stable_s))
+        delayed, in_study = self._db().execute(
+            "SELECT COALESCE(SUM(i.received_at + ? > ?), 0), "
+            f"COALESCE(SUM(i.received_at + ? <= ? AND {stable} > ?), 0) "
+            "FROM jobs j JOIN instances i ON i.id = j.instance_id "
+            "WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?",
+            (holding.delay_s, now, holding.delay_s, now,
+             *([0.0, holding.study_stable_s] if holding.study_stable_s > 0 else []), now, destination, now),
+        ).fetchone()
+        return {reason: n for reason, n in ((HELD_BY_DELAY, delayed), (HELD_FOR_STABLE_STUDY, in_study)) if n}
 
     def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
         now = time.time()
