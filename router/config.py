@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from router.codecs import registry
 from router.rules import COMPARISON, CONTEXT_KEYS, PRIORITIES, SKIP
-from router.schedule import Schedule, parse_duration, parse_timezone, parse_window
+from router.schedule import Schedule, parse_duration, parse_timezone, parse_window, schedule_for
 
 
 class ConfigError(Exception):
@@ -245,7 +245,7 @@ class Destination(_Strict):
 
     @property
     def sending_schedule(self) -> Schedule:
-        return Schedule.parse(self.schedule, self.timezone)
+        return schedule_for(tuple(self.schedule), self.timezone)
 
     @field_validator("statuses")
     @classmethod

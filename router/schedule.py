@@ -13,6 +13,7 @@ Every function takes the time as an argument: nothing here reads the clock.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
@@ -160,3 +161,9 @@ class Schedule:
             return "always"
         zone = getattr(self.zone, "key", None) or "local time"
         return ", ".join(w.text for w in self.windows) + f" ({zone})"
+
+
+@functools.lru_cache(maxsize=256)
+def schedule_for(windows: tuple[str, ...], timezone: str | None = None) -> Schedule:
+    """`Schedule.parse`, parsed once per distinct rule file content."""
+    return Schedule.parse(list(windows), timezone)
