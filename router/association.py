@@ -22,8 +22,9 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext
 
-from router.compat.pynetdicom import park_reactor
+from router.compat.pynetdicom import park_reactor, throttle_sends
 from router.config import Destination
+from router.throttle import CHUNK, TokenBucket, bytes_per_second
 from router.tls import client_context
 
 MAX_CONTEXTS = 127  # 128 per association, one of them Verification
@@ -66,9 +67,10 @@ def count(wanted: Contexts) -> int:
 class Association:
     """One association to a destination, re-negotiated when new presentation contexts are needed."""
 
-    def __init__(self, destination: Destination, calling_ae_title: str) -> None:
+    def __init__(self, destination: Destination, calling_ae_title: str, bucket: TokenBucket | None = None) -> None:
         self.destination = destination
         self.calling_ae_title = calling_ae_title
+        self.bucket = bucket  # the destination's bandwidth cap, shared with its other associations
         self._assoc = None
         self._proposed: set[tuple[str, str]] = set()
         self.last_used = time.monotonic()
@@ -120,6 +122,8 @@ class Association:
         sock = getattr(assoc.dul.socket, "socket", None)
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.bucket is not None and dest.max_mbps > 0:
+            throttle_sends(assoc, self.bucket.take, CHUNK)
         self._assoc = assoc
         self._proposed = {(s, t) for s, uids in wanted.items() for t in uids}
         self.last_used = time.monotonic()
@@ -174,12 +178,16 @@ class AssociationPool:
         self._idle: list[Association] = []
         self._busy = 0
         self._cond = threading.Condition()
+        # max_mbps: one bucket for all the destination's associations
+        self.bucket = TokenBucket(0.0)  # its rate: the rule file in force at each acquire
 
     def acquire(self, wanted: Contexts, calling_ae_title: str | None = None,
                 timeout: float | None = None) -> Association | None:
         """An association to open for `wanted` (the caller calls `open`), preferably one made as
         `calling_ae_title` (default: the router's); None on timeout."""
-        calling = calling_ae_title or self._destination().calling_ae_title or self.calling_ae_title
+        destination = self._destination()
+        calling = calling_ae_title or destination.calling_ae_title or self.calling_ae_title
+        self.bucket.set_rate(bytes_per_second(destination.max_mbps))  # the rule file in force
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
@@ -193,7 +201,7 @@ class AssociationPool:
                     return chosen
                 if self._busy + len(self._idle) < self.ceiling:
                     self._busy += 1
-                    return Association(self._destination(), calling)
+                    return Association(destination, calling, self.bucket)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None

@@ -588,3 +588,33 @@ def accept_unknown_storage_classes(enabled: bool) -> None:
     call it from the receiving process's entry point). Known non-storage services (C-FIND,
     C-MOVE, N-ACTION...) are still negotiated against the supported contexts only."""
     _config.UNRESTRICTED_STORAGE_SERVICE = enabled
+
+
+def throttle_sends(assoc: Association, take: Callable[[int], object], chunk: int) -> None:
+    """Pass every byte this association sends through `take` (a bandwidth cap), `chunk` bytes at
+    a time, so that one large PDU is paced too.
+
+    pynetdicom has no send hook that can delay: its DUL writes each encoded PDU with
+    `AssociationSocket.send` (dul.py, `_send`), which loops on `socket.send` and then triggers
+    `EVT_DATA_SENT`. This replaces that method on the association's socket object with the same
+    loop, paced. tests/test_throttle.py fails if the DUL stops sending through it.
+    """
+    sock = assoc.dul.socket
+    if sock is None:
+        return
+
+    def send(bytestream: bytes) -> None:
+        raw = cast(socket.socket, sock.socket)
+        try:
+            view = memoryview(bytestream)
+            for start in range(0, len(view), chunk):
+                piece = view[start:start + chunk]
+                take(len(piece))
+                sent = 0
+                while sent < len(piece):
+                    sent += raw.send(piece[sent:])
+            evt.trigger(assoc, evt.EVT_DATA_SENT, {"data": bytestream})
+        except Exception:  # noqa: BLE001 - as upstream: Evt17, transport connection closed
+            sock.event_queue.put("Evt17")
+
+    sock.send = send
