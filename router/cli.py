@@ -105,10 +105,23 @@ def cmd_explain(args: argparse.Namespace) -> int:
             continue
         ts = header.file_meta.get("TransferSyntaxUID", "?")
         print(f"{name}: {header.get('Modality', '?')} {header.get('SOPClassUID', '?')} in {ts}")
+        now = time.time()
         for rule_file, decision in decisions:
             target = decision.syntax if decision.forward else "not forwarded"
             print(f"  {rule_file.name}: {target}  ({decision.reason})")
+            if decision.forward:
+                print(f"  {' ' * len(rule_file.name)}  {_when(rule_file.destination, decision.priority, now)}")
     return status
+
+
+def _when(destination, priority: str, now: float) -> str:  # noqa: ANN001
+    """When an instance received now would be sent to `destination`, and why then."""
+    from router.waiting import when
+
+    at, why = when(destination, now)
+    said = "now" if at <= now else (
+        "never" if at == float("inf") else time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(at)))
+    return f"sent {said} if received now ({why}); priority {priority} (high with a C-STORE Priority HIGH)"
 
 
 def cmd_transcode(args: argparse.Namespace) -> int:
@@ -203,9 +216,13 @@ def cmd_queue(args: argparse.Namespace) -> int:
         return EXIT_OK
     from router.holds import Holds
 
+    from router.waiting import waiting
+
     counts = queue.counts()
     oldest = queue.oldest_pending()
     paused = Holds(cfg.spool_dir).paused()
+    now = time.time()
+    rule_files = {d.name: d for d in cfg.destinations}
     names = sorted({d.name for d in cfg.destinations} | {d for d, _ in counts})
     print(f"{'destination':20} {'pending':>8} {'in_flight':>9} {'dead':>6} {'oldest_pending':>15}  state")
     for name in names:
@@ -214,6 +231,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
         age = oldest.get(name)
         state = (f"paused since {time.strftime('%Y-%m-%d %H:%M', time.localtime(paused[name]))}"
                  if name in paused else "-")
+        if name not in paused and name in rule_files:
+            state = waiting(name, rule_files[name].destination, queue, now).describe(now)
         print(f"{name:20} {counts.get((name, 'pending'), 0):>8} {counts.get((name, 'in_flight'), 0):>9} "
               f"{counts.get((name, 'dead'), 0):>6} {(f'{age:.0f}s' if age is not None else '-'):>15}  {state}")
     if args.action == "dead" or args.verbose:
@@ -226,19 +245,13 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def parse_duration(text: str) -> float:
-    """'90s', '30m', '12h', '7d' (or plain seconds) -> seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
+    """'90s', '30m', '12h', '7d' (or plain seconds) -> seconds, for argparse (`schedule.parse_duration`)."""
+    from router.schedule import parse_duration as parse
+
     try:
-        if text and text[-1] in units:
-            value = float(text[:-1]) * units[text[-1]]
-        else:
-            value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 12h or 7d") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: a duration cannot be negative")
-    return value
+        return parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _purge(cfg, queue, args: argparse.Namespace) -> int:  # noqa: ANN001

@@ -27,11 +27,12 @@ from router.association import MAX_CONTEXTS, UNCOMPRESSED, Association, Associat
 from router.config import Destination, DestinationRules, is_valid_ae_title, parse_status_range
 from router.holds import Holds
 from router.intake import decide_for
-from router.queue import HIGH, Delivery, Holding, Job, Queue
+from router.queue import HIGH, Delivery, Job, Queue
 from router.request import ORIGINAL, Outcome, Reason, Request, fallback
 from router.rules import Context, Decision
 from router.spool import Spool
 from router.transcode import TranscodeError, Transcoded
+from router.waiting import holding_of
 from router.workers import CodecCrash, CodecPool, CodecTimeout, Submitted
 
 # PS3.7 Annex C: the warning statuses (0001, 0107, 0116, Bxxx) all mean "stored"
@@ -442,6 +443,7 @@ class Forwarder:
             self._discard_output(item)
             metrics.FORWARDED_INSTANCES.labels(destination=self.name, syntax=item.syntax).inc()
             metrics.FORWARDED_BYTES.labels(destination=self.name, syntax=item.syntax).inc(size)
+            metrics.FORWARDED_BYTES_AS_RECEIVED.labels(destination=self.name).inc(item.job.instance.size)
             metrics.END_TO_END_SECONDS.labels(destination=self.name).observe(max(0.0, now - item.job.instance.received_at))
 
     def record(self, destination: Destination, job: Job, outcome: Outcome, why: str) -> None:
@@ -466,11 +468,6 @@ class Forwarder:
             self.log.warning("retry_scheduled", sop_instance_uid=uid, attempts=attempts, retry_in_s=round(delay, 1),
                              error=why)
         metrics.FORWARD_FAILURES.labels(destination=self.name, outcome=outcome.value).inc()
-
-
-def holding_of(destination: Destination) -> Holding:
-    """What holds the destination's jobs, from its rule file."""
-    return Holding(destination.delay_s, destination.study_stable_s)
 
 
 def _delivery(item: _Outgoing, size: int) -> Delivery:

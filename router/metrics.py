@@ -19,7 +19,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from router import __version__
-from router.request import FALLBACK_REASONS, REJECTION_REASONS, Outcome
+from router.request import FALLBACK_REASONS, HELD_REASONS, REJECTION_REASONS, Outcome
 
 RECEIVED_INSTANCES = Counter(
     "dicom_router_received_instances", "Instances received and made durable (C-STORE success sent)", ["caller"]
@@ -37,6 +37,11 @@ FORWARDED_INSTANCES = Counter(
 )
 FORWARDED_BYTES = Counter(
     "dicom_router_forwarded_bytes", "Bytes of the files sent to a destination", ["destination", "syntax"]
+)
+FORWARDED_BYTES_AS_RECEIVED = Counter(
+    "dicom_router_forwarded_bytes_as_received",
+    "Bytes of the instances stored at a destination, as they were received (compare with "
+    "dicom_router_forwarded_bytes, as sent: what compression saved on the link)", ["destination"]
 )
 FORWARD_FAILURES = Counter(
     "dicom_router_forward_failures", "Failed sends (outcome: retry, dead)", ["destination", "outcome"]
@@ -104,12 +109,14 @@ class StateCollector(Collector):
         spool_free_bytes: Callable[[], int],
         destinations: Callable[[], list[str]],
         paused: Callable[[], dict[str, float]] = dict,
+        held: Callable[[], dict[tuple[str, str], int]] = dict,
     ) -> None:
         self._queue_counts = queue_counts
         self._oldest_pending = oldest_pending
         self._spool_free_bytes = spool_free_bytes
         self._destinations = destinations
         self._paused = paused
+        self._held = held
 
     def collect(self):  # noqa: ANN201 - prometheus_client protocol
         names = self._destinations()
@@ -138,6 +145,17 @@ class StateCollector(Collector):
         for name in sorted(set(names) | set(held)):
             paused.add_metric([name], 1 if name in held else 0)
         yield paused
+        waiting = self._held()
+        held_jobs = GaugeMetricFamily(
+            "dicom_router_held_jobs",
+            "Pending jobs a destination holds back, by reason: window (outside every window of its schedule), "
+            "delay, study_stable (a study still receiving), throttled (due, going out at max_mbps)",
+            labels=["destination", "reason"],
+        )
+        for name in sorted(set(names) | {d for d, _ in waiting}):
+            for reason in HELD_REASONS:
+                held_jobs.add_metric([name, reason.value], waiting.get((name, reason.value), 0))
+        yield held_jobs
         yield GaugeMetricFamily(
             "dicom_router_spool_free_bytes", "Free bytes on the spool's filesystem", value=self._spool_free_bytes()
         )
@@ -168,6 +186,7 @@ class _AllProcesses(Collector):
     _DECLARED = {
         m._name: m for m in (
             RECEIVED_INSTANCES, RECEIVED_BYTES, REJECTED, ASSOCIATIONS, FORWARDED_INSTANCES, FORWARDED_BYTES,
+            FORWARDED_BYTES_AS_RECEIVED,
             FORWARD_FAILURES, FALLBACKS, SKIPPED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
             COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
         )
@@ -297,6 +316,7 @@ def declare(destinations: list[str]) -> None:
         COMMITMENT_INSTANCES.labels(result=result)
     for name in destinations:
         SKIPPED.labels(destination=name)
+        FORWARDED_BYTES_AS_RECEIVED.labels(destination=name)
         for outcome in (Outcome.RETRY, Outcome.DEAD):
             FORWARD_FAILURES.labels(destination=name, outcome=outcome.value)
         for reason in FALLBACK_REASONS:

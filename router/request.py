@@ -40,6 +40,11 @@ class Reason(str, Enum):
     CODEC_ERROR = "codec_error"
     CODEC_CRASH = "codec_crash"
     CODEC_TIMEOUT = "codec_timeout"
+    # why a due-looking job is held back (router.waiting)
+    WINDOW = "window"
+    DELAY = "delay"
+    STUDY_STABLE = "study_stable"
+    THROTTLED = "throttled"
 
     def __str__(self) -> str:
         return self.value
@@ -53,6 +58,7 @@ FALLBACK_REASONS: tuple[Reason, ...] = (
     Reason.REFUSED_BY_DESTINATION, Reason.CODEC_CANNOT_CARRY, Reason.VERIFY_MISMATCH, Reason.CODEC_ERROR,
     Reason.CODEC_CRASH, Reason.CODEC_TIMEOUT,
 )
+HELD_REASONS: tuple[Reason, ...] = (Reason.WINDOW, Reason.DELAY, Reason.STUDY_STABLE, Reason.THROTTLED)
 
 
 class Outcome(str, Enum):

@@ -41,6 +41,7 @@ from router.lifetime import die_with_parent
 from router.queue import open_queue
 from router.scp import Receiver
 from router.spool import Spool
+from router.waiting import waiting
 from router.workers import CodecPool
 
 _log = log.get("service")
@@ -196,6 +197,14 @@ class Router:
             problems.append(f"queue unavailable: {exc}")
         return (not problems, "; ".join(problems) or "ready")
 
+    def _held(self) -> dict[tuple[str, str], int]:
+        """Pending jobs each destination holds back, by reason (router.waiting)."""
+        found: dict[tuple[str, str], int] = {}
+        for rule_file in self.destinations():
+            for reason, count in waiting(rule_file.name, rule_file.destination, self.queue).held.items():
+                found[(rule_file.name, reason)] = count
+        return found
+
     def start(self) -> None:
         use_poll()
         self.recover()
@@ -210,6 +219,7 @@ class Router:
                 spool_free_bytes=self.spool.free_bytes,
                 destinations=lambda: [d.name for d in self.destinations()],
                 paused=Holds(self.spool.root).paused,
+                held=self._held,
             )
         )
         self._start_forwarders()

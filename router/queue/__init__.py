@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from router.request import Outcome, Request
+from router.request import Outcome, Reason, Request
 
 if TYPE_CHECKING:
     from router.config import Loaded
@@ -81,7 +81,7 @@ class Holding:
     study_stable_s: float = 0.0
 
 
-HELD_BY_DELAY, HELD_FOR_STABLE_STUDY = "delay", "study_stable"
+HELD_BY_DELAY, HELD_FOR_STABLE_STUDY = Reason.DELAY.value, Reason.STUDY_STABLE.value
 
 
 @dataclass(frozen=True)
