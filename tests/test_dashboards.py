@@ -342,6 +342,11 @@ def test_alerts_fire_when_they_should_and_only_then(scraped, tmp_path):
             series("dicom_router_queue_jobs", "5x40", destination="PACS", state="pending"),
             series("dicom_router_oldest_pending_seconds", "0x40", destination="ARCHIVE"),
             series("dicom_router_queue_jobs", "0x40", destination="ARCHIVE", state="pending"),
+            # OFFSITE: as old, but every job held on purpose (outside its window): no alert
+            series("dicom_router_oldest_pending_seconds", "0+60x40", destination="OFFSITE"),
+            series("dicom_router_queue_jobs", "5x40", destination="OFFSITE", state="pending"),
+            series("dicom_router_held_jobs", "5x40", destination="OFFSITE", reason="window"),
+            series("dicom_router_held_jobs", "0x40", destination="PACS", reason="window"),
             series("dicom_router_queue_jobs", "0 0 0 0 0 1x35", destination="PACS", state="dead"),
             series("dicom_router_forward_failures_total", "0 0 0 0 0 1x35", destination="PACS", outcome="dead"),
             series("dicom_router_spool_free_bytes", f"{50 * gib}x10 {2 * gib}x30"),
