@@ -1,4 +1,4 @@
-"""The `dicom-router` command: serve, check, explain, transcode, queue, pause, resume.
+"""The `dicom-router` command: serve, check, explain, transcode, queue, trace, pause, resume.
 
 A thin shell over functions the tests also call. Exit codes: 0 ok, 1 runtime failure,
 2 invalid configuration or usage.
@@ -175,6 +175,26 @@ def _one_line(path: str, exc: BaseException) -> str:
     if not isinstance(exc, TranscodeError):
         text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if text.startswith(f"{path}: ") else f"{path}: {text}"
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Where the instances of a study, series or SOP instance are, at each destination."""
+    import json
+
+    from router.queue import open_queue
+    from router.trace import summary, trace
+
+    cfg = _load_or_say_why(args.config)
+    if cfg is None:
+        return EXIT_CONFIG
+    found = trace(open_queue(cfg), study=args.study, series=args.series, sop=args.sop)
+    if args.json:
+        print(json.dumps({"summary": summary(found), "instances": [w.as_dict() for w in found]}, indent=2))
+    else:
+        for where in found:
+            print(where.line())
+        print(summary(found))
+    return EXIT_OK
 
 
 def cmd_hold(args: argparse.Namespace) -> int:
@@ -360,6 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="purge: only those dead for longer than this (90s, 30m, 12h, 7d)")
     queue.add_argument("--yes", action="store_true", help="purge: really drop them")
     queue.set_defaults(func=cmd_queue)
+
+    tracer = sub.add_parser("trace", help="where each instance of a study, series or SOP instance is, per destination")
+    tracer.add_argument("--config", required=True)
+    which = tracer.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="Study Instance UID")
+    which.add_argument("--series", metavar="UID", help="Series Instance UID")
+    which.add_argument("--sop", metavar="UID", help="SOP Instance UID, as received or as sent")
+    tracer.add_argument("--json", action="store_true", help="one JSON document, for scripts")
+    tracer.set_defaults(func=cmd_trace)
 
     for verb, what in (("pause", "put a destination on hold: it keeps receiving into its queue, sends nothing"),
                        ("resume", "take a destination off hold")):

@@ -33,7 +33,7 @@ from router.rules import Context, Decision
 from router.spool import Spool
 from router.transcode import TranscodeError, Transcoded
 from router.waiting import holding_of
-from router.workers import CodecCrash, CodecPool, CodecTimeout, Submitted
+from router.workers import CodecCrash, CodecPool, CodecTimeout, PoolClosed, Submitted
 
 # PS3.7 Annex C: the warning statuses (0001, 0107, 0116, Bxxx) all mean "stored"
 WARNINGS: list[tuple[int, int]] = [(0x0001, 0x0001), (0x0107, 0x0107), (0x0116, 0x0116), (0xB000, 0xBFFF)]
@@ -135,11 +135,15 @@ class Forwarder:
         self._stop.set()
         self._wake.set()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self.signal_stop()
+    def join(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for the sender threads to end (after `signal_stop`)."""
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.signal_stop()
+        self.join(timeout)
         self.associations.close()
 
     # -- the pipeline -----------------------------------------------------------------------
@@ -213,6 +217,8 @@ class Forwarder:
                 if self._stop.is_set():
                     break
                 self._send_group(rule_file.destination, group, unresolved)
+        except PoolClosed:
+            self.log.info("batch_interrupted", reason="stopping", action="jobs back to pending")
         except Exception as exc:  # noqa: BLE001 - one batch never kills the sender
             self.log.exception("batch_failed", error=str(exc), action="jobs back to pending")
         finally:

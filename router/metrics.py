@@ -52,6 +52,9 @@ FALLBACKS = Counter(
     "verify_mismatch, codec_error, codec_crash, codec_timeout)",
     ["destination", "reason"],
 )
+PURGED = Counter(
+    "dicom_router_purged", "Dead letters dropped on purpose (dicom-router queue purge --dead --yes)", ["destination"]
+)
 SKIPPED = Counter("dicom_router_skipped", "Instances a destination's rules chose not to forward", ["destination"])
 TRANSCODE_SECONDS = Histogram(
     "dicom_router_transcode_seconds",
@@ -187,7 +190,7 @@ class _AllProcesses(Collector):
         m._name: m for m in (
             RECEIVED_INSTANCES, RECEIVED_BYTES, REJECTED, ASSOCIATIONS, FORWARDED_INSTANCES, FORWARDED_BYTES,
             FORWARDED_BYTES_AS_RECEIVED,
-            FORWARD_FAILURES, FALLBACKS, SKIPPED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
+            FORWARD_FAILURES, FALLBACKS, SKIPPED, PURGED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
             COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
         )
     }
@@ -212,6 +215,7 @@ def install_state_collector(collector: StateCollector) -> None:
 
 class _Handler(BaseHTTPRequestHandler):
     ready: Callable[[], tuple[bool, str]] = staticmethod(lambda: (True, "ok"))  # type: ignore[assignment]
+    pages: Callable[[str, str], tuple[bytes, str, int] | None] = staticmethod(lambda path, query: None)  # type: ignore[assignment]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         self.server.request_arrived(self.request)  # type: ignore[attr-defined]
@@ -224,7 +228,11 @@ class _Handler(BaseHTTPRequestHandler):
             ok, why = type(self).ready()
             body, ctype, code = (why + "\n").encode(), "text/plain; charset=utf-8", 200 if ok else 503
         else:
-            body, ctype, code = b"not found: try /metrics, /healthz or /readyz\n", "text/plain", 404
+            page = type(self).pages(path, self.path.partition("?")[2])
+            if page is not None:
+                body, ctype, code = page
+            else:
+                body, ctype, code = b"not found: try /, /metrics, /healthz or /readyz\n", "text/plain", 404
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -287,17 +295,30 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
 
 def serve_http(host: str, port: int, ready: Callable[[], tuple[bool, str]], max_connections: int = 32,
-               idle_timeout_s: float = 10.0) -> ThreadingHTTPServer:
+               idle_timeout_s: float = 10.0,
+               pages: Callable[[str, str], tuple[bytes, str, int] | None] | None = None) -> ThreadingHTTPServer:
     """Start /metrics, /healthz and /readyz on a daemon thread; returns the server (call shutdown()).
 
     At most `max_connections` are served at once; a connection beyond them is closed as soon as
     it is accepted. A connection whose request has not fully arrived `idle_timeout_s` after it
     opened is closed, and so is one idle that long while its answer is sent.
     """
-    handler = type("MetricsHandler", (_Handler,), {"ready": staticmethod(ready), "timeout": idle_timeout_s})
+    handler = type("MetricsHandler", (_Handler,), {"ready": staticmethod(ready), "timeout": idle_timeout_s,
+                                                    "pages": staticmethod(pages or (lambda path, query: None))})
     server = _BoundedHTTPServer((host, port), handler, max_connections, idle_timeout_s)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+def forwarded_by_destination() -> dict[str, float]:
+    """Instances stored at each destination since this process started (any syntax)."""
+    totals: dict[str, float] = {}
+    for family in FORWARDED_INSTANCES.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                name = sample.labels["destination"]
+                totals[name] = totals.get(name, 0.0) + sample.value
+    return totals
 
 
 def declare(destinations: list[str]) -> None:
@@ -317,6 +338,7 @@ def declare(destinations: list[str]) -> None:
     for name in destinations:
         SKIPPED.labels(destination=name)
         FORWARDED_BYTES_AS_RECEIVED.labels(destination=name)
+        PURGED.labels(destination=name)
         for outcome in (Outcome.RETRY, Outcome.DEAD):
             FORWARD_FAILURES.labels(destination=name, outcome=outcome.value)
         for reason in FALLBACK_REASONS:

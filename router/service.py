@@ -42,6 +42,7 @@ from router.queue import open_queue
 from router.scp import Receiver
 from router.spool import Spool
 from router.waiting import waiting
+from router.web import StatusPage
 from router.workers import CodecPool
 
 _log = log.get("service")
@@ -64,6 +65,7 @@ class Router:
         self._wake_name = ""
         self.log_format, self.log_level = log_format, log_level
         self.http = None
+        self.status_page: StatusPage | None = None
         self.reporter: Reporter | None = None
 
     # -- the rules the other parts read ---------------------------------------------------------
@@ -231,9 +233,13 @@ class Router:
                                               network_s=listen.network_timeout_s))
             self.reporter.start()
         if self.cfg.router.metrics.port:
+            self.status_page = StatusPage(self.queue, self.destinations, Holds(self.spool.root),
+                                          metrics.forwarded_by_destination)
+            self.status_page.start_sampling()
             self.http = metrics.serve_http(self.cfg.router.metrics.host, self.cfg.router.metrics.port, self.ready,
                                            max_connections=self.cfg.router.metrics.max_connections,
-                                           idle_timeout_s=self.cfg.router.metrics.idle_timeout_s)
+                                           idle_timeout_s=self.cfg.router.metrics.idle_timeout_s,
+                                           pages=self.status_page.handle)
         self._start_receivers()
         _log.info("listening", ae_title=self.cfg.router.listen.ae_title, host=self.cfg.router.listen.host,
                   port=self.cfg.router.listen.port, processes=len(self.receivers),
@@ -246,14 +252,18 @@ class Router:
         self._stop_receivers()
         for forwarder in self.forwarders.values():
             forwarder.signal_stop()
-        for forwarder in self.forwarders.values():
-            forwarder.stop(timeout=max(0.0, timeout - (time.monotonic() - started)))
+        for forwarder in self.forwarders.values():  # what is being sent finishes
+            forwarder.join(max(0.0, timeout - (time.monotonic() - started)))
         if self.reporter is not None:
             self.reporter.stop()
         if self.pool is not None:
-            self.pool.shutdown()
+            self.pool.shutdown()  # a worker still busy (a hung codec) is killed; its job stays queued
+        for forwarder in self.forwarders.values():
+            forwarder.stop(timeout=5.0)
         if self.http is not None:
             self.http.shutdown()
+        if self.status_page is not None:
+            self.status_page.stop()
         self.queue.close()
         self._stopped.set()
         if self._wake_socket is not None:

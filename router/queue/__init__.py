@@ -236,8 +236,10 @@ class Queue(ABC):
         """Per destination, the age in seconds of the oldest instance not yet delivered."""
 
     @abstractmethod
-    def jobs(self, destination: str | None = None, state: str | None = None, limit: int = 1000) -> list[Job]:
-        """Jobs in id order, optionally of one destination and state."""
+    def jobs(self, destination: str | None = None, state: str | None = None, limit: int = 1000,
+             study: str | None = None, series: str | None = None, sop: str | None = None) -> list[Job]:
+        """Jobs in id order, optionally of one destination and state, and of one study, series or
+        SOP Instance UID (as received)."""
 
     @abstractmethod
     def retry_dead(self, destination: str | None = None, job_ids: Iterable[int] | None = None) -> int:

@@ -449,15 +449,15 @@ class SqliteQueue(Queue):
             )
         }
 
-    def jobs(self, destination: str | None = None, state: str | None = None, limit: int = 1000) -> list[Job]:
+    def jobs(self, destination: str | None = None, state: str | None = None, limit: int = 1000,
+             study: str | None = None, series: str | None = None, sop: str | None = None) -> list[Job]:
         sql = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE 1=1"
         args: list = []
-        if destination:
-            sql += " AND j.destination = ?"
-            args.append(destination)
-        if state:
-            sql += " AND j.state = ?"
-            args.append(state)
+        for column, value in (("j.destination", destination), ("j.state", state), ("i.study_instance_uid", study),
+                              ("i.series_instance_uid", series), ("i.sop_instance_uid", sop)):
+            if value:
+                sql += f" AND {column} = ?"
+                args.append(value)
         sql += " ORDER BY j.id LIMIT ?"
         args.append(limit)
         return [_job(r) for r in self._db().execute(sql, args)]
