@@ -313,8 +313,10 @@ class Forwarder:
         if not destination.sending_schedule.is_open(now):
             item.log.info("window_closed", action="the rest of the batch waits for the next window")
             return True
-        if item.job.priority > HIGH and self.queue.due_count(self.name, now, holding_of(destination),
-                                                             priority=item.job.priority - 1):
+        higher = item.job.priority - 1
+        # the first count is cheap (an index range): the second, with what holds jobs, only if needed
+        if item.job.priority > HIGH and self.queue.due_count(self.name, now, priority=higher) and \
+                self.queue.due_count(self.name, now, holding_of(destination), priority=higher):
             item.log.info("overtaken", action="a job of higher priority goes first")
             return True
         return False

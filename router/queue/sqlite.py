@@ -150,21 +150,28 @@ def _job(row: tuple) -> Job:
     return Job(*row[:6], request, row[7], instance=Instance(*row[8:-1]), priority=row[-1])
 
 
-# When a pending job is due, in SQL over `jobs j JOIN instances i`: its retry time, its instance's
-# receipt plus the destination's delay, and (study_stable) the last receipt of an instance of its
-# study still to go to the destination plus study_stable. The parameters: delay, study_stable.
-_STUDY_LAST = (
-    "(SELECT MAX(e.received_at) FROM instances e JOIN jobs k ON k.instance_id = e.id "
-    "WHERE e.study_instance_uid = i.study_instance_uid AND k.destination = j.destination "
-    "AND k.state IN ('pending', 'in_flight'))"
+# When a pending job is due, in SQL over `jobs j JOIN instances i` and `_studies`: its retry time,
+# its instance's receipt plus the destination's delay, and (study_stable) the last receipt of an
+# instance of its study still to go to the destination plus study_stable.
+_STUDIES = (
+    "LEFT JOIN (SELECT e.study_instance_uid AS uid, MAX(e.received_at) AS last, MIN(e.id) AS first "
+    "FROM jobs k JOIN instances e ON e.id = k.instance_id WHERE k.destination = ? "
+    "AND k.state IN ('pending', 'in_flight') AND e.study_instance_uid != '' GROUP BY e.study_instance_uid) s "
+    "ON s.uid = i.study_instance_uid"
 )
+
+
+def _studies(holding: Holding, destination: str) -> tuple[str, list]:
+    """The join that due times and the claim order need under `holding` (each study's last
+    receipt and first instance, computed once per query), and its parameters."""
+    return (_STUDIES, [destination]) if holding.study_stable_s > 0 else ("", [])
 
 
 def _due_at(holding: Holding) -> tuple[str, list[float]]:
     """The SQL expression of a job's due time under `holding`, and its parameters."""
     if holding.study_stable_s > 0:
-        return (f"MAX(j.next_attempt_at, i.received_at + ?, CASE WHEN i.study_instance_uid = '' THEN i.received_at "
-                f"ELSE {_STUDY_LAST} END + ?)", [holding.delay_s, holding.study_stable_s])
+        return ("MAX(j.next_attempt_at, i.received_at + ?, COALESCE(s.last, i.received_at) + ?)",
+                [holding.delay_s, holding.study_stable_s])
     if holding.delay_s > 0:
         return "MAX(j.next_attempt_at, i.received_at + ?)", [holding.delay_s]
     return "j.next_attempt_at", []
@@ -173,8 +180,7 @@ def _due_at(holding: Holding) -> tuple[str, list[float]]:
 def _claim_order(holding: Holding) -> str:
     """High priority first; a stable study whole, in series and instance number order."""
     if holding.study_stable_s > 0:
-        return ("j.priority, (SELECT MIN(e.id) FROM instances e WHERE e.study_instance_uid = i.study_instance_uid), "
-                "i.series_number, i.series_instance_uid, i.instance_number, j.id")
+        return "j.priority, COALESCE(s.first, i.id), i.series_number, i.series_instance_uid, i.instance_number, j.id"
     return "j.priority, j.next_attempt_at, j.id"
 
 
@@ -298,13 +304,14 @@ class SqliteQueue(Queue):
     def claim(self, destination: str, limit: int, now: float | None = None,
               holding: Holding = Holding()) -> list[Job]:
         now = time.time() if now is None else now
+        studies, study_args = _studies(holding, destination)
         due_at, args = _due_at(holding)
         with self._tx() as db:
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id "
+                f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
                 f"WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? AND {due_at} <= ? "
                 f"AND {_IN_ORDER} ORDER BY {_claim_order(holding)} LIMIT ?",
-                (destination, now, *args, now, limit),
+                (*study_args, destination, now, *args, now, limit),
             ).fetchall()
             db.executemany(
                 "UPDATE jobs SET state = 'in_flight', updated_at = ? WHERE id = ?", [(now, r[0]) for r in rows]
@@ -312,36 +319,39 @@ class SqliteQueue(Queue):
         return [_job(r) for r in rows]
 
     def next_due(self, destination: str, holding: Holding = Holding()) -> float | None:
+        studies, study_args = _studies(holding, destination)
         due_at, args = _due_at(holding)
         row = self._db().execute(
-            f"SELECT MIN({due_at}) FROM jobs j JOIN instances i ON i.id = j.instance_id "
-            f"WHERE j.destination = ? AND j.state = 'pending' AND {_IN_ORDER}", (*args, destination)
+            f"SELECT MIN({due_at}) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
+            f"WHERE j.destination = ? AND j.state = 'pending' AND {_IN_ORDER}", (*args, *study_args, destination)
         ).fetchone()
         return row[0]
 
     def due_count(self, destination: str, now: float | None = None, holding: Holding = Holding(),
                   priority: int | None = None) -> int:
         now = time.time() if now is None else now
+        studies, study_args = _studies(holding, destination)
         due_at, args = _due_at(holding)
         return self._db().execute(
-            "SELECT COUNT(*) FROM jobs j JOIN instances i ON i.id = j.instance_id "
+            f"SELECT COUNT(*) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
             f"WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? AND {due_at} <= ? "
             f"AND j.priority <= ? AND {_IN_ORDER}",
-            (destination, now, *args, now, 2 if priority is None else priority),
+            (*study_args, destination, now, *args, now, 2 if priority is None else priority),
         ).fetchone()[0]
 
     def held(self, destination: str, now: float | None = None, holding: Holding = Holding()) -> dict[str, int]:
         now = time.time() if now is None else now
         if holding.delay_s <= 0 and holding.study_stable_s <= 0:
             return {}
-        stable, _ = _due_at(Holding(0.0, holding.study_stable_s))
+        stable_only = Holding(0.0, holding.study_stable_s)
+        studies, study_args = _studies(stable_only, destination)
+        stable, stable_args = _due_at(stable_only)
         delayed, in_study = self._db().execute(
             "SELECT COALESCE(SUM(i.received_at + ? > ?), 0), "
             f"COALESCE(SUM(i.received_at + ? <= ? AND {stable} > ?), 0) "
-            "FROM jobs j JOIN instances i ON i.id = j.instance_id "
+            f"FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
             "WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ?",
-            (holding.delay_s, now, holding.delay_s, now,
-             *([0.0, holding.study_stable_s] if holding.study_stable_s > 0 else []), now, destination, now),
+            (holding.delay_s, now, holding.delay_s, now, *stable_args, now, *study_args, destination, now),
         ).fetchone()
         return {reason: n for reason, n in ((HELD_BY_DELAY, delayed), (HELD_FOR_STABLE_STUDY, in_study)) if n}
 
