@@ -37,15 +37,13 @@ class Waiting:
 
     def describe(self, now: float) -> str:
         parts = [f"{n} {_SAID[reason]}" for reason, n in self.held.items() if n]
-        if self.capped:
-            parts.append("sending, throttled to max_mbps")
         if self.next_send is not None and self.next_send > now:
             parts.append("next sends " + time.strftime("%Y-%m-%d %H:%M", time.localtime(self.next_send)))
         return "; ".join(parts) or "-"
 
 
 _SAID = {WINDOW: "waiting for a window", DELAY: "held by delay", STUDY_STABLE: "waiting for a stable study",
-         THROTTLED: "throttled"}
+         THROTTLED: "throttled (going out at max_mbps)"}
 
 
 def waiting(name: str, destination: Destination, queue: Queue, now: float | None = None) -> Waiting:
