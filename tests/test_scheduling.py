@@ -216,7 +216,7 @@ def test_a_window_that_closes_stops_the_batch_after_the_instance_being_sent(sche
     wait_until(lambda: pacs.count() == 6, 30, what="the rest in the next window")
 
 
-def test_delay_and_study_stable_hold_in_the_forwarder_without_busy_waiting(scheduled, pacs, tmp_path):
+def test_delay_holds_in_the_forwarder_without_busy_waiting(scheduled, pacs, tmp_path):
     t0 = time.time()
     clock = Clock(t0)
     s = scheduled(pacs.port, 'delay = "1h"\n', clock)
@@ -250,3 +250,22 @@ def test_a_high_priority_instance_overtakes_a_batch_being_sent(scheduled, pacs_f
     order = [r.sop_instance_uid for r in pacs.received]
     assert order.index(str(ds.SOPInstanceUID)) <= 3, order
 
+
+
+def test_the_forwarder_sends_a_study_once_stable_whole_and_in_instance_order(scheduled, pacs, tmp_path):
+    t0 = time.time()
+    clock = Clock(t0)
+    s = scheduled(pacs.port, 'study_stable = "10m"\n', clock)
+    series = make_series(CT, 4, tmp_path / "series")
+    s.receive([series[2], series[0], series[3]])  # received at the real time, as intake stamps it
+    s.forwarder.start()
+    time.sleep(2.0)
+    s.receive([series[1]])  # a late instance: the study waits again, from its receipt
+    late = time.time()
+    clock.set(t0 + 601)  # the first three alone would be stable by now
+    time.sleep(1.5)
+    assert pacs.count() == 0
+    clock.set(late + 601)
+    wait_until(lambda: pacs.count() == 4, 20, what="the stable study")
+    expected = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series]
+    assert [r.sop_instance_uid for r in pacs.received] == expected
