@@ -495,7 +495,20 @@ def _delivery(item: _Outgoing, size: int) -> Delivery:
 
 def _groups(items: list[_Outgoing], by_caller: bool = False) -> list[list[_Outgoing]]:
     """Split a batch so that no association needs more than 128 presentation contexts, and,
-    `by_caller`, so that each association carries the instances of one calling AE title."""
+    `by_caller`, so that each association carries the instances of one calling AE title.
+    Without `by_caller` the batch keeps the order it was claimed in (a stable study goes in
+    series and instance number order, whatever its SOP classes)."""
+    if not by_caller:
+        in_order: list[list[_Outgoing]] = []
+        wanted: Contexts = {}
+        for item in items:
+            with_item = merge(wanted, item.contexts)
+            if not in_order or count(with_item) > MAX_CONTEXTS:
+                in_order.append([])
+                with_item = merge(item.contexts)
+            in_order[-1].append(item)
+            wanted = with_item
+        return in_order
     by_key: dict[tuple[str, str], list[_Outgoing]] = {}
     for item in items:
         caller = item.job.instance.calling_ae if by_caller else ""

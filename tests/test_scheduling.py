@@ -269,3 +269,21 @@ def test_the_forwarder_sends_a_study_once_stable_whole_and_in_instance_order(sch
     wait_until(lambda: pacs.count() == 4, 20, what="the stable study")
     expected = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series]
     assert [r.sop_instance_uid for r in pacs.received] == expected
+
+
+def test_a_batch_keeps_its_claimed_order_across_sop_classes():
+    from types import SimpleNamespace
+
+    from router.association import contexts_for
+    from router.forwarder import _groups
+
+    def item(uid: str, sop_class: str):  # noqa: ANN202
+        instance = SimpleNamespace(sop_class_uid=sop_class, calling_ae="CT1", sop_instance_uid=uid)
+        return SimpleNamespace(job=SimpleNamespace(instance=instance),
+                               contexts=contexts_for(sop_class, {"1.2.840.10008.1.2.4.80"}))
+
+    ct, sr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.67"
+    batch = [item("1", ct), item("2", sr), item("3", ct)]
+    assert [[i.job.instance.sop_instance_uid for i in g] for g in _groups(batch)] == [["1", "2", "3"]]
+    many = [item(str(n), f"1.2.3.{n}") for n in range(60)]  # 3 contexts each: 42 per association
+    assert [len(g) for g in _groups(many)] == [42, 18]
