@@ -70,13 +70,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from router.waiting import pacing
+
     cfg = _load_or_say_why(args.config)
     if cfg is None:
         return EXIT_CONFIG
     print(f"{cfg.path}: ok")
     for dest in cfg.destinations:
         d = dest.destination
-        print(f"{dest.path}: ok: destination {dest.name} -> {d.ae_title}@{d.host}:{d.port}, {len(dest.rules)} rule(s)")
+        paced = pacing(d)
+        print(f"{dest.path}: ok: destination {dest.name} -> {d.ae_title}@{d.host}:{d.port}, {len(dest.rules)} rule(s)"
+              + (f"; {paced}" if paced else ""))
         last = dest.rules[-1]
         if last.match:
             print(f"{dest.path}: note: the last rule has a match table; instances matching no rule are not "

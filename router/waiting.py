@@ -65,6 +65,20 @@ def waiting(name: str, destination: Destination, queue: Queue, now: float | None
     return Waiting(held, next_send, capped)
 
 
+def pacing(destination: Destination) -> str:
+    """When and how fast the destination sends, in one line ("" when at once, at full speed)."""
+    parts = []
+    if not destination.sending_schedule.always:
+        parts.append(f"sends in {destination.sending_schedule.describe()}")
+    if destination.max_mbps > 0:
+        parts.append(f"at most {destination.max_mbps:g} Mbps")
+    if destination.delay_s > 0:
+        parts.append(f"delay {destination.delay}")
+    if destination.study_stable_s > 0:
+        parts.append(f"study_stable {destination.study_stable}")
+    return ", ".join(parts)
+
+
 def when(destination: Destination, received_at: float, study_last_received: float | None = None) -> tuple[float, str]:
     """When an instance received at `received_at` would be sent, and why then (a new instance:
     no retries), given the last receipt of its study (study_stable)."""

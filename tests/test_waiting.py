@@ -144,3 +144,19 @@ def test_each_link_counts_its_bytes_as_received_and_as_sent(tmp_path, codec_pool
     as_sent = value(metrics.FORWARDED_BYTES, destination="PACS") - before_sent
     assert as_received == CT.stat().st_size
     assert 0 < as_sent < as_received / 1.5
+
+
+def test_check_says_when_and_how_fast_each_destination_sends():
+    import subprocess
+    import sys
+
+    from tests.peers import REPO
+
+    result = subprocess.run([sys.executable, "-m", "router", "check", "--config", str(REPO / "router.toml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    archive = [line for line in result.stdout.splitlines() if "destination ARCHIVE" in line][0]
+    assert archive.endswith("; sends in Mon-Fri 20:00-06:00, Sat-Sun (Europe/Brussels), at most 20 Mbps, "
+                            "study_stable 30m")
+    pacs = [line for line in result.stdout.splitlines() if "destination PACS" in line][0]
+    assert pacs.endswith("3 rule(s)")
