@@ -357,8 +357,12 @@ def test_a_dead_letter_fails_with_0x0110_and_an_unknown_instance_with_0x0112(rou
     report = modality.report(transaction)
     assert report.event_type == 2 and report.committed == []
     assert report.failed == {uid: PROCESSING_FAILURE, "2.25.404": NO_SUCH_OBJECT_INSTANCE}
-    logged = [line for line in router.log().splitlines() if '"commitment_reported"' in line]
-    assert len(logged) == 1 and transaction in logged[0] and "0x0110" in logged[0]
+    def logged() -> list[str]:  # the log line follows the report the modality already has
+        return [line for line in router.log().splitlines() if '"commitment_reported"' in line]
+
+    wait_until(logged, 10, what="the report's log event")
+    time.sleep(0.5)
+    assert len(logged()) == 1 and transaction in logged()[0] and "0x0110" in logged()[0]
 
 
 def test_a_commitment_pending_across_a_kill_9_is_answered_after_restart(router_factory, modality, tmp_path):
