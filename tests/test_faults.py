@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -26,18 +27,29 @@ def events(router, name: str) -> list[dict]:
     return found
 
 
+HANGING = REPO / "tests" / "plugins" / "hanging_codec.py"
+
+
+def _marked_series(tmp_path: Path, marker: int, count: int = 3) -> tuple[list[Path], object]:
+    """A series of MR images whose second has `marker` as its first pixel (the test codecs abort
+    or hang on it)."""
+    series = make_series(data("MR2_UNCR.dcm"), count, tmp_path / "series")
+    marked = dcmread(series[1])
+    pixels = marked.pixel_array.copy()
+    pixels[0, 0] = marker
+    marked.PixelData = pixels.tobytes()
+    marked.save_as(series[1])
+    return series, marked
+
+
 def test_codec_crash_kills_a_worker_never_the_router(router_factory, pacs, tmp_path):
     router = router_factory(
         [Destination("PACS", pacs.port, '[[rule]]\nname = "crashy"\nsyntax = "jpeg-ls-aborts-on-marker"\n'
                                         'fallback = "explicit-le"\n')],
         extra=f'[transcode]\nplugins = ["{PLUGIN}"]\n',
     )
-    series = make_series(data("MR2_UNCR.dcm"), 4, tmp_path / "series")
-    marked = dcmread(series[1])
-    pixels = marked.pixel_array.copy()
-    pixels[0, 0] = 3333
-    marked.PixelData = pixels.tobytes()
-    marked.save_as(series[1])
+    series, marked = _marked_series(tmp_path, 3333, count=4)
+    pixels = marked.pixel_array
     assert send(router.port, series) == [0, 0, 0, 0]
     wait_until(lambda: pacs.count() == 4, 60, what=f"all four\n{router.log()}")
     received = pacs.by_uid()
@@ -60,11 +72,19 @@ def _mount_tmpfs(path: Path, size_mb: int) -> bool:
     return result.returncode == 0
 
 
-def test_full_disk_answers_out_of_resources_and_recovers_by_itself(router_factory, tmp_path):
-    spool = tmp_path / "small-fs"
-    if not _mount_tmpfs(spool, 24):
+@contextlib.contextmanager
+def _small_filesystem(path: Path, size_mb: int):  # noqa: ANN202
+    """A tmpfs of `size_mb` mounted at `path` for the block (skips the test without root)."""
+    if not _mount_tmpfs(path, size_mb):
         pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
     try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_full_disk_answers_out_of_resources_and_recovers_by_itself(router_factory, tmp_path):
+    with _small_filesystem(tmp_path / "small-fs", 24) as spool:
         port = free_port()
         router = router_factory([Destination("PACS", port, '[[rule]]\nsyntax = "original"\n',
                                              retry="{ max_attempts = 1000, backoff_s = 0.2, max_backoff_s = 0.5 }")],
@@ -88,8 +108,6 @@ def test_full_disk_answers_out_of_resources_and_recovers_by_itself(router_factor
         finally:
             pacs.stop()
         router.kill()
-    finally:
-        subprocess.run(["umount", "-l", str(spool)], capture_output=True)
 
 
 def test_dead_destination_backs_off_dead_letters_and_does_not_slow_others(router_factory, pacs_factory, tmp_path):
@@ -194,10 +212,7 @@ def _readyz(router) -> tuple[int, str]:  # noqa: ANN001
 
 
 def test_a_spool_that_fills_while_forwarding_stops_nothing_for_good(router_factory, tmp_path):
-    mount = tmp_path / "small-fs"
-    if not _mount_tmpfs(mount, 40):
-        pytest.skip("cannot mount a size-limited tmpfs here (needs root)")
-    try:
+    with _small_filesystem(tmp_path / "small-fs", 40) as mount:
         port = free_port()
         router = router_factory([Destination("PACS", port, '[[rule]]\nsyntax = "jpeg-ls-lossless"\n',
                                              retry="{ max_attempts = 1000, backoff_s = 0.2, max_backoff_s = 0.5 }")],
@@ -219,21 +234,6 @@ def test_a_spool_that_fills_while_forwarding_stops_nothing_for_good(router_facto
         finally:
             pacs.stop()
         router.kill()
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
-
-
-HANGING = REPO / "tests" / "plugins" / "hanging_codec.py"
-
-
-def _marked_series(tmp_path: Path, marker: int) -> tuple[list[Path], object]:
-    series = make_series(data("MR2_UNCR.dcm"), 3, tmp_path / "series")
-    marked = dcmread(series[1])
-    pixels = marked.pixel_array.copy()
-    pixels[0, 0] = marker
-    marked.PixelData = pixels.tobytes()
-    marked.save_as(series[1])
-    return series, marked
 
 
 def test_a_hung_codec_costs_its_image_the_fallback_not_the_destination(router_factory, pacs, tmp_path):
