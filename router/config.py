@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
+import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -121,7 +123,29 @@ class Transcode(_Strict):
 
 
 class Queue(_Strict):
+    """Where the queue lives: SQLite in the spool (one node), or PostgreSQL shared by several
+    nodes that also share the spool directory."""
+
     history_days: float = Field(7, gt=0, description="how long each job's outcome is kept after it finished")
+    url: str | None = Field(None, description="postgresql://user@host/db; absent: SQLite in the spool, one node")
+    node: str = Field(default_factory=lambda: socket.gethostname(),
+                      description="this node's name, unique in the cluster; default: the host name")
+    lease_s: float = Field(30, ge=2, le=3600,
+                           description="a claimed job whose lease was not renewed for this long is taken over")
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("must be a postgresql:// URL (absent: SQLite in the spool)")
+        return value
+
+    @field_validator("node")
+    @classmethod
+    def _check_node(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", value):
+            raise ValueError(f"{value!r}: 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
 
 
 class ReplyAddress(_Strict):
