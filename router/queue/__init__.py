@@ -15,7 +15,9 @@ Storage commitment requests (`commitment`) live in the same database: a request 
 referenced instances are stored before the modality hears success, and a report is claimed in
 one transaction, so that one process alone sends it.
 
-Backends implement `Queue`: `sqlite.SqliteQueue` (the embedded default, in the spool). The
+Backends implement `Queue`: `sqlite.SqliteQueue` (the embedded default, in the spool, one
+node) and `postgres.PostgresQueue` (several nodes sharing one database and one spool: claims
+are leases the owning node renews, and any node takes over a job whose lease expired). The
 forwarder and the receiving side know only this interface; `open_queue` picks the backend from
 the configuration.
 """
@@ -96,6 +98,7 @@ class Job:
     rules_tag: str
     instance: Instance
     priority: int = NORMAL
+    taken_over_from: str = ""  # a node whose lease on this claimed job had expired (it may have sent it)
 
 
 @dataclass(frozen=True)
@@ -164,8 +167,58 @@ class StoredCommitment:
     last_error: str
 
 
+@dataclass(frozen=True)
+class Node:
+    """A router node of a cluster, as the shared queue knows it."""
+
+    name: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_age_s: float  # seconds since its last heartbeat, by the database's clock
+    jobs_held: int  # jobs in flight under its lease
+    alive: bool  # heartbeat younger than the lease
+
+
+class NodeNameInUse(RuntimeError):
+    """Another live node already runs under this node's name."""
+
+
+class Slot(ABC):
+    """One of a destination's association slots, shared by the cluster; held until `give`."""
+
+    @abstractmethod
+    def give(self) -> None:
+        """Hand the slot back (idempotent)."""
+
+
 class Queue(ABC):
     """The verbs every backend offers; all are safe to call from several threads."""
+
+    node: str = ""  # this node's name in a cluster; "" for the embedded backend (one node)
+    shared = False  # whether several nodes share this queue (and the spool)
+
+    # -- the cluster (the embedded backend is one node: these do nothing)
+    def register(self) -> None:
+        """Announce this node (at start-up, before `recover`); raises NodeNameInUse when another
+        live node has its name."""
+
+    def heartbeat(self) -> int:
+        """Renew this node's heartbeat and the lease of every job it holds in flight; returns
+        how many jobs it holds."""
+        return 0
+
+    def leave(self) -> None:
+        """This node stops: its heartbeat ends (its jobs were given back by the forwarders)."""
+
+    def nodes(self) -> list[Node]:
+        """The nodes sharing the queue, with their heartbeats; empty for one node."""
+        return []
+
+    def take_slot(self, destination: str, ceiling: int) -> Slot | None:
+        """One of `ceiling` association slots of `destination` across the cluster, or None when
+        every one is taken. The embedded backend has no cluster: never called there."""
+        raise NotImplementedError
 
     # -- receiving
     @abstractmethod
@@ -306,8 +359,15 @@ class Queue(ABC):
 QUEUE_FILE = "queue.sqlite"
 
 
-def open_queue(cfg: Loaded) -> Queue:
-    """The queue the configuration names: SQLite in the spool directory."""
+def open_queue(cfg: Loaded, pool_size: int = 10) -> Queue:
+    """The queue the configuration names: PostgreSQL when `[queue] url` is set, else SQLite in
+    the spool directory. `pool_size`: at most that many database connections at once."""
+    settings = cfg.router.queue
+    if settings.url:
+        from router.queue.postgres import PostgresQueue
+
+        return PostgresQueue(settings.url, node=settings.node, lease_s=settings.lease_s,
+                             history_days=settings.history_days, pool_size=pool_size)
     from router.queue.sqlite import SqliteQueue
 
-    return SqliteQueue(Path(cfg.spool_dir) / QUEUE_FILE, history_days=cfg.router.queue.history_days)
+    return SqliteQueue(Path(cfg.spool_dir) / QUEUE_FILE, history_days=settings.history_days)
