@@ -8,6 +8,10 @@ The pool uses an open idle association before it opens another: a second one ope
 every open association is busy sending, so `max_associations` is a ceiling, never a target.
 (A destination that serves one association at a time, as a plain storescp does, would
 otherwise make the second association wait until the first is released.)
+
+With several nodes on one PostgreSQL queue, each association the pool keeps also holds one of
+the destination's `max_associations` slots across the cluster (`Queue.take_slot`), so that a
+PACS that allows two associations never sees more than two from all the nodes together.
 """
 
 from __future__ import annotations
@@ -74,6 +78,12 @@ class Association:
         self._assoc = None
         self._proposed: set[tuple[str, str]] = set()
         self.last_used = time.monotonic()
+        self.slot = None  # the cluster's association slot it holds while it exists (router.queue.Slot)
+
+    def _give_slot(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is not None:
+            slot.give()
 
     @property
     def is_open(self) -> bool:
@@ -160,6 +170,13 @@ class Association:
             self._assoc = None
             self._proposed = set()
 
+    def discard(self) -> None:
+        """Release the association and the cluster slot it holds: the pool no longer keeps it."""
+        try:
+            self.release()
+        finally:
+            self._give_slot()
+
 
 class AssociationPool:
     """A destination's associations, at most `ceiling` of them open at once.
@@ -170,7 +187,12 @@ class AssociationPool:
     """
 
     def __init__(self, destination: Callable[[], Destination], calling_ae_title: str, ceiling: int,
-                 idle_release_s: float = 5.0) -> None:
+                 idle_release_s: float = 5.0, slots: Callable[[int], object | None] | None = None,
+                 slot_wait_s: float = 0.25) -> None:
+        """`slots(ceiling)`: with several nodes, takes one of the destination's association slots
+        across the cluster (None when all are taken); every association the pool keeps holds one."""
+        self._slots = slots
+        self.slot_wait_s = slot_wait_s
         self._destination = destination
         self.calling_ae_title = calling_ae_title
         self.ceiling = ceiling
@@ -191,7 +213,11 @@ class AssociationPool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while True:
-                self._idle = [a for a in self._idle if a.is_open]  # the peer may have closed one
+                closed = [a for a in self._idle if not a.is_open]  # the peer may have closed one
+                if closed:
+                    self._idle = [a for a in self._idle if a.is_open]
+                    for association in closed:
+                        association.discard()
                 # one made as the same calling AE title first; another caller's is re-made as this one
                 candidates = [a for a in self._idle if a.calling_ae_title == calling] or self._idle
                 if candidates:
@@ -199,12 +225,20 @@ class AssociationPool:
                     self._idle.remove(chosen)
                     self._busy += 1
                     return chosen
+                wait = None
                 if self._busy + len(self._idle) < self.ceiling:
-                    self._busy += 1
-                    return Association(destination, calling, self.bucket)
+                    slot = self._slots(self.ceiling) if self._slots is not None else None
+                    if self._slots is None or slot is not None:
+                        self._busy += 1
+                        association = Association(destination, calling, self.bucket)
+                        association.slot = slot
+                        return association
+                    wait = self.slot_wait_s  # every slot of the cluster is taken: look again soon
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return None
+                if wait is not None:
+                    remaining = wait if remaining is None else min(wait, remaining)
                 self._cond.wait(remaining)
 
     def give_back(self, association: Association) -> None:
@@ -212,6 +246,8 @@ class AssociationPool:
             self._busy -= 1
             if association.is_open:
                 self._idle.insert(0, association)  # the most recently used first
+            else:
+                association.discard()
             self._cond.notify()
 
     @property
@@ -226,10 +262,10 @@ class AssociationPool:
             stale = [a for a in self._idle if now - a.last_used > self.idle_release_s]
             self._idle = [a for a in self._idle if a not in stale]
         for association in stale:
-            association.release()
+            association.discard()
 
     def close(self) -> None:
         with self._cond:
             idle, self._idle = self._idle, []
         for association in idle:
-            association.release()
+            association.discard()

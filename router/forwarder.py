@@ -108,12 +108,15 @@ class Forwarder:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._held_back: list[int] = []  # claimed jobs the queue could not take back yet
+        self._unrecorded: list[Delivery] = []  # deliveries the queue could not record yet
         self._held_back_lock = threading.Lock()
         self.log = log.get("forwarder").bind(destination=name)
         self.holds = Holds(spool.root)  # `dicom-router pause` puts a destination on hold
         in_force = rule_file(name)
         ceiling = in_force.destination.max_associations if in_force else 1
-        self.associations = AssociationPool(self._destination, calling_ae_title, ceiling)
+        # with several nodes, max_associations holds for the cluster: each association takes a slot
+        slots = (lambda n: queue.take_slot(name, n)) if queue.shared else None
+        self.associations = AssociationPool(self._destination, calling_ae_title, ceiling, slots=slots)
 
     def _destination(self) -> Destination:
         rule_file = self.rule_file(self.name)
@@ -181,6 +184,11 @@ class Forwarder:
             return True
         holding = holding_of(destination)
         jobs = self.queue.claim(self.name, destination.batch_size, now=now, holding=holding)
+        for job in jobs:
+            if job.taken_over_from:
+                self.log.warning("job_taken_over", from_node=job.taken_over_from,
+                                 sop_instance_uid=job.instance.sop_instance_uid,
+                                 action="sent again: the node whose lease expired may have sent it already")
         if not jobs:
             self.associations.release_idle()
             due = self.queue.next_due(self.name, holding)
@@ -191,7 +199,18 @@ class Forwarder:
         return True
 
     def _release_held_back(self) -> None:
-        """Give back to the queue the jobs a failing queue could not take back before."""
+        """Record the deliveries and give back the jobs that a failing queue could not take
+        before (a delivery not recorded would be sent again)."""
+        with self._held_back_lock:
+            unrecorded, self._unrecorded = self._unrecorded, []
+        if unrecorded:
+            try:
+                for path in self.queue.complete(unrecorded):
+                    self.spool.remove(path)
+            except Exception:
+                with self._held_back_lock:
+                    self._unrecorded.extend(unrecorded)
+                raise
         with self._held_back_lock:
             ids, self._held_back = self._held_back, []
         if ids:
@@ -444,10 +463,19 @@ class Forwarder:
         """
         if not delivered:
             return
-        for path in self.queue.complete([_delivery(item, size) for item, size in delivered]):
-            self.spool.remove(path)
+        deliveries = [_delivery(item, size) for item, size in delivered]
+        try:
+            for path in self.queue.complete(deliveries):
+                self.spool.remove(path)
+        except Exception as exc:  # noqa: BLE001 - the queue is unreachable: record it when it is back
+            self.log.warning("delivery_not_recorded", error=str(exc), jobs=len(deliveries),
+                             action="recorded when the queue answers again")
+            with self._held_back_lock:
+                self._unrecorded.extend(deliveries)
         now = time.time()
         for item, size in delivered:
+            if item.job.taken_over_from:
+                metrics.DUPLICATE_SENDS.labels(destination=self.name).inc()
             self._discard_output(item)
             metrics.FORWARDED_INSTANCES.labels(destination=self.name, syntax=item.syntax).inc()
             metrics.FORWARDED_BYTES.labels(destination=self.name, syntax=item.syntax).inc(size)

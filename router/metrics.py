@@ -100,6 +100,12 @@ COMMITMENT_INSTANCES = Counter(
 COMMITMENT_REPORT_FAILURES = Counter(
     "dicom_router_commitment_report_failures", "Storage commitment reports that could not be delivered (retried)",
 )
+DUPLICATE_SENDS = Counter(
+    "dicom_router_duplicate_sends",
+    "Jobs sent again after this node took them over from a node whose lease had expired (that node may have sent "
+    "them already: at most this many duplicates reached the destination)",
+    ["destination"],
+)
 
 
 class StateCollector(Collector):
@@ -113,7 +119,9 @@ class StateCollector(Collector):
         destinations: Callable[[], list[str]],
         paused: Callable[[], dict[str, float]] = dict,
         held: Callable[[], dict[tuple[str, str], int]] = dict,
+        nodes: Callable[[], list] = list,
     ) -> None:
+        self._nodes = nodes  # the cluster's nodes (router.queue.Node); none with the embedded queue
         self._queue_counts = queue_counts
         self._oldest_pending = oldest_pending
         self._spool_free_bytes = spool_free_bytes
@@ -123,10 +131,31 @@ class StateCollector(Collector):
 
     def collect(self):  # noqa: ANN201 - prometheus_client protocol
         names = self._destinations()
+        try:
+            counts = self._queue_counts()
+        except Exception:  # noqa: BLE001 - the queue database is unreachable: say so, and what else is known
+            yield GaugeMetricFamily("dicom_router_queue_up", "1 when the queue database answers, else 0", value=0)
+            yield GaugeMetricFamily(
+                "dicom_router_spool_free_bytes", "Free bytes on the spool's filesystem", value=self._spool_free_bytes())
+            return
+        yield GaugeMetricFamily("dicom_router_queue_up", "1 when the queue database answers, else 0", value=1)
+        nodes = self._nodes()
+        if nodes:
+            age = GaugeMetricFamily(
+                "dicom_router_node_heartbeat_age_seconds",
+                "Seconds since each node of the cluster last renewed its leases (by the database's clock)",
+                labels=["node"])
+            leases = GaugeMetricFamily(
+                "dicom_router_leases_held", "Jobs each node of the cluster holds in flight under a live lease",
+                labels=["node"])
+            for node in nodes:
+                age.add_metric([node.name], node.heartbeat_age_s)
+                leases.add_metric([node.name], node.jobs_held)
+            yield age
+            yield leases
         jobs = GaugeMetricFamily(
             "dicom_router_queue_jobs", "Jobs in the queue by destination and state", labels=["destination", "state"]
         )
-        counts = self._queue_counts()
         for name in sorted(set(names) | {d for d, _ in counts}):
             for state in ("pending", "in_flight", "dead"):
                 jobs.add_metric([name, state], counts.get((name, state), 0))
@@ -192,6 +221,7 @@ class _AllProcesses(Collector):
             FORWARDED_BYTES_AS_RECEIVED,
             FORWARD_FAILURES, FALLBACKS, SKIPPED, PURGED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
             COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
+            DUPLICATE_SENDS,
         )
     }
 
@@ -337,6 +367,7 @@ def declare(destinations: list[str]) -> None:
         COMMITMENT_INSTANCES.labels(result=result)
     for name in destinations:
         SKIPPED.labels(destination=name)
+        DUPLICATE_SENDS.labels(destination=name)
         FORWARDED_BYTES_AS_RECEIVED.labels(destination=name)
         PURGED.labels(destination=name)
         for outcome in (Outcome.RETRY, Outcome.DEAD):

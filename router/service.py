@@ -54,8 +54,10 @@ class Router:
         self._destinations: dict[str, DestinationRules] = {d.name: d for d in cfg.destinations}
         self._lock = threading.Lock()
         self._stopped = threading.Event()
-        self.spool = Spool(cfg.spool_dir, cfg.router.storage.min_free_mb)
-        self.queue = open_queue(cfg)
+        self.spool = spool_for(cfg)
+        # forwarders' sender threads, the reporter, the heartbeat and the status page share the pool
+        self.queue = open_queue(cfg, pool_size=8 + sum(d.destination.max_associations for d in cfg.destinations))
+        self._heartbeat: threading.Thread | None = None
         self.pool: CodecPool | None = None
         self.forwarders: dict[str, Forwarder] = {}
         self.receivers: list[subprocess.Popen] = []
@@ -95,12 +97,32 @@ class Router:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def recover(self) -> None:
-        """Make the spool and the queue agree after whatever stopped the previous run."""
+        """Make the spool and the queue agree after whatever stopped the previous run (with
+        several nodes: this node's own work only)."""
+        self.queue.register()
         resumed = self.queue.recover()
         missing = self.queue.fail_missing_files(lambda p: Path(p).exists())
         orphans = self.spool.sweep(self.queue.paths())
         _log.info("recovered", resumed_in_flight=resumed, orphan_files_removed=len(orphans),
                   missing_files=missing, queue=self.queue.location)
+
+    def _beat(self) -> None:
+        """With several nodes: renew this node's heartbeat and the leases of the jobs it holds,
+        three times per lease, for as long as the router runs."""
+        interval = self.cfg.router.queue.lease_s / 3
+        failing = False
+        while not self._stopped.wait(interval):
+            try:
+                self.queue.heartbeat()
+            except Exception as exc:  # noqa: BLE001 - the database is unreachable: its leases may expire
+                if not failing:
+                    _log.error("heartbeat_failed", error=str(exc),
+                               action="retrying; past lease_s other nodes take this node's jobs over")
+                failing = True
+                continue
+            if failing:
+                _log.info("heartbeat_resumed")
+            failing = False
 
     def _start_forwarders(self) -> None:
         metrics.declare(list(self._destinations))
@@ -210,6 +232,9 @@ class Router:
     def start(self) -> None:
         use_poll()
         self.recover()
+        if self.queue.shared:
+            self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+            self._heartbeat.start()
         send_datasets_from_files()
         transcode = self.cfg.router.transcode
         self.pool = CodecPool(transcode.workers, transcode.plugins, transcode.timeout_s, transcode.timeout_s_per_mb,
@@ -222,6 +247,7 @@ class Router:
                 destinations=lambda: [d.name for d in self.destinations()],
                 paused=Holds(self.spool.root).paused,
                 held=self._held,
+                nodes=self.queue.nodes,
             )
         )
         self._start_forwarders()
@@ -264,8 +290,14 @@ class Router:
             self.http.shutdown()
         if self.status_page is not None:
             self.status_page.stop()
-        self.queue.close()
         self._stopped.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(5.0)
+            try:
+                self.queue.leave()
+            except Exception as exc:  # noqa: BLE001 - its heartbeat simply ages
+                _log.warning("leave_failed", error=str(exc))
+        self.queue.shutdown()
         if self._wake_socket is not None:
             self._wake_socket.close()
         _log.info("stopped", seconds=round(time.monotonic() - started, 2))
@@ -292,6 +324,12 @@ class Router:
         _log.info("stopping", reason="signal")
         self.stop()
         cpu.tick()
+
+
+def spool_for(cfg: Loaded) -> Spool:
+    """The spool: this node's part of a shared one when several nodes share the queue."""
+    node = cfg.router.queue.node if cfg.router.queue.url else ""
+    return Spool(cfg.spool_dir, cfg.router.storage.min_free_mb, node=node)
 
 
 def run_receiver_process(config_path: str, wake: str) -> int:
@@ -321,11 +359,11 @@ def run_receiver_process(config_path: str, wake: str) -> int:
         except OSError:
             pass  # the forwarders also poll the queue
 
-    spool = Spool(cfg.spool_dir, cfg.router.storage.min_free_mb)
+    spool = spool_for(cfg)
     # incoming data sets stream to files on the spool's filesystem, so accepting one is a rename
     stream_datasets_to_files(spool.incoming)
     accept_unknown_storage_classes(cfg.router.listen.accept_unknown_sop_classes)
-    queue = open_queue(cfg)
+    queue = open_queue(cfg, pool_size=min(32, cfg.router.listen.max_associations))
     intake = Intake(spool, queue, destinations, cfg.router.listen.max_instance_mb, notify)
     commitments = AssociationReports(queue, cfg.router.commitment) if cfg.router.commitment.mode != "off" else None
     receiver = Receiver(cfg.router.listen, intake, commitments)
@@ -357,6 +395,7 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     receiver.stop()
     if commitments is not None:
         commitments.stop()
+    queue.shutdown()
     cpu.tick()
     return 0
 

@@ -4,6 +4,11 @@ Layout under the spool directory (created owner-only):
   incoming/   files being received (the network layer writes here); never trusted after a crash
   instances/  durable instances, named by a random id; the queue refers to them by path
   out/        transcoded copies waiting to be sent; always re-creatable, swept at start-up
+
+Several nodes may share one spool directory (with the PostgreSQL queue). Each then has its own
+`incoming/NODE/` and `out/NODE/`, names its instances `NODE@<random>.dcm`, and sweeps only its
+own files at start-up: another live node's receptions in progress are never touched. Free space
+is the shared filesystem's.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ from pathlib import Path
 
 
 class Spool:
-    def __init__(self, root: Path, min_free_mb: int = 0) -> None:
+    def __init__(self, root: Path, min_free_mb: int = 0, node: str = "") -> None:
+        """`node`: this node's name when several share the directory ("" for one node)."""
         self.root = Path(root)
+        self.node = node
         self.min_free_bytes = min_free_mb * 1024 * 1024
-        self.incoming = self.root / "incoming"
+        self.incoming = self.root / "incoming" / node if node else self.root / "incoming"
         self.instances = self.root / "instances"
-        self.out = self.root / "out"
+        self.out = self.root / "out" / node if node else self.root / "out"
+        self._prefix = f"{node}@" if node else ""  # "@" is in no node name
         for directory in (self.root, self.incoming, self.instances, self.out):
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
@@ -60,7 +68,7 @@ class Spool:
             synced.result()  # raises the fsync's OSError, if any
         else:
             _fsync_close(os.open(received, os.O_RDONLY))
-        final = self.instances / f"{uuid.uuid4().hex}.dcm"
+        final = self.instances / f"{self._prefix}{uuid.uuid4().hex}.dcm"
         try:
             os.rename(received, final)
         except OSError:
@@ -89,16 +97,22 @@ class Spool:
         An instance file without a queue row was never acknowledged (the crash came between the
         rename and the commit), so the sender was not told success and will send it again.
         Returns the instance files removed.
+        With several nodes sharing the spool, only this node's own files are swept.
         """
         keep = {os.path.realpath(p) for p in known}
         removed = []
         for path in self.instances.iterdir():
+            if path.is_dir():
+                continue
+            if self.node and not path.name.startswith(self._prefix):
+                continue  # another node's: perhaps being received right now
             if os.path.realpath(path) not in keep:
                 self.remove(path)
                 removed.append(path)
         for directory in (self.incoming, self.out):
             for path in directory.iterdir():
-                self.remove(path)
+                if not path.is_dir():  # incoming/NODE/ and out/NODE/ are other nodes'
+                    self.remove(path)
         return removed
 
 

@@ -8,15 +8,13 @@ import time
 import pytest
 
 from router.queue import Instance, NewJob
-from router.queue.sqlite import SqliteQueue
 from router.request import Request
+from tests.queues import backend  # noqa: F401 - the fixture: each test runs on SQLite and on PostgreSQL
 
 
 @pytest.fixture
-def queue(tmp_path):
-    q = SqliteQueue(tmp_path / "queue.sqlite")
-    yield q
-    q.close()
+def queue(backend):  # noqa: F811
+    return backend.open()
 
 
 def instance(path: str = "/spool/a.dcm", uid: str = "2.25.1", received_at: float | None = None) -> Instance:
@@ -99,13 +97,12 @@ def test_dead_letters_are_kept_with_their_error_until_retried(queue):
     assert again.attempts == 0
 
 
-def test_recovery_resumes_what_a_crash_left_in_flight(queue, tmp_path):
+def test_recovery_resumes_what_a_crash_left_in_flight(queue, backend):  # noqa: F811
     queue.add(instance(), jobs("PACS"))
     queue.claim("PACS", 10)
-    after_crash = SqliteQueue(tmp_path / "queue.sqlite")
+    after_crash = backend.open()
     assert after_crash.recover() == 1
     assert [j.state for j in after_crash.claim("PACS", 10)] == ["pending"]
-    after_crash.close()
 
 
 def test_jobs_whose_spool_file_vanished_become_dead_letters(queue):
@@ -121,11 +118,10 @@ def test_oldest_pending_is_the_age_of_the_oldest_undelivered_instance(queue):
     assert queue.oldest_pending(now=2000.0) == {"PACS": 1000.0}
 
 
-def test_a_request_from_an_older_router_still_reads(queue):
+def test_a_request_from_an_older_router_still_reads(queue, backend):  # noqa: F811
     """Queues outlive upgrades: a request with a key this version does not know is read without it."""
     queue.add(instance(), jobs("PACS"))
-    db = queue._db()  # noqa: SLF001 - writing a row as another version would
-    db.execute("UPDATE jobs SET request = ?", ('{"syntax":"rle","retired_option":1}',))
+    backend.execute(queue, "UPDATE jobs SET request = ?", '{"syntax":"rle","retired_option":1}')
     [job] = queue.claim("PACS", 10)
     assert job.request == Request(syntax="rle")
 

@@ -211,6 +211,10 @@ class Queue(ABC):
     def leave(self) -> None:
         """This node stops: its heartbeat ends (its jobs were given back by the forwarders)."""
 
+    def shutdown(self) -> None:
+        """Close every connection: the process is ending."""
+        self.close()
+
     def nodes(self) -> list[Node]:
         """The nodes sharing the queue, with their heartbeats; empty for one node."""
         return []

@@ -1,0 +1,787 @@
+"""The cluster queue backend: PostgreSQL shared by several router nodes (psycopg 3 and its pool).
+
+Every node receives, queues and forwards; they share this database and one spool directory.
+
+  claim      `SELECT ... FOR UPDATE SKIP LOCKED`: two nodes never claim the same job. A claim is
+             a lease (`owner`, `lease_until`, by the database's clock) that the owning node renews
+             with its heartbeat (`heartbeat`, every lease_s / 3) while it works.
+  takeover   a job in flight whose lease expired (its node died, or lost the database for longer
+             than the lease) is claimable by any node like a pending one. Its first owner may have
+             sent it before it could record success: delivery is at least once, and the job says
+             whom it was taken from (`Job.taken_over_from`), so the forwarder counts the resend.
+  a stale owner's late word (retry, dead letter, release) on a job taken over is ignored; its
+             "delivered" is kept (the instance did arrive).
+  slots      a destination's `max_associations` holds for the cluster: each open association
+             holds a PostgreSQL advisory lock (destination, slot number) on a connection of its
+             own, released with the association, or by the server when the node dies.
+  schema     created and upgraded by the router itself (`schema_version`); a database whose
+             schema is newer than this router knows is refused.
+
+Times in the rows are epoch seconds (double precision); due times use the caller's clock like
+the embedded backend, leases and heartbeats the database's (nodes' clocks may differ).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterable
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+from router.queue import (
+    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob, Node,
+    NodeNameInUse, Queue, Slot, StoredCommitment, Whereabouts,
+)
+from router.request import Outcome, Request
+
+SCHEMA_VERSION = 1
+
+# each entry brings the schema from version (index) to version (index + 1)
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE instances (
+        id BIGSERIAL PRIMARY KEY,
+        path TEXT NOT NULL,
+        sop_class_uid TEXT NOT NULL,
+        sop_instance_uid TEXT NOT NULL,
+        study_instance_uid TEXT NOT NULL DEFAULT '',
+        transfer_syntax_uid TEXT NOT NULL,
+        calling_ae TEXT NOT NULL DEFAULT '',
+        called_ae TEXT NOT NULL DEFAULT '',
+        source_ip TEXT NOT NULL DEFAULT '',
+        size BIGINT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        series_instance_uid TEXT NOT NULL DEFAULT '',
+        series_number INTEGER,
+        instance_number INTEGER,
+        node TEXT NOT NULL DEFAULT ''
+    );
+    CREATE TABLE jobs (
+        id BIGSERIAL PRIMARY KEY,
+        instance_id BIGINT NOT NULL REFERENCES instances(id),
+        destination TEXT NOT NULL,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'in_flight', 'dead')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL,
+        last_error TEXT NOT NULL DEFAULT '',
+        updated_at DOUBLE PRECISION NOT NULL,
+        request TEXT NOT NULL DEFAULT '',
+        rules_tag TEXT NOT NULL DEFAULT '',
+        priority INTEGER NOT NULL DEFAULT 1,
+        owner TEXT NOT NULL DEFAULT '',
+        lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+    );
+    CREATE INDEX jobs_due ON jobs (destination, state, priority, next_attempt_at);
+    CREATE INDEX jobs_instance ON jobs (instance_id);
+    CREATE INDEX jobs_owner ON jobs (owner) WHERE state = 'in_flight';
+    CREATE INDEX instances_sop ON instances (sop_instance_uid);
+    CREATE INDEX instances_study ON instances (study_instance_uid);
+    CREATE TABLE history (
+        id BIGSERIAL PRIMARY KEY,
+        destination TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        syntax TEXT NOT NULL DEFAULT '',
+        transfer_syntax_uid TEXT NOT NULL DEFAULT '',
+        received_size BIGINT NOT NULL,
+        sent_size BIGINT,
+        ratio DOUBLE PRECISION,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        received_at DOUBLE PRECISION NOT NULL,
+        finished_at DOUBLE PRECISION NOT NULL,
+        study_instance_uid TEXT NOT NULL DEFAULT '',
+        series_instance_uid TEXT NOT NULL DEFAULT '',
+        sop_instance_uid TEXT NOT NULL,
+        sent_sop_instance_uid TEXT NOT NULL DEFAULT '',
+        sop_class_uid TEXT NOT NULL,
+        calling_ae TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX history_sop ON history (sop_instance_uid);
+    CREATE INDEX history_sent_sop ON history (sent_sop_instance_uid);
+    CREATE INDEX history_study ON history (study_instance_uid);
+    CREATE INDEX history_series ON history (series_instance_uid);
+    CREATE INDEX history_finished ON history (finished_at);
+    CREATE TABLE commitments (
+        id BIGSERIAL PRIMARY KEY,
+        transaction_uid TEXT NOT NULL,
+        calling_ae TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL,
+        deadline DOUBLE PRECISION NOT NULL,
+        duplicate BOOLEAN NOT NULL DEFAULT FALSE,
+        state TEXT NOT NULL CHECK (state IN ('pending', 'reporting', 'reported')),
+        holder TEXT NOT NULL DEFAULT '',
+        held_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+        claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        event_type INTEGER,
+        reported_at DOUBLE PRECISION
+    );
+    CREATE INDEX commitments_state ON commitments (state, next_attempt_at);
+    CREATE INDEX commitments_transaction ON commitments (transaction_uid);
+    CREATE TABLE commitment_instances (
+        commitment_id BIGINT NOT NULL REFERENCES commitments(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        sop_class_uid TEXT NOT NULL,
+        sop_instance_uid TEXT NOT NULL,
+        PRIMARY KEY (commitment_id, position)
+    );
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        started_at DOUBLE PRECISION NOT NULL,
+        heartbeat_at DOUBLE PRECISION NOT NULL
+    );
+    """,
+)
+# a fixed advisory lock key serialising schema changes between nodes starting together
+_SCHEMA_LOCK = 0x0D1C0
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was made by a newer router."""
+
+
+_DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
+PRUNE_EVERY_S = 3600.0
+_CHUNK = 500
+
+_HISTORY_COLUMNS = (
+    "destination, outcome, syntax, transfer_syntax_uid, received_size, sent_size, ratio, attempts, last_error, "
+    "received_at, finished_at, study_instance_uid, series_instance_uid, sop_instance_uid, sent_sop_instance_uid, "
+    "sop_class_uid, calling_ae"
+)
+# a history row from a job and its instance; the parameters: outcome, syntax, transfer syntax UID,
+# sent size, ratio, attempts added to the job's, last error (NULL: the job's), finished at, sent UID, job id
+_HISTORY_FROM_JOB = (
+    f"INSERT INTO history ({_HISTORY_COLUMNS}) "
+    "SELECT j.destination, %s, %s, %s, i.size, %s, %s, j.attempts + %s, COALESCE(%s, j.last_error), i.received_at, "
+    "%s, i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid, %s, i.sop_class_uid, i.calling_ae "
+    "FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = %s"
+)
+
+# as in the embedded backend: versions of an image go to a destination in the order received
+_IN_ORDER = (
+    "NOT EXISTS (SELECT 1 FROM instances e JOIN jobs k ON k.instance_id = e.id "
+    "WHERE e.sop_instance_uid = i.sop_instance_uid AND e.id < i.id AND k.destination = j.destination "
+    "AND k.state IN ('pending', 'in_flight'))"
+)
+_JOB_COLUMNS = (
+    "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.request, j.rules_tag, "
+    "i.path, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid, i.transfer_syntax_uid, "
+    "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at, i.series_instance_uid, i.series_number, "
+    "i.instance_number, j.priority"
+)
+_STUDIES = (
+    "LEFT JOIN (SELECT e.study_instance_uid AS uid, MAX(e.received_at) AS last, MIN(e.id) AS first "
+    "FROM jobs k JOIN instances e ON e.id = k.instance_id WHERE k.destination = %s "
+    "AND k.state IN ('pending', 'in_flight') AND e.study_instance_uid != '' GROUP BY e.study_instance_uid) s "
+    "ON s.uid = i.study_instance_uid"
+)
+
+
+def _job(row: tuple, taken_over_from: str = "") -> Job:
+    request = Request.from_json(row[6]) if row[6] else None
+    return Job(*row[:6], request, row[7], instance=Instance(*row[8:-1]), priority=row[-1],
+               taken_over_from=taken_over_from)
+
+
+def _studies(holding: Holding, destination: str) -> tuple[str, list]:
+    return (_STUDIES, [destination]) if holding.study_stable_s > 0 else ("", [])
+
+
+def _due_at(holding: Holding) -> tuple[str, list[float]]:
+    if holding.study_stable_s > 0:
+        return ("GREATEST(j.next_attempt_at, i.received_at + %s, COALESCE(s.last, i.received_at) + %s)",
+                [holding.delay_s, holding.study_stable_s])
+    if holding.delay_s > 0:
+        return "GREATEST(j.next_attempt_at, i.received_at + %s)", [holding.delay_s]
+    return "j.next_attempt_at", []
+
+
+def _claim_order(holding: Holding) -> str:
+    if holding.study_stable_s > 0:
+        return "j.priority, COALESCE(s.first, i.id), i.series_number, i.series_instance_uid, i.instance_number, j.id"
+    return "j.priority, j.next_attempt_at, j.id"
+
+
+def _slot_key(destination: str) -> int:
+    """A destination's advisory lock class: a stable signed 32-bit number from its name."""
+    value = zlib.crc32(f"dicom-router association slots {destination}".encode())
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _AdvisorySlot(Slot):
+    """An association slot: an advisory lock held by a connection of its own."""
+
+    def __init__(self, conn: psycopg.Connection) -> None:
+        self._conn: psycopg.Connection | None = conn
+        self._lock = threading.Lock()
+
+    def give(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()  # the session's advisory locks go with it
+            except Exception:  # noqa: BLE001 - a connection already broken holds no lock either
+                pass
+
+
+class PostgresQueue(Queue):
+    shared = True
+
+    def __init__(self, url: str, node: str, lease_s: float = 30.0, history_days: float = 7, pool_size: int = 10,
+                 connect_timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.node = node
+        self.lease_s = float(lease_s)
+        self.history_s = history_days * 86400
+        self._pruned_at = 0.0
+        self._connect = {
+            "connect_timeout": max(1, int(connect_timeout_s)),
+            "application_name": f"dicom-router {node}",
+            # a database that vanished without closing the connection is noticed within ~20 s
+            "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 2,
+        }
+        self._timeout = connect_timeout_s
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=max(2, pool_size), kwargs=self._connect, open=False,
+            check=ConnectionPool.check_connection, timeout=connect_timeout_s, name=f"queue-{node}",
+            reconnect_timeout=24 * 3600,
+        )
+        self._pool.open(wait=False)
+        self._migrate()
+
+    # -- connections and schema -------------------------------------------------------------
+    def _conn(self):  # noqa: ANN202 - a context manager: a connection in a transaction, committed at exit
+        return self._pool.connection(timeout=self._timeout)
+
+    def _migrate(self) -> None:
+        with self._conn() as db:
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = db.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"the queue database {self.location} has schema version {version}; this router knows up to "
+                    f"{SCHEMA_VERSION}: upgrade the router (every node) before starting it on this database")
+            for step in MIGRATIONS[version:]:
+                db.execute(step)
+            if row is None:
+                db.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
+            elif version < SCHEMA_VERSION:
+                db.execute("UPDATE schema_version SET version = %s", (SCHEMA_VERSION,))
+
+    @property
+    def location(self) -> str:
+        info = psycopg.conninfo.conninfo_to_dict(self.url)
+        info.pop("password", None)
+        return f"postgresql://{info.get('user', '')}@{info.get('host', '')}:{info.get('port', 5432)}/" \
+               f"{info.get('dbname', '')} (node {self.node})"
+
+    def close(self) -> None:
+        """Pooled connections belong to the queue, not to a thread: nothing to do per thread."""
+
+    def shutdown(self) -> None:
+        """Close every connection (the process is ending)."""
+        self._pool.close(timeout=2.0)
+
+    # -- the cluster -----------------------------------------------------------------------
+    def register(self) -> None:
+        host = socket.gethostname()
+        with self._conn() as db:
+            row = db.execute(
+                f"SELECT host, pid, {_DB_NOW} - heartbeat_at FROM nodes WHERE name = %s FOR UPDATE", (self.node,)
+            ).fetchone()
+            if row is not None:
+                other_host, other_pid, age = row
+                live = age < self.lease_s and other_pid != os.getpid() and (
+                    other_host != host or _pid_alive(other_pid))
+                if live:
+                    raise NodeNameInUse(
+                        f"node name {self.node!r} is in use by a live node (host {other_host}, pid {other_pid}, "
+                        f"heartbeat {age:.0f} s ago): give each node its own [queue] node")
+            db.execute(
+                f"INSERT INTO nodes (name, host, pid, started_at, heartbeat_at) VALUES (%s, %s, %s, {_DB_NOW}, "
+                f"{_DB_NOW}) ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, pid = EXCLUDED.pid, "
+                "started_at = EXCLUDED.started_at, heartbeat_at = EXCLUDED.heartbeat_at",
+                (self.node, host, os.getpid()),
+            )
+
+    def heartbeat(self) -> int:
+        with self._conn() as db:
+            db.execute(f"UPDATE nodes SET heartbeat_at = {_DB_NOW} WHERE name = %s", (self.node,))
+            return db.execute(
+                f"UPDATE jobs SET lease_until = {_DB_NOW} + %s WHERE owner = %s AND state = 'in_flight'",
+                (self.lease_s, self.node),
+            ).rowcount
+
+    def leave(self) -> None:
+        with self._conn() as db:
+            db.execute("UPDATE nodes SET heartbeat_at = 0 WHERE name = %s AND pid = %s", (self.node, os.getpid()))
+
+    def nodes(self) -> list[Node]:
+        with self._conn() as db:
+            rows = db.execute(
+                f"SELECT n.name, n.host, n.pid, n.started_at, {_DB_NOW} - n.heartbeat_at, "
+                "(SELECT COUNT(*) FROM jobs j WHERE j.owner = n.name AND j.state = 'in_flight' "
+                f"AND j.lease_until >= {_DB_NOW}) FROM nodes n ORDER BY n.name"
+            ).fetchall()
+        return [Node(name, host, pid, started, max(0.0, age), held, age < self.lease_s)
+                for name, host, pid, started, age, held in rows]
+
+    def take_slot(self, destination: str, ceiling: int) -> Slot | None:
+        key = _slot_key(destination)
+        conn = psycopg.connect(self.url, autocommit=True, **self._connect)
+        try:
+            for number in range(max(1, ceiling)):
+                if conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (key, number)).fetchone()[0]:
+                    return _AdvisorySlot(conn)
+        except BaseException:
+            conn.close()
+            raise
+        conn.close()
+        return None
+
+    # -- receiving -------------------------------------------------------------------------
+    def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:
+        now = time.time()
+        jobs = list(jobs)
+        with self._conn() as db:
+            self._prune(db, now)
+            if not jobs:
+                db.execute(
+                    f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (%s, %s, '', '', %s, NULL, NULL, 0, '', %s, "
+                    "%s, %s, %s, %s, '', %s, %s)",
+                    ("", NOT_FORWARDED, instance.size, instance.received_at, now, instance.study_instance_uid,
+                     instance.series_instance_uid, instance.sop_instance_uid, instance.sop_class_uid,
+                     instance.calling_ae),
+                )
+                return
+            instance_id = db.execute(
+                "INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
+                "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at, series_instance_uid, "
+                "series_number, instance_number, node) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+                "%s) RETURNING id",
+                (instance.path, instance.sop_class_uid, instance.sop_instance_uid, instance.study_instance_uid,
+                 instance.transfer_syntax_uid, instance.calling_ae, instance.called_ae, instance.source_ip,
+                 instance.size, instance.received_at, instance.series_instance_uid, instance.series_number,
+                 instance.instance_number, self.node),
+            ).fetchone()[0]
+            with db.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, "
+                    "rules_tag, priority) VALUES (%s, %s, 'pending', %s, %s, %s, %s, %s)",
+                    [(instance_id, j.destination, now, now, j.request.to_json(), j.rules_tag, j.priority)
+                     for j in jobs],
+                )
+
+    # -- forwarding ------------------------------------------------------------------------
+    def _claimable(self) -> str:
+        """Pending, or in flight under a lease that expired (its node is gone)."""
+        return f"(j.state = 'pending' OR (j.state = 'in_flight' AND j.lease_until < {_DB_NOW}))"
+
+    def claim(self, destination: str, limit: int, now: float | None = None,
+              holding: Holding = Holding()) -> list[Job]:
+        now = time.time() if now is None else now
+        studies, study_args = _studies(holding, destination)
+        due_at, args = _due_at(holding)
+        with self._conn() as db:
+            picked = db.execute(
+                f"SELECT j.id, j.state, j.owner FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
+                f"WHERE j.destination = %s AND {self._claimable()} AND j.next_attempt_at <= %s AND {due_at} <= %s "
+                f"AND {_IN_ORDER} ORDER BY {_claim_order(holding)} LIMIT %s FOR UPDATE OF j SKIP LOCKED",
+                (*study_args, destination, now, *args, now, limit),
+            ).fetchall()
+            if not picked:
+                return []
+            ids = [r[0] for r in picked]
+            db.execute(
+                f"UPDATE jobs SET state = 'in_flight', owner = %s, lease_until = {_DB_NOW} + %s, updated_at = %s "
+                "WHERE id = ANY(%s)", (self.node, self.lease_s, now, ids),
+            )
+            rows = {r[0]: r for r in db.execute(
+                f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = ANY(%s)",
+                (ids,))}
+        # as the embedded backend: each job as it was when claimed (pending, or in flight elsewhere)
+        return [_job((*rows[job_id][:2], state, *rows[job_id][3:]), owner if state == "in_flight" else "")
+                for job_id, state, owner in picked]
+
+    def next_due(self, destination: str, holding: Holding = Holding()) -> float | None:
+        studies, study_args = _studies(holding, destination)
+        due_at, args = _due_at(holding)
+        with self._conn() as db:
+            pending = db.execute(
+                f"SELECT MIN({due_at}) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
+                f"WHERE j.destination = %s AND j.state = 'pending' AND {_IN_ORDER}",
+                (*study_args, *args, destination),
+            ).fetchone()[0]
+            # a job in flight on another node is due for takeover when its lease ends (database time,
+            # expressed on this node's clock)
+            expires = db.execute(
+                f"SELECT MIN(lease_until) - {_DB_NOW} FROM jobs WHERE destination = %s AND state = 'in_flight' "
+                "AND owner != %s", (destination, self.node),
+            ).fetchone()[0]
+        if expires is not None:
+            takeover = time.time() + max(0.0, expires)
+            pending = takeover if pending is None else min(pending, takeover)
+        return pending
+
+    def due_count(self, destination: str, now: float | None = None, holding: Holding = Holding(),
+                  priority: int | None = None) -> int:
+        now = time.time() if now is None else now
+        studies, study_args = _studies(holding, destination)
+        due_at, args = _due_at(holding)
+        with self._conn() as db:
+            return db.execute(
+                f"SELECT COUNT(*) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
+                f"WHERE j.destination = %s AND j.state = 'pending' AND j.next_attempt_at <= %s AND {due_at} <= %s "
+                f"AND j.priority <= %s AND {_IN_ORDER}",
+                (*study_args, destination, now, *args, now, 2 if priority is None else priority),
+            ).fetchone()[0]
+
+    def held(self, destination: str, now: float | None = None, holding: Holding = Holding()) -> dict[str, int]:
+        now = time.time() if now is None else now
+        if holding.delay_s <= 0 and holding.study_stable_s <= 0:
+            return {}
+        stable_only = Holding(0.0, holding.study_stable_s)
+        studies, study_args = _studies(stable_only, destination)
+        stable, stable_args = _due_at(stable_only)
+        with self._conn() as db:
+            delayed, in_study = db.execute(
+                "SELECT COUNT(*) FILTER (WHERE i.received_at + %s > %s), "
+                f"COUNT(*) FILTER (WHERE i.received_at + %s <= %s AND {stable} > %s) "
+                f"FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
+                "WHERE j.destination = %s AND j.state = 'pending' AND j.next_attempt_at <= %s",
+                (holding.delay_s, now, holding.delay_s, now, *stable_args, now, *study_args, destination, now),
+            ).fetchone()
+        return {reason: n for reason, n in ((HELD_BY_DELAY, delayed), (HELD_FOR_STABLE_STUDY, in_study)) if n}
+
+    def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
+        now = time.time()
+        with self._conn() as db:
+            paths = [self._finish(db, d if isinstance(d, Delivery) else Delivery(d), now) for d in deliveries]
+        return [p for p in paths if p]
+
+    def _finish(self, db: psycopg.Connection, delivery: Delivery, now: float) -> str | None:
+        """Delivered is delivered, whoever holds the lease now (a node that took the job over
+        sends it again and finds it gone)."""
+        job_id = delivery.job_id
+        skipped = delivery.outcome is Outcome.SKIPPED
+        row = db.execute(
+            "SELECT j.instance_id, i.path FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = %s "
+            "FOR UPDATE OF j", (job_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        db.execute(_HISTORY_FROM_JOB, (
+            delivery.outcome.value, delivery.syntax, delivery.transfer_syntax_uid, delivery.sent_size, delivery.ratio,
+            0 if skipped else 1, delivery.note if skipped else None, now, delivery.sent_sop_instance_uid, job_id,
+        ))
+        instance_id, path = row
+        db.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
+        # the instance row is locked before its last job is known: two nodes finishing its last two
+        # jobs at once cannot both leave it behind
+        if db.execute("SELECT 1 FROM instances WHERE id = %s FOR UPDATE", (instance_id,)).fetchone() is None:
+            return None
+        if db.execute("SELECT 1 FROM jobs WHERE instance_id = %s LIMIT 1", (instance_id,)).fetchone():
+            return None
+        db.execute("DELETE FROM instances WHERE id = %s", (instance_id,))
+        return path
+
+    def release(self, job_ids: Iterable[int]) -> None:
+        now = time.time()
+        with self._conn() as db, db.cursor() as cur:
+            cur.executemany(
+                "UPDATE jobs SET state = 'pending', owner = '', lease_until = 0, updated_at = %s "
+                "WHERE id = %s AND state = 'in_flight' AND owner = %s",
+                [(now, i, self.node) for i in job_ids],
+            )
+
+    def retry(self, job_id: int, error: str, next_attempt_at: float) -> None:
+        with self._conn() as db:
+            db.execute(
+                "UPDATE jobs SET state = 'pending', owner = '', lease_until = 0, attempts = attempts + 1, "
+                "next_attempt_at = %s, last_error = %s, updated_at = %s WHERE id = %s AND owner = %s",
+                (next_attempt_at, error, time.time(), job_id, self.node),
+            )
+
+    def dead(self, job_id: int, error: str) -> None:
+        now = time.time()
+        with self._conn() as db:
+            if db.execute(
+                "UPDATE jobs SET state = 'dead', owner = '', lease_until = 0, attempts = attempts + 1, "
+                "last_error = %s, updated_at = %s WHERE id = %s AND owner = %s", (error, now, job_id, self.node),
+            ).rowcount:
+                self._dead_history(db, job_id, now)
+
+    @staticmethod
+    def _dead_history(db: psycopg.Connection, job_id: int, now: float) -> None:
+        db.execute(_HISTORY_FROM_JOB, (Outcome.DEAD.value, "", "", None, None, 0, None, now, "", job_id))
+
+    # -- start-up and operation -------------------------------------------------------------
+    def recover(self) -> int:
+        """This node's own jobs left in flight go back to pending; other nodes' are theirs until
+        their leases expire. Storage commitment claims and holds end by their own times."""
+        with self._conn() as db:
+            return db.execute(
+                "UPDATE jobs SET state = 'pending', owner = '', lease_until = 0, next_attempt_at = "
+                "LEAST(next_attempt_at, %s) WHERE state = 'in_flight' AND owner = %s", (time.time(), self.node),
+            ).rowcount
+
+    def paths(self) -> list[str]:
+        with self._conn() as db:
+            return [r[0] for r in db.execute("SELECT path FROM instances")]
+
+    def fail_missing_files(self, exists: Callable[[str], bool]) -> int:
+        """Only this node's receipts: a file that another node's view of the shared spool lacks is
+        that node's to judge (and the forwarder's, when it comes to send it)."""
+        with self._conn() as db:
+            rows = db.execute("SELECT id, path FROM instances WHERE node = %s", (self.node,)).fetchall()
+        missing = [(i, p) for i, p in rows if not exists(p)]
+        now = time.time()
+        with self._conn() as db:
+            for instance_id, path in missing:
+                fresh = [r[0] for r in db.execute(
+                    "SELECT id FROM jobs WHERE instance_id = %s AND state != 'dead'", (instance_id,))]
+                db.execute(
+                    "UPDATE jobs SET state = 'dead', owner = '', last_error = %s, updated_at = %s "
+                    "WHERE instance_id = %s", (f"spool file missing: {path}", now, instance_id),
+                )
+                for job_id in fresh:
+                    self._dead_history(db, job_id, now)
+        return len(missing)
+
+    def counts(self) -> dict[tuple[str, str], int]:
+        with self._conn() as db:
+            return {(d, s): n for d, s, n in db.execute(
+                "SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state")}
+
+    def oldest_pending(self, now: float | None = None) -> dict[str, float]:
+        now = time.time() if now is None else now
+        with self._conn() as db:
+            return {d: max(0.0, now - t) for d, t in db.execute(
+                "SELECT j.destination, MIN(i.received_at) FROM jobs j JOIN instances i ON i.id = j.instance_id "
+                "WHERE j.state IN ('pending', 'in_flight') GROUP BY j.destination")}
+
+    def owners(self, job_ids: Iterable[int]) -> dict[int, str]:
+        """Which node holds each of these jobs in flight (for `dicom-router queue`)."""
+        with self._conn() as db:
+            return dict(db.execute("SELECT id, owner FROM jobs WHERE id = ANY(%s) AND state = 'in_flight'",
+                                   (list(job_ids),)).fetchall())
+
+    def jobs(self, destination: str | None = None, state: str | None = None, limit: int = 1000,
+             study: str | None = None, series: str | None = None, sop: str | None = None) -> list[Job]:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE TRUE"
+        args: list = []
+        for column, value in (("j.destination", destination), ("j.state", state), ("i.study_instance_uid", study),
+                              ("i.series_instance_uid", series), ("i.sop_instance_uid", sop)):
+            if value:
+                sql += f" AND {column} = %s"
+                args.append(value)
+        sql += " ORDER BY j.id LIMIT %s"
+        args.append(limit)
+        with self._conn() as db:
+            return [_job(r) for r in db.execute(sql, args)]
+
+    def retry_dead(self, destination: str | None = None, job_ids: Iterable[int] | None = None) -> int:
+        now = time.time()
+        sql = "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = %s, updated_at = %s " \
+              "WHERE state = 'dead'"
+        args: list = [now, now]
+        if destination:
+            sql += " AND destination = %s"
+            args.append(destination)
+        ids = list(job_ids or [])
+        if ids:
+            sql += " AND id = ANY(%s)"
+            args.append(ids)
+        with self._conn() as db:
+            return db.execute(sql, args).rowcount
+
+    def purge_dead(self, destination: str | None = None, older_than: float | None = None) -> list[Job]:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.state = 'dead'"
+        args: list = []
+        if destination:
+            sql += " AND j.destination = %s"
+            args.append(destination)
+        if older_than is not None:
+            sql += " AND j.updated_at < %s"
+            args.append(older_than)
+        sql += " FOR UPDATE OF j"
+        with self._conn() as db:
+            purged = [_job(r) for r in db.execute(sql, args).fetchall()]
+            ids = [job.id for job in purged]
+            if ids:
+                db.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,))
+                db.execute("DELETE FROM instances i WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.instance_id = i.id)")
+        return purged
+
+    # -- history ----------------------------------------------------------------------------
+    def _prune(self, db: psycopg.Connection, now: float) -> None:
+        if now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        cutoff = now - self.history_s
+        db.execute("DELETE FROM history WHERE finished_at < %s", (cutoff,))
+        db.execute("DELETE FROM commitments WHERE state = 'reported' AND reported_at < %s", (cutoff,))
+
+    def history(self, study: str | None = None, series: str | None = None, sop: str | None = None,
+                limit: int = 10000) -> list[HistoryEntry]:
+        sql = f"SELECT {_HISTORY_COLUMNS} FROM history WHERE TRUE"
+        args: list = []
+        if study:
+            sql += " AND study_instance_uid = %s"
+            args.append(study)
+        if series:
+            sql += " AND series_instance_uid = %s"
+            args.append(series)
+        if sop:
+            sql += " AND (sop_instance_uid = %s OR sent_sop_instance_uid = %s)"
+            args.extend((sop, sop))
+        sql += " ORDER BY id LIMIT %s"
+        args.append(limit)
+        with self._conn() as db:
+            return [HistoryEntry(*row) for row in db.execute(sql, args)]
+
+    def whereabouts(self, sop_instance_uids: Iterable[str]) -> dict[str, Whereabouts]:
+        uids = sorted(set(sop_instance_uids))
+        classes: dict[str, set[str]] = {}
+        unfinished: dict[str, int] = {}
+        dead: dict[str, set[str]] = {}
+        finished: dict[str, int] = {}
+        last: dict[tuple[str, str], str] = {}
+        with self._conn() as db:
+            for start in range(0, len(uids), _CHUNK):
+                chunk = uids[start:start + _CHUNK]
+                for uid, sop_class, destination, state in db.execute(
+                    "SELECT i.sop_instance_uid, i.sop_class_uid, j.destination, j.state FROM jobs j "
+                    "JOIN instances i ON i.id = j.instance_id WHERE i.sop_instance_uid = ANY(%s)", (chunk,),
+                ):
+                    classes.setdefault(uid, set()).add(sop_class)
+                    if state == "dead":
+                        dead.setdefault(uid, set()).add(destination)
+                    else:
+                        unfinished[uid] = unfinished.get(uid, 0) + 1
+                for uid, sop_class, destination, outcome in db.execute(
+                    "SELECT sop_instance_uid, sop_class_uid, destination, outcome FROM history "
+                    "WHERE sop_instance_uid = ANY(%s) ORDER BY id", (chunk,),
+                ):
+                    classes.setdefault(uid, set()).add(sop_class)
+                    last[(uid, destination)] = outcome
+        for (uid, destination), outcome in last.items():
+            if outcome == Outcome.DEAD.value:
+                dead.setdefault(uid, set()).add(destination)
+            else:
+                finished[uid] = finished.get(uid, 0) + 1
+        return {
+            uid: Whereabouts(frozenset(found), unfinished.get(uid, 0), len(dead.get(uid, ())), finished.get(uid, 0))
+            for uid, found in classes.items()
+        }
+
+    # -- storage commitment -------------------------------------------------------------------
+    def add_commitment(self, transaction_uid: str, calling_ae: str, references: Iterable[tuple[str, str]],
+                       received_at: float, deadline: float, holder: str = "", held_until: float = 0.0) -> str:
+        references = [tuple(r) for r in references]
+        with self._conn() as db:
+            # requests with one transaction UID are decided one at a time, across nodes
+            db.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_SCHEMA_LOCK, _slot_key(transaction_uid)))
+            earlier = db.execute(
+                "SELECT id, state FROM commitments WHERE transaction_uid = %s AND NOT duplicate ORDER BY id DESC "
+                "LIMIT 1", (transaction_uid,),
+            ).fetchone()
+            duplicate = False
+            if earlier is not None:
+                same = [tuple(r) for r in db.execute(
+                    "SELECT sop_class_uid, sop_instance_uid FROM commitment_instances WHERE commitment_id = %s "
+                    "ORDER BY position", (earlier[0],))] == references
+                if same and earlier[1] != "reported":
+                    if earlier[1] == "pending" and holder:
+                        db.execute("UPDATE commitments SET holder = %s, held_until = %s WHERE id = %s",
+                                   (holder, held_until, earlier[0]))
+                    return "repeated"
+                duplicate = not same
+            commitment_id = db.execute(
+                "INSERT INTO commitments (transaction_uid, calling_ae, received_at, deadline, duplicate, state, holder, "
+                "held_until) VALUES (%s, %s, %s, %s, %s, 'pending', %s, %s) RETURNING id",
+                (transaction_uid, calling_ae, received_at, deadline, duplicate, holder, held_until),
+            ).fetchone()[0]
+            with db.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO commitment_instances (commitment_id, position, sop_class_uid, sop_instance_uid) "
+                    "VALUES (%s, %s, %s, %s)",
+                    [(commitment_id, index, sop_class, uid) for index, (sop_class, uid) in enumerate(references)],
+                )
+        return "duplicate" if duplicate else "new"
+
+    def hold_commitments(self, holder: str, held_until: float) -> None:
+        with self._conn() as db:
+            db.execute("UPDATE commitments SET held_until = %s WHERE holder = %s AND state = 'pending'",
+                       (held_until, holder))
+
+    def pending_commitments(self, now: float | None = None, holder: str | None = None) -> list[StoredCommitment]:
+        now = time.time() if now is None else now
+        columns = "id, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error"
+        with self._conn() as db:
+            if holder is not None:
+                rows = db.execute(
+                    f"SELECT {columns} FROM commitments WHERE state = 'pending' AND holder = %s ORDER BY id",
+                    (holder,)).fetchall()
+            else:
+                rows = db.execute(
+                    f"SELECT {columns} FROM commitments WHERE (state = 'pending' AND held_until < %s AND "
+                    "next_attempt_at <= %s) OR (state = 'reporting' AND claimed_until < %s) ORDER BY id",
+                    (now, now, now),
+                ).fetchall()
+            references: dict[int, list[tuple[str, str]]] = {r[0]: [] for r in rows}
+            if rows:
+                for cid, sop_class, uid in db.execute(
+                    "SELECT commitment_id, sop_class_uid, sop_instance_uid FROM commitment_instances "
+                    "WHERE commitment_id = ANY(%s) ORDER BY commitment_id, position", (list(references),),
+                ):
+                    references[cid].append((sop_class, uid))
+        return [StoredCommitment(cid, transaction_uid, calling_ae, tuple(references[cid]), received_at, deadline,
+                                 bool(duplicate), attempts, last_error)
+                for cid, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error in rows]
+
+    def claim_commitment(self, commitment_id: int, claimer: str, until: float) -> bool:
+        now = time.time()
+        with self._conn() as db:
+            return db.execute(
+                "UPDATE commitments SET state = 'reporting', holder = %s, claimed_until = %s WHERE id = %s AND "
+                "((state = 'pending' AND (held_until < %s OR holder = %s)) OR "
+                "(state = 'reporting' AND claimed_until < %s))",
+                (claimer, until, commitment_id, now, claimer, now),
+            ).rowcount == 1
+
+    def commitment_reported(self, commitment_id: int, event_type: int) -> None:
+        with self._conn() as db:
+            db.execute("UPDATE commitments SET state = 'reported', event_type = %s, reported_at = %s, attempts = "
+                       "attempts + 1 WHERE id = %s", (event_type, time.time(), commitment_id))
+
+    def commitment_not_reported(self, commitment_id: int, error: str, next_attempt_at: float) -> None:
+        with self._conn() as db:
+            db.execute(
+                "UPDATE commitments SET state = 'pending', holder = '', held_until = 0, claimed_until = 0, "
+                "attempts = attempts + 1, last_error = %s, next_attempt_at = %s WHERE id = %s AND state = 'reporting'",
+                (error, next_attempt_at, commitment_id),
+            )
