@@ -2,9 +2,10 @@
 # Install the independent DICOM programs the tests and the benchmark talk to:
 # DCMTK (storescu, storescp, dcmdjpeg, dcmdjpls, ...), GDCM (gdcmconv), Orthanc, Prometheus (promtool),
 # podman with runc and mmdebstrap to build and run the container image on a Debian base, and
-# Chromium with its driver for the status page's browser test.
+# Chromium with its driver for the status page's browser test, and PostgreSQL and HAProxy for
+# the tests of several nodes sharing one queue behind one DICOM address.
 set -euo pipefail
-packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl podman runc mmdebstrap uidmap slirp4netns fuse-overlayfs chromium chromium-driver)
+packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl podman runc mmdebstrap uidmap slirp4netns fuse-overlayfs chromium chromium-driver postgresql haproxy)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,6 +19,6 @@ echo "installing ${missing[*]}"
 $SUDO apt-get update -qq
 # the Debian packages start their own services; tests start private instances instead
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-for svc in orthanc prometheus; do
+for svc in orthanc prometheus postgresql haproxy; do
     $SUDO systemctl disable --now "$svc" >/dev/null 2>&1 || true
 done
