@@ -15,15 +15,14 @@ from router.queue.sqlite import SqliteQueue
 from router.request import Outcome, Request
 from tests.peers import data, make_series, wait_until
 from tests.test_forwarder import codec_pool, site  # noqa: F401 - fixtures
+from tests.queues import backend  # noqa: F401 - the fixture
 
 CT = data("693_UNCR.dcm")
 
 
 @pytest.fixture
-def queue(tmp_path):
-    q = SqliteQueue(tmp_path / "queue.sqlite")
-    yield q
-    q.close()
+def queue(backend):  # noqa: F811 - on SQLite and on PostgreSQL
+    return backend.open()
 
 
 def instance(uid: str = "2.25.1", study: str = "2.25.100", series: str = "2.25.200", size: int = 1000) -> Instance:

@@ -19,6 +19,7 @@ from router.request import Request
 from router.rules import Context
 from tests.peers import data, make_series, wait_until
 from tests.test_forwarder import Site, codec_pool  # noqa: F401 - the module's codec pool fixture
+from tests.queues import backend  # noqa: F401 - the fixture
 
 CT = data("693_UNCR.dcm")
 ORIGINAL = '[[rule]]\nsyntax = "original"\n'
@@ -41,10 +42,8 @@ class Clock:
 
 
 @pytest.fixture
-def queue(tmp_path):
-    q = SqliteQueue(tmp_path / "queue.sqlite")
-    yield q
-    q.close()
+def queue(backend):  # noqa: F811 - on SQLite and on PostgreSQL
+    return backend.open()
 
 
 def add(queue, uid: str, received_at: float, study: str = "2.25.9", series: str = "2.25.91",  # noqa: ANN001

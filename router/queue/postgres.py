@@ -268,7 +268,11 @@ class PostgresQueue(Queue):
             reconnect_timeout=24 * 3600,
         )
         self._pool.open(wait=False)
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._pool.close(timeout=1.0)
+            raise
 
     # -- connections and schema -------------------------------------------------------------
     def _conn(self):  # noqa: ANN202 - a context manager: a connection in a transaction, committed at exit
@@ -314,8 +318,8 @@ class PostgresQueue(Queue):
             ).fetchone()
             if row is not None:
                 other_host, other_pid, age = row
-                live = age < self.lease_s and other_pid != os.getpid() and (
-                    other_host != host or _pid_alive(other_pid))
+                live = age < self.lease_s and (
+                    other_host != host or (other_pid != os.getpid() and _pid_alive(other_pid)))
                 if live:
                     raise NodeNameInUse(
                         f"node name {self.node!r} is in use by a live node (host {other_host}, pid {other_pid}, "
@@ -433,7 +437,7 @@ class PostgresQueue(Queue):
             pending = db.execute(
                 f"SELECT MIN({due_at}) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
                 f"WHERE j.destination = %s AND j.state = 'pending' AND {_IN_ORDER}",
-                (*study_args, *args, destination),
+                (*args, *study_args, destination),
             ).fetchone()[0]
             # a job in flight on another node is due for takeover when its lease ends (database time,
             # expressed on this node's clock)
