@@ -13,7 +13,10 @@ the one that went out (`HistoryEntry.sent_sop_instance_uid`).
 
 Storage commitment requests (`commitment`) live in the same database: a request and its
 referenced instances are stored before the modality hears success, and a report is claimed in
-one transaction, so that one process alone sends it.
+one transaction, so that one process alone sends it. With `[commitment] mode = "relay"` so do
+the router's own requests to the destinations (`relay`): each with its instances as sent and,
+per instance, the destination's answer; one N-ACTION per relay request, claimed in one
+transaction; an instance is asked about once per modality request and destination.
 
 Backends implement `Queue`: `sqlite.SqliteQueue` (the embedded default, in the spool, one
 node) and `postgres.PostgresQueue` (several nodes sharing one database and one spool: claims
@@ -192,6 +195,45 @@ class Slot(ABC):
         """Hand the slot back (idempotent)."""
 
 
+@dataclass(frozen=True)
+class Stored:
+    """An instance as a destination stored it (its latest delivery there, from the history)."""
+
+    destination: str
+    sop_class_uid: str
+    sop_instance_uid: str  # as sent: another one than received when it went out under a new UID
+    delivered_at: float
+
+
+@dataclass(frozen=True)
+class RelayedInstance:
+    """One instance of a relay request: as the modality knows it, and as the destination does."""
+
+    sop_instance_uid: str  # as received
+    sop_class_uid: str  # as sent
+    sent_sop_instance_uid: str
+
+
+RELAY_STATES = ("pending", "sending", "sent", "answered", "refused")
+
+
+@dataclass(frozen=True)
+class StoredRelay:
+    """The router's storage commitment request to one destination, on behalf of one modality
+    request: pending (to send), sending (claimed), sent (the destination took the N-ACTION; its
+    report awaited), answered (its report recorded) or refused (for good)."""
+
+    id: int
+    commitment_id: int
+    destination: str
+    transaction_uid: str  # the router's own, in the N-ACTION to the destination
+    state: str
+    instances: tuple[RelayedInstance, ...]
+    created_at: float
+    attempts: int
+    last_error: str
+
+
 class Queue(ABC):
     """The verbs every backend offers; all are safe to call from several threads."""
 
@@ -349,6 +391,70 @@ class Queue(ABC):
     @abstractmethod
     def commitment_not_reported(self, commitment_id: int, error: str, next_attempt_at: float) -> None:
         """The report could not be delivered: give up the claim and try again at `next_attempt_at`."""
+
+    @abstractmethod
+    def open_commitments(self, now: float | None = None) -> list[StoredCommitment]:
+        """Requests not reported yet, neither duplicates nor past their deadline, whoever holds
+        or claims them: those a relay may still serve."""
+
+    @abstractmethod
+    def commitment_counts(self) -> dict[str, int]:
+        """Requests not reported yet, by state: "waiting" (never failed to report), "retrying"
+        (a report could not be delivered and is tried again)."""
+
+    # -- storage commitment relayed to the destinations
+    @abstractmethod
+    def deliveries(self, sop_instance_uids: Iterable[str]) -> dict[str, dict[str, Stored]]:
+        """For each received SOP Instance UID, by destination, its latest delivery there (when
+        the destination's latest outcome for it in the history is delivered)."""
+
+    @abstractmethod
+    def add_relay(self, commitment_id: int, destination: str, transaction_uid: str,
+                  instances: Iterable[RelayedInstance], now: float) -> int | None:
+        """Store a relay request (pending, due at once) of the instances not yet in a relay of
+        the same commitment request and destination; returns its id, or None when every one is
+        (another process relayed them first)."""
+
+    @abstractmethod
+    def relay_results(self, commitment_id: int) -> dict[tuple[str, str], int | None]:
+        """Per (destination, received SOP Instance UID) relayed for a commitment request: the
+        destination's answer: 0 committed, a Failure Reason, or None while unanswered."""
+
+    @abstractmethod
+    def due_relays(self, now: float | None = None) -> list[StoredRelay]:
+        """Relay requests to send now, of commitment requests still open: pending and past their
+        next attempt time, sending under a claim that expired, or sent and past the time to ask
+        again (no report came)."""
+
+    @abstractmethod
+    def claim_relay(self, relay_id: int, claimer: str, until: float, now: float | None = None) -> bool:
+        """Take the right to send one relay request's N-ACTION until `until`; False when another
+        process has it, or it is no longer due."""
+
+    @abstractmethod
+    def relay_sent(self, relay_id: int, claimer: str, ask_again_at: float) -> None:
+        """The destination took the N-ACTION: its report is awaited until `ask_again_at` (a
+        report already recorded stays)."""
+
+    @abstractmethod
+    def relay_not_sent(self, relay_id: int, claimer: str, error: str, next_attempt_at: float) -> None:
+        """The N-ACTION failed: give up the claim and send it again at `next_attempt_at`."""
+
+    @abstractmethod
+    def relay_refused(self, relay_id: int, claimer: str, error: str, reason: int) -> None:
+        """The destination refused for good: its unanswered instances fail with `reason`."""
+
+    @abstractmethod
+    def relay_answered(self, transaction_uid: str, results: dict[str, int], unlisted: int,
+                       now: float | None = None) -> StoredRelay | None:
+        """Record a destination's report, by SOP Instance UID as sent (0 committed, else the
+        Failure Reason); the relay's instances it does not list get `unlisted`. Returns the
+        relay request as it was, or None for a Transaction UID no relay request has."""
+
+    @abstractmethod
+    def relay_counts(self, now: float | None = None) -> dict[tuple[str, str], int]:
+        """Relay requests of open commitment requests not answered yet, by (destination,
+        "sending" (pending or sending) | "awaiting_report" (sent))."""
 
     @abstractmethod
     def close(self) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from router.queue import (
     HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob, Queue,
-    StoredCommitment, Whereabouts,
+    RelayedInstance, Stored, StoredCommitment, StoredRelay, Whereabouts,
 )
 from router.request import Outcome, Request
 
@@ -101,6 +101,33 @@ CREATE TABLE IF NOT EXISTS commitment_instances (
     sop_instance_uid TEXT NOT NULL,
     PRIMARY KEY (commitment_id, position)
 );
+CREATE TABLE IF NOT EXISTS relays (
+    id INTEGER PRIMARY KEY,
+    commitment_id INTEGER NOT NULL REFERENCES commitments(id) ON DELETE CASCADE,
+    destination TEXT NOT NULL,
+    transaction_uid TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'sent', 'answered', 'refused')),
+    created_at REAL NOT NULL,
+    claimer TEXT NOT NULL DEFAULT '',
+    claimed_until REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',
+    answered_at REAL
+);
+CREATE INDEX IF NOT EXISTS relays_state ON relays (state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS relays_commitment ON relays (commitment_id);
+CREATE TABLE IF NOT EXISTS relay_instances (
+    relay_id INTEGER NOT NULL REFERENCES relays(id) ON DELETE CASCADE,
+    commitment_id INTEGER NOT NULL,
+    destination TEXT NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    sent_sop_instance_uid TEXT NOT NULL,
+    result INTEGER,
+    UNIQUE (commitment_id, destination, sop_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS relay_instances_relay ON relay_instances (relay_id);
 """
 # columns added after the first release: (table, column, definition)
 _ADDED_COLUMNS = (
@@ -421,6 +448,7 @@ class SqliteQueue(Queue):
             # no process holds an association or a report claim across a restart
             db.execute("UPDATE commitments SET state = 'pending', holder = '', held_until = 0, claimed_until = 0 "
                        "WHERE state IN ('pending', 'reporting')")
+            db.execute("UPDATE relays SET state = 'pending', claimer = '', claimed_until = 0 WHERE state = 'sending'")
             # instances whose every job finished but whose row survived (should not happen)
             db.execute("DELETE FROM instances WHERE id NOT IN (SELECT instance_id FROM jobs)")
             return resumed
@@ -646,3 +674,155 @@ class SqliteQueue(Queue):
                 "attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE id = ? AND state = 'reporting'",
                 (error, next_attempt_at, commitment_id),
             )
+
+    _COMMITMENT_COLUMNS = "id, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error"
+
+    def _commitments(self, db: sqlite3.Connection, rows: list[tuple]) -> list[StoredCommitment]:
+        found = []
+        for cid, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error in rows:
+            references = tuple((c, u) for c, u in db.execute(
+                "SELECT sop_class_uid, sop_instance_uid FROM commitment_instances WHERE commitment_id = ? "
+                "ORDER BY position", (cid,)))
+            found.append(StoredCommitment(cid, transaction_uid, calling_ae, references, received_at, deadline,
+                                          bool(duplicate), attempts, last_error))
+        return found
+
+    def open_commitments(self, now: float | None = None) -> list[StoredCommitment]:
+        now = time.time() if now is None else now
+        db = self._db()
+        rows = db.execute(f"SELECT {self._COMMITMENT_COLUMNS} FROM commitments WHERE state != 'reported' "
+                          "AND duplicate = 0 AND deadline > ? ORDER BY id", (now,)).fetchall()
+        return self._commitments(db, rows)
+
+    def commitment_counts(self) -> dict[str, int]:
+        counts = {"waiting": 0, "retrying": 0}
+        for retrying, n in self._db().execute(
+                "SELECT attempts > 0, COUNT(*) FROM commitments WHERE state != 'reported' GROUP BY attempts > 0"):
+            counts["retrying" if retrying else "waiting"] += n
+        return counts
+
+    # -- storage commitment relayed to the destinations ----------------------------------------
+    def deliveries(self, sop_instance_uids: Iterable[str]) -> dict[str, dict[str, Stored]]:
+        uids = sorted(set(sop_instance_uids))
+        latest: dict[tuple[str, str], tuple[str, str, str, float]] = {}
+        db = self._db()
+        for start in range(0, len(uids), _CHUNK):
+            chunk = uids[start:start + _CHUNK]
+            for uid, destination, outcome, sop_class, sent_uid, finished_at in db.execute(
+                "SELECT sop_instance_uid, destination, outcome, sop_class_uid, sent_sop_instance_uid, finished_at "
+                f"FROM history WHERE sop_instance_uid IN ({','.join('?' * len(chunk))}) AND destination != '' "
+                "ORDER BY id", chunk,
+            ):
+                latest[(uid, destination)] = (outcome, sop_class, sent_uid or uid, finished_at)
+        found: dict[str, dict[str, Stored]] = {}
+        for (uid, destination), (outcome, sop_class, sent_uid, finished_at) in latest.items():
+            if outcome == Outcome.DELIVERED.value:
+                found.setdefault(uid, {})[destination] = Stored(destination, sop_class, sent_uid, finished_at)
+        return found
+
+    def add_relay(self, commitment_id: int, destination: str, transaction_uid: str,
+                  instances: Iterable[RelayedInstance], now: float) -> int | None:
+        instances = list(instances)
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO relays (commitment_id, destination, transaction_uid, state, created_at, next_attempt_at) "
+                "VALUES (?, ?, ?, 'pending', ?, ?)", (commitment_id, destination, transaction_uid, now, now))
+            relay_id = int(cur.lastrowid)
+            added = 0
+            for item in instances:
+                added += db.execute(
+                    "INSERT OR IGNORE INTO relay_instances (relay_id, commitment_id, destination, sop_instance_uid, "
+                    "sop_class_uid, sent_sop_instance_uid) VALUES (?, ?, ?, ?, ?, ?)",
+                    (relay_id, commitment_id, destination, item.sop_instance_uid, item.sop_class_uid,
+                     item.sent_sop_instance_uid),
+                ).rowcount
+            if not added:
+                db.execute("DELETE FROM relays WHERE id = ?", (relay_id,))
+                return None
+        return relay_id
+
+    def relay_results(self, commitment_id: int) -> dict[tuple[str, str], int | None]:
+        return {(destination, uid): result for destination, uid, result in self._db().execute(
+            "SELECT destination, sop_instance_uid, result FROM relay_instances WHERE commitment_id = ?",
+            (commitment_id,))}
+
+    _RELAY_COLUMNS = "r.id, r.commitment_id, r.destination, r.transaction_uid, r.state, r.created_at, r.attempts, " \
+                     "r.last_error"
+
+    def _relays(self, db: sqlite3.Connection, rows: list[tuple]) -> list[StoredRelay]:
+        found = []
+        for rid, commitment_id, destination, transaction_uid, state, created_at, attempts, last_error in rows:
+            instances = tuple(RelayedInstance(*row) for row in db.execute(
+                "SELECT sop_instance_uid, sop_class_uid, sent_sop_instance_uid FROM relay_instances WHERE relay_id = ? "
+                "ORDER BY rowid", (rid,)))
+            found.append(StoredRelay(rid, commitment_id, destination, transaction_uid, state, instances, created_at,
+                                     attempts, last_error))
+        return found
+
+    # a relay to send: pending and due, claimed by a claimer that died, or sent without a report in time
+    _RELAY_DUE = ("((r.state IN ('pending', 'sent') AND r.next_attempt_at <= ?) "
+                  "OR (r.state = 'sending' AND r.claimed_until < ?))")
+
+    def due_relays(self, now: float | None = None) -> list[StoredRelay]:
+        now = time.time() if now is None else now
+        db = self._db()
+        rows = db.execute(
+            f"SELECT {self._RELAY_COLUMNS} FROM relays r JOIN commitments c ON c.id = r.commitment_id "
+            f"WHERE {self._RELAY_DUE} AND c.state != 'reported' AND c.deadline > ? ORDER BY r.id",
+            (now, now, now)).fetchall()
+        return self._relays(db, rows)
+
+    def claim_relay(self, relay_id: int, claimer: str, until: float, now: float | None = None) -> bool:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            return db.execute(
+                f"UPDATE relays SET state = 'sending', claimer = ?, claimed_until = ? WHERE id = ? AND "
+                f"{self._RELAY_DUE.replace('r.', '')}", (claimer, until, relay_id, now, now),
+            ).rowcount == 1
+
+    def relay_sent(self, relay_id: int, claimer: str, ask_again_at: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE relays SET state = 'sent', claimer = '', claimed_until = 0, attempts = attempts + 1, "
+                       "last_error = '', next_attempt_at = ? WHERE id = ? AND state = 'sending' AND claimer = ?",
+                       (ask_again_at, relay_id, claimer))
+
+    def relay_not_sent(self, relay_id: int, claimer: str, error: str, next_attempt_at: float) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE relays SET state = 'pending', claimer = '', claimed_until = 0, attempts = attempts + 1, "
+                       "last_error = ?, next_attempt_at = ? WHERE id = ? AND state = 'sending' AND claimer = ?",
+                       (error, next_attempt_at, relay_id, claimer))
+
+    def relay_refused(self, relay_id: int, claimer: str, error: str, reason: int) -> None:
+        with self._tx() as db:
+            if db.execute("UPDATE relays SET state = 'refused', claimer = '', claimed_until = 0, attempts = "
+                          "attempts + 1, last_error = ?, answered_at = ? WHERE id = ? AND state = 'sending' AND "
+                          "claimer = ?", (error, time.time(), relay_id, claimer)).rowcount:
+                db.execute("UPDATE relay_instances SET result = ? WHERE relay_id = ? AND result IS NULL",
+                           (reason, relay_id))
+
+    def relay_answered(self, transaction_uid: str, results: dict[str, int], unlisted: int,
+                       now: float | None = None) -> StoredRelay | None:
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            rows = db.execute(f"SELECT {self._RELAY_COLUMNS} FROM relays r WHERE r.transaction_uid = ?",
+                              (transaction_uid,)).fetchall()
+            if not rows:
+                return None
+            [relay] = self._relays(db, rows)
+            db.executemany("UPDATE relay_instances SET result = ? WHERE relay_id = ? AND sent_sop_instance_uid = ?",
+                           [(results.get(item.sent_sop_instance_uid, unlisted), relay.id, item.sent_sop_instance_uid)
+                            for item in relay.instances])
+            db.execute("UPDATE relays SET state = 'answered', claimer = '', claimed_until = 0, answered_at = ? "
+                       "WHERE id = ?", (now, relay.id))
+        return relay
+
+    def relay_counts(self, now: float | None = None) -> dict[tuple[str, str], int]:
+        now = time.time() if now is None else now
+        counts: dict[tuple[str, str], int] = {}
+        for destination, state, n in self._db().execute(
+            "SELECT r.destination, CASE r.state WHEN 'sent' THEN 'awaiting_report' ELSE 'sending' END, COUNT(*) "
+            "FROM relays r JOIN commitments c ON c.id = r.commitment_id WHERE r.state IN ('pending', 'sending', 'sent') "
+            "AND c.state != 'reported' AND c.deadline > ? GROUP BY 1, 2", (now,),
+        ):
+            counts[(destination, state)] = n
+        return counts
