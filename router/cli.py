@@ -34,13 +34,13 @@ def _load_or_say_why(path: str):  # noqa: ANN202
         return None
 
 
-def _metrics_across_processes(spool_dir: Path) -> None:
+def _metrics_across_processes(spool_dir: Path, node: str = "") -> None:
     """Counters of every receiving process are summed from files here (set before prometheus_client
-    is imported; emptied at each start)."""
+    is imported; emptied at each start). Nodes sharing a spool each have their own."""
     import os
     import shutil
 
-    directory = spool_dir / "metrics"
+    directory = spool_dir / "metrics" / node if node else spool_dir / "metrics"
     shutil.rmtree(directory, ignore_errors=True)
     directory.mkdir(mode=0o700, parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     cfg.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _metrics_across_processes(cfg.spool_dir)
+    _metrics_across_processes(cfg.spool_dir, cfg.router.queue.node if cfg.router.queue.url else "")
     from router.service import Router
 
     try:
@@ -259,11 +259,22 @@ def cmd_queue(args: argparse.Namespace) -> int:
             state = waiting(name, rule_files[name].destination, queue, now).describe(now)
         print(f"{name:20} {counts.get((name, 'pending'), 0):>8} {counts.get((name, 'in_flight'), 0):>9} "
               f"{counts.get((name, 'dead'), 0):>6} {(f'{age:.0f}s' if age is not None else '-'):>15}  {state}")
+    nodes = queue.nodes()
+    if nodes:
+        print()
+        print(f"{'node':20} {'host':20} {'pid':>7} {'heartbeat':>10} {'in_flight':>9}  state")
+        for node in nodes:
+            state = "alive" if node.alive else "gone: its jobs are taken over once their leases expire"
+            print(f"{node.name:20} {node.host:20} {node.pid:>7} {f'{node.heartbeat_age_s:.0f}s ago':>10} "
+                  f"{node.jobs_held:>9}  {state}")
     if args.action == "dead" or args.verbose:
         state = "dead" if args.action == "dead" else None
-        for job in queue.jobs(args.destination, state):
+        listed = queue.jobs(args.destination, state)
+        owners = queue.owners([job.id for job in listed if job.state == "in_flight"]) if nodes else {}
+        for job in listed:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.instance.received_at))
-            print(f"job {job.id} {job.destination} {job.state} attempts={job.attempts} received={when} "
+            node = f" node={owners[job.id]}" if job.id in owners else ""
+            print(f"job {job.id} {job.destination} {job.state}{node} attempts={job.attempts} received={when} "
                   f"sop_instance_uid={job.instance.sop_instance_uid} error={job.last_error or '-'}")
     return EXIT_OK
 
