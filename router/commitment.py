@@ -6,6 +6,9 @@
               mode (`decide`):
                 delivered  every destination the rules send it to answered C-STORE success (the
                            history says so); an instance no rule sends anywhere once it is durable
+                relay      as delivered, and then each of those destinations that has a storage
+                           commitment SCP (`[destination] commitment`) committed it when asked
+                           (`router.relay`); its Failure Reason is carried over
                 spooled    durable in the router (its jobs or its history exist)
               A dead letter fails with 0x0110 (processing failure), an instance the router never
               received with 0x0112 (no such object instance), one received as another SOP class
@@ -28,7 +31,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
@@ -38,8 +41,9 @@ from pynetdicom.association import Association
 
 from router import log, metrics
 from router.compat.pynetdicom import park_reactor
-from router.config import Commitment, ReplyAddress
+from router.config import Commitment, DestinationRules, ReplyAddress
 from router.queue import Queue, StoredCommitment
+from router.tls import client_context
 
 STORAGE_COMMITMENT = "1.2.840.10008.1.20.1"  # Storage Commitment Push Model SOP Class
 STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known SOP Instance
@@ -83,7 +87,7 @@ class Transaction:
     references: tuple[Reference, ...]
 
 
-def _uid(value: object, what: str) -> str:
+def read_uid(value: object, what: str) -> str:
     text = str(value or "").strip().rstrip("\0")
     if not text:
         raise MalformedRequest(MISSING_ATTRIBUTE, f"{what} missing or empty")
@@ -100,13 +104,13 @@ def parse_request(action_type_id: int | None, information: Dataset | None) -> Tr
     if information is None:
         raise MalformedRequest(MISSING_ATTRIBUTE, "no Action Information")
     try:
-        transaction_uid = _uid(information.get("TransactionUID"), "Transaction UID")
+        transaction_uid = read_uid(information.get("TransactionUID"), "Transaction UID")
         items = information.get("ReferencedSOPSequence")
         if not items:
             raise MalformedRequest(MISSING_ATTRIBUTE, "Referenced SOP Sequence missing or empty")
         references = tuple(
-            (_uid(item.get("ReferencedSOPClassUID"), f"Referenced SOP Class UID of item {index + 1}"),
-             _uid(item.get("ReferencedSOPInstanceUID"), f"Referenced SOP Instance UID of item {index + 1}"))
+            (read_uid(item.get("ReferencedSOPClassUID"), f"Referenced SOP Class UID of item {index + 1}"),
+             read_uid(item.get("ReferencedSOPInstanceUID"), f"Referenced SOP Instance UID of item {index + 1}"))
             for index, item in enumerate(items)
         )
     except MalformedRequest:
@@ -140,15 +144,25 @@ class Answer:
         return FAILURES_EXIST if self.failed else ALL_COMMITTED
 
 
-def decide(queue: Queue, mode: str, request: StoredCommitment, now: float) -> Answer:
-    """Each referenced instance committed, failed or pending under `mode` (delivered or
-    spooled); past the request's deadline nothing is pending any more."""
+def relaying(destinations: Iterable[DestinationRules]) -> frozenset[str]:
+    """The destinations `relay` asks: those with a storage commitment SCP."""
+    return frozenset(d.name for d in destinations if d.destination.commitment_scp is not None)
+
+
+def decide(queue: Queue, mode: str, request: StoredCommitment, now: float,
+           relay_to: Collection[str] = frozenset()) -> Answer:
+    """Each referenced instance committed, failed or pending under `mode` (delivered, relay or
+    spooled; `relay_to`: the destinations relay asks); past the request's deadline nothing is
+    pending any more."""
     committed: list[Reference] = []
     failed: list[tuple[Reference, int]] = []
     pending: list[Reference] = []
     if request.duplicate:
         return Answer((), tuple((ref, DUPLICATE_TRANSACTION_UID) for ref in request.references), ())
     where = queue.whereabouts(uid for _, uid in request.references)
+    relayed = mode == "relay" and bool(relay_to)
+    stored = queue.deliveries(uid for _, uid in request.references) if relayed else {}
+    answered = queue.relay_results(request.id) if relayed else {}
     for ref in request.references:
         sop_class, uid = ref
         found = where.get(uid)
@@ -162,6 +176,15 @@ def decide(queue: Queue, mode: str, request: StoredCommitment, now: float) -> An
             pending.append(ref)
         elif found.dead:
             failed.append((ref, PROCESSING_FAILURE))
+        elif relayed:
+            # each destination that has a storage commitment SCP: its answer (None: none yet)
+            answers = [answered.get((name, uid)) for name in sorted(stored.get(uid, {})) if name in relay_to]
+            if None in answers:
+                pending.append(ref)
+            elif any(answers):
+                failed.append((ref, next(reason for reason in answers if reason)))
+            else:
+                committed.append(ref)
         else:
             committed.append(ref)
     if pending and now >= request.deadline:
@@ -247,13 +270,14 @@ def report(queue: Queue, request: StoredCommitment, answer: Answer, claimer: str
     return True
 
 
-def _due(queue: Queue, mode: str, request: StoredCommitment, now: float) -> Answer | None:
+def _due(queue: Queue, mode: str, request: StoredCommitment, now: float,
+         relay_to: Collection[str] = frozenset()) -> Answer | None:
     """The answer to report now, or None while instances are pending within the deadline."""
-    answer = decide(queue, mode, request, now)
+    answer = decide(queue, mode, request, now, relay_to)
     return None if answer.pending else answer
 
 
-class _Periodic:
+class Periodic:
     """A daemon thread calling `once()` every `interval` seconds until `stop()`; an error (the
     queue unavailable) is logged and the next pass tries again."""
 
@@ -284,17 +308,19 @@ class _Periodic:
         raise NotImplementedError
 
 
-class AssociationReports(_Periodic):
+class AssociationReports(Periodic):
     """In a receiving process: takes the requests (`accept`) and reports on the association a
     request came on, for as long as the modality keeps it open. When the association ends its
     requests are left to the supervisor's `Reporter`."""
 
     thread_name = "commitment-same-association"
 
-    def __init__(self, queue: Queue, config: Commitment, interval: float = 0.2) -> None:
+    def __init__(self, queue: Queue, config: Commitment, interval: float = 0.2,
+                 destinations: Callable[[], list[DestinationRules]] = list) -> None:
         super().__init__(interval)
         self.queue = queue
         self.config = config
+        self.destinations = destinations  # the rule files in force (relay asks some of them)
         self._held: dict[str, Association] = {}
         self._renewed: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -361,7 +387,7 @@ class AssociationReports(_Periodic):
                 self._renewed[holder] = time.monotonic()
             current = time.time() if now is None else now
             for request in self.queue.pending_commitments(current, holder=holder):
-                answer = _due(self.queue, self.config.mode, request, current)
+                answer = _due(self.queue, self.config.mode, request, current, relaying(self.destinations()))
                 if answer is not None:
                     report(self.queue, request, answer, holder,
                            lambda information, event_type: send_report(assoc, information, event_type),
@@ -385,7 +411,9 @@ def send_on_new_association(ae_title: str, address: ReplyAddress, calling_ae: st
     ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = timeouts.acse_s, timeouts.dimse_s, timeouts.network_s
     ae.add_requested_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     role = build_role(STORAGE_COMMITMENT, scu_role=False, scp_role=True)
-    assoc = ae.associate(address.host, address.port, ae_title=address.ae_title or calling_ae, ext_neg=[role])
+    tls_args = (client_context(address.tls), address.host) if address.tls is not None else None
+    assoc = ae.associate(address.host, address.port, ae_title=address.ae_title or calling_ae, ext_neg=[role],
+                         tls_args=tls_args)
     if not assoc.is_established:
         return f"cannot associate with {address.host}:{address.port} " + (
             "(rejected)" if assoc.is_rejected else "(aborted)" if assoc.is_aborted else "(no answer)")
@@ -398,18 +426,20 @@ def send_on_new_association(ae_title: str, address: ReplyAddress, calling_ae: st
             assoc.release()
 
 
-class Reporter(_Periodic):
+class Reporter(Periodic):
     """In the supervisor: reports the requests no association holds any more, on a new
     association to each modality's configured address, retried with backoff."""
 
     thread_name = "commitment-reporter"
 
     def __init__(self, queue: Queue, config: Commitment, ae_title: str, timeouts: Timeouts = Timeouts(),
-                 interval: float = 0.5, clock: Callable[[], float] = time.time) -> None:
+                 interval: float = 0.5, clock: Callable[[], float] = time.time,
+                 destinations: Callable[[], list[DestinationRules]] = list) -> None:
         super().__init__(interval)
         self.queue = queue
         self.config = config
         self.ae_title = ae_title
+        self.destinations = destinations  # the rule files in force (relay asks some of them)
         self.timeouts = timeouts
         self.clock = clock
         self.claimer = f"reporter-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -418,10 +448,11 @@ class Reporter(_Periodic):
         """Report every request that is decided (or past its deadline); returns how many went out."""
         sent = 0
         now = self.clock()
+        relay_to = relaying(self.destinations())
         for request in self.queue.pending_commitments(now):
             if self._stop.is_set():
                 break
-            answer = _due(self.queue, self.config.mode, request, now)
+            answer = _due(self.queue, self.config.mode, request, now, relay_to)
             if answer is None:
                 continue
             sent += report(self.queue, request, answer, self.claimer, self._sender(request), "new",

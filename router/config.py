@@ -155,6 +155,7 @@ class ReplyAddress(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     ae_title: str | None = Field(None, description="the modality's AE title there; default: its calling AE title")
+    tls: Tls | None = Field(None, description="DICOM TLS to the modality: ca verifies it, cert/key are the router's")
 
     @field_validator("ae_title")
     @classmethod
@@ -165,15 +166,20 @@ class ReplyAddress(_Strict):
 class Commitment(_Strict):
     """Storage commitment (Push Model) offered to modalities: what "committed" means."""
 
-    # delivered: every destination the rules send it to stored it; spooled: durable in the
-    # router; off: the SOP class is not offered
-    mode: Literal["delivered", "spooled", "off"] = "delivered"
+    # delivered: every destination the rules send it to stored it; relay: and each destination
+    # with a storage commitment SCP ([destination] commitment) committed it; spooled: durable in
+    # the router; off: the SOP class is not offered
+    mode: Literal["delivered", "relay", "spooled", "off"] = "delivered"
     modalities: dict[str, ReplyAddress] = Field(
         default_factory=dict, description="reply addresses by the modality's calling AE title")
     timeout_s: float = Field(3600, gt=0, description="a request still undecided this long after it came is "
                                                      "reported, its undelivered instances as failed")
     report_retry_s: float = Field(5, gt=0, description="first wait before a report that could not be delivered is "
                                                        "sent again; doubles each time, up to 10 minutes")
+    relay_retry_s: float = Field(5, gt=0, description="relay: first wait before an N-ACTION a destination did not "
+                                                      "take is sent again; doubles each time, up to 10 minutes")
+    relay_reask_s: float = Field(300, gt=0, description="relay: a destination that took the N-ACTION but sent no "
+                                                        "report within this is asked again")
 
     @field_validator("modalities")
     @classmethod
@@ -181,6 +187,13 @@ class Commitment(_Strict):
         for title in modalities:
             _ae_title(title)
         return modalities
+
+    def resolved(self, base: Path) -> Commitment:
+        """The reply addresses' TLS files relative to `base` (router.toml's directory)."""
+        return self.model_copy(update={"modalities": {
+            title: address if address.tls is None else address.model_copy(update={"tls": address.tls.resolved(base)})
+            for title, address in self.modalities.items()
+        }})
 
 
 class RouterConfig(_Strict):
@@ -209,6 +222,23 @@ class Timeouts(_Strict):
 StatusOutcome = Literal["success", "retry", "permanent"]
 
 
+class CommitmentScp(_Strict):
+    """Where a destination's own storage commitment SCP listens, for `[commitment] mode =
+    "relay"`; each field left out is the destination's own (its tls included)."""
+
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    ae_title: str | None = None
+    tls: Tls | None = None
+    keep_open_s: float = Field(5, ge=0, le=600, description="the N-ACTION's association stays open this long for "
+                                                            "a report on it; 0: released at once")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae(cls, value: str | None) -> str | None:
+        return value if value is None else _ae_title(value)
+
+
 class Destination(_Strict):
     ae_title: str
     host: str
@@ -233,6 +263,9 @@ class Destination(_Strict):
     max_mbps: float = Field(0, ge=0, description="cap in megabits per second, all associations together; 0: none")
     delay: str = Field("0s", description="hold each instance this long after receipt")
     study_stable: str = Field("0s", description="send a study once none of its instances arrived for this long")
+    # relay: the destination has a storage commitment SCP (true: at its own address), asked
+    # after delivery; false: its C-STORE success is the commitment (as in delivered mode)
+    commitment: bool | CommitmentScp = False
 
     @field_validator("ae_title", "calling_ae_title")
     @classmethod
@@ -270,6 +303,16 @@ class Destination(_Strict):
     @property
     def sending_schedule(self) -> Schedule:
         return schedule_for(tuple(self.schedule), self.timezone)
+
+    @property
+    def commitment_scp(self) -> CommitmentScp | None:
+        """The destination's storage commitment SCP with every field filled in, or None."""
+        if self.commitment is False:
+            return None
+        scp = self.commitment if isinstance(self.commitment, CommitmentScp) else CommitmentScp()
+        return scp.model_copy(update={"host": scp.host or self.host, "port": scp.port or self.port,
+                                      "ae_title": scp.ae_title or self.ae_title,
+                                      "tls": scp.tls if scp.tls is not None else self.tls})
 
     @field_validator("statuses")
     @classmethod
@@ -471,6 +514,12 @@ def load_rule_file(path: Path) -> DestinationRules:
         missing = [f"{path}: field destination.tls.{k}: file not found: {v}" for k, v in _tls_files(destination.tls)]
         if missing:
             raise ConfigError("\n".join(missing))
+    if isinstance(destination.commitment, CommitmentScp) and destination.commitment.tls is not None:
+        scp = destination.commitment.model_copy(update={"tls": destination.commitment.tls.resolved(path.parent)})
+        destination = destination.model_copy(update={"commitment": scp})
+        missing = [f"{path}: field destination.commitment.tls.{k}: file not found: {v}" for k, v in _tls_files(scp.tls)]
+        if missing:
+            raise ConfigError("\n".join(missing))
     return DestinationRules(name=path.stem, path=path, destination=destination, rules=parsed.rule, tag=tag)
 
 
@@ -493,9 +542,12 @@ def load(path: Path | str) -> Loaded:
     listen = router.listen
     if listen.tls is not None:
         listen = listen.model_copy(update={"tls": listen.tls.resolved(base)})
+    commitment = router.commitment.resolved(base)
     router = router.model_copy(update={"storage": storage, "rules": RulesDir(dir=rules_dir), "transcode": transcode,
-                                       "listen": listen})
+                                       "listen": listen, "commitment": commitment})
     missing = [f"{path}: field listen.tls.{k}: file not found: {v}" for k, v in _tls_files(listen.tls)]
+    missing += [f"{path}: field commitment.modalities.{title}.tls.{k}: file not found: {v}"
+                for title, address in commitment.modalities.items() for k, v in _tls_files(address.tls)]
     if missing:
         raise ConfigError("\n".join(missing))
     try:

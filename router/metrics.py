@@ -100,6 +100,11 @@ COMMITMENT_INSTANCES = Counter(
 COMMITMENT_REPORT_FAILURES = Counter(
     "dicom_router_commitment_report_failures", "Storage commitment reports that could not be delivered (retried)",
 )
+COMMITMENT_RELAYED_INSTANCES = Counter(
+    "dicom_router_commitment_relayed_instances",
+    "Instances a destination's storage commitment SCP answered for ([commitment] mode = \"relay\"; result: "
+    "committed, failed (in its report, or its N-ACTION refused for good))", ["destination", "result"],
+)
 DUPLICATE_SENDS = Counter(
     "dicom_router_duplicate_sends",
     "Jobs sent again after this node took them over from a node whose lease had expired (that node may have sent "
@@ -120,6 +125,8 @@ class StateCollector(Collector):
         paused: Callable[[], dict[str, float]] = dict,
         held: Callable[[], dict[tuple[str, str], int]] = dict,
         nodes: Callable[[], list] = list,
+        commitments: Callable[[], dict[str, int]] = dict,
+        relays: Callable[[], dict[tuple[str, str], int]] = dict,
     ) -> None:
         self._nodes = nodes  # the cluster's nodes (router.queue.Node); none with the embedded queue
         self._queue_counts = queue_counts
@@ -128,6 +135,8 @@ class StateCollector(Collector):
         self._destinations = destinations
         self._paused = paused
         self._held = held
+        self._commitments = commitments  # storage commitment requests not reported, by state
+        self._relays = relays  # relay requests not answered, by (destination, state)
 
     def collect(self):  # noqa: ANN201 - prometheus_client protocol
         names = self._destinations()
@@ -188,6 +197,26 @@ class StateCollector(Collector):
             for reason in HELD_REASONS:
                 held_jobs.add_metric([name, reason.value], waiting.get((name, reason.value), 0))
         yield held_jobs
+        commitments = self._commitments()
+        pending = GaugeMetricFamily(
+            "dicom_router_commitment_pending_requests",
+            "Storage commitment requests from modalities not reported yet, by state: waiting (undecided, or "
+            "decided and about to be sent), retrying (a report could not be delivered)", labels=["state"],
+        )
+        for state in ("waiting", "retrying"):
+            pending.add_metric([state], commitments.get(state, 0))
+        yield pending
+        relays = self._relays()
+        relay_requests = GaugeMetricFamily(
+            "dicom_router_commitment_relay_requests",
+            "Storage commitment requests to destinations not answered yet ([commitment] mode = \"relay\"), by "
+            "state: sending (the destination has not taken the N-ACTION yet), awaiting_report",
+            labels=["destination", "state"],
+        )
+        for name in sorted({d for d, _ in relays}):
+            for state in ("sending", "awaiting_report"):
+                relay_requests.add_metric([name, state], relays.get((name, state), 0))
+        yield relay_requests
         yield GaugeMetricFamily(
             "dicom_router_spool_free_bytes", "Free bytes on the spool's filesystem", value=self._spool_free_bytes()
         )
@@ -221,7 +250,7 @@ class _AllProcesses(Collector):
             FORWARDED_BYTES_AS_RECEIVED,
             FORWARD_FAILURES, FALLBACKS, SKIPPED, PURGED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
             COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
-            DUPLICATE_SENDS,
+            COMMITMENT_RELAYED_INSTANCES, DUPLICATE_SENDS,
         )
     }
 

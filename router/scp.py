@@ -5,7 +5,9 @@ streams each data set to a file in the spool's `incoming/` without decoding it, 
 handler hands that file to `intake.Intake.accept`, whose status it answers. With storage
 commitment on, the AE also accepts the Storage Commitment Push Model SOP class, and the
 N-ACTION handler hands the request to `commitment.AssociationReports.accept`, whose status it
-answers. Association-level
+answers. With `[commitment] mode = "relay"` it also takes the SCU role for that class, which a
+destination proposes when it opens an association to send its report (SCP/SCU Role Selection),
+and the N-EVENT-REPORT handler hands that report to `relay.record_report`. Association-level
 policy (called AE title, allowed callers, the association limit) is here too, since only the
 association knows it, and so is what the listener's limits close (`compat.pynetdicom.Limits`):
 counted in `dicom_router_rejected_total` and logged.
@@ -32,6 +34,7 @@ from router.compat.pynetdicom import (
 )
 from router.config import AllowedCaller, Listen
 from router.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake, Received
+from router.relay import record_report
 from router.request import Reason
 from router.rules import Context
 from router.tls import server_context
@@ -145,6 +148,20 @@ class Receiver:
         calling = event.assoc.requestor.ae_title.strip()
         return self.commitments.accept(event.action_type, information, calling, event.assoc), None
 
+    def _on_n_event_report(self, event: evt.Event) -> tuple[int, None]:
+        assert self.commitments is not None  # only bound in relay mode
+        try:
+            information = event.event_information
+        except Exception:  # noqa: BLE001 - undecodable: the report is malformed
+            information = None
+        calling = event.assoc.requestor.ae_title.strip()
+        return record_report(self.commitments.queue, event.event_type, information, calling, "new"), None
+
+    @property
+    def relays(self) -> bool:
+        """Whether destinations' storage commitment reports are taken (relay mode)."""
+        return self.commitments is not None and self.commitments.config.mode == "relay"
+
     # -- what the listener's limits and guards report ----------------------------------------
     def _on_closed(self, cut: Cut, detail: str, address: str) -> None:
         reason = _CUT_REASONS[cut]
@@ -171,7 +188,11 @@ class Receiver:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        if self.commitments is not None:
+        if self.relays:
+            # modalities ask with the default roles; a destination reporting proposes to be the SCP
+            ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                                     scu_role=True, scp_role=True)
+        elif self.commitments is not None:
             ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         ae.require_called_aet = self.listen.require_called_ae_title
         ae.maximum_associations = self.listen.max_associations
@@ -197,6 +218,8 @@ class Receiver:
         ]
         if self.commitments is not None:
             handlers.append((evt.EVT_N_ACTION, self._on_n_action))
+        if self.relays:
+            handlers.append((evt.EVT_N_EVENT_REPORT, self._on_n_event_report))
         ssl_context = server_context(self.listen.tls) if self.listen.tls is not None else None
         limits = Limits(
             request_timeout=self.listen.request_timeout_s,

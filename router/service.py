@@ -1,8 +1,9 @@
 """The running router: the only module that knows every process and wires them.
 
 - the supervising process (`Router`): recovery at start-up, the codec pool, one forwarder per
-  destination, the storage commitment reports sent on new associations (`commitment.Reporter`),
-  metrics over HTTP, and the receiving processes it starts and restarts;
+  destination, the storage commitment reports sent on new associations (`commitment.Reporter`)
+  and, in relay mode, the requests to the destinations (`relay.Relayer`), metrics over HTTP, and
+  the receiving processes it starts and restarts;
 - each receiving process (`run_receiver_process`): a `scp.Receiver` on the shared port feeding
   an `intake.Intake`, which tells the supervisor which destinations have new work, and the
   storage commitment requests with their reports on the requests' own associations
@@ -27,6 +28,7 @@ from pathlib import Path
 from router import config as config_mod
 from router import log, metrics
 from router.commitment import AssociationReports, Reporter, Timeouts
+from router.relay import Relayer
 from router.compat.pynetdicom import (
     accept_unknown_storage_classes,
     send_datasets_from_files,
@@ -69,6 +71,7 @@ class Router:
         self.http = None
         self.status_page: StatusPage | None = None
         self.reporter: Reporter | None = None
+        self.relayer: Relayer | None = None
 
     # -- the rules the other parts read ---------------------------------------------------------
     def destinations(self) -> list[DestinationRules]:
@@ -248,6 +251,8 @@ class Router:
                 paused=Holds(self.spool.root).paused,
                 held=self._held,
                 nodes=self.queue.nodes,
+                commitments=self.queue.commitment_counts,
+                relays=self.queue.relay_counts,
             )
         )
         self._start_forwarders()
@@ -256,8 +261,11 @@ class Router:
             listen = self.cfg.router.listen
             self.reporter = Reporter(self.queue, commitment, listen.ae_title,
                                      Timeouts(acse_s=listen.acse_timeout_s, dimse_s=listen.dimse_timeout_s,
-                                              network_s=listen.network_timeout_s))
+                                              network_s=listen.network_timeout_s), destinations=self.destinations)
             self.reporter.start()
+        if commitment.mode == "relay":
+            self.relayer = Relayer(self.queue, commitment, self.destinations, self.cfg.router.listen.ae_title)
+            self.relayer.start()
         if self.cfg.router.metrics.port:
             self.status_page = StatusPage(self.queue, self.destinations, Holds(self.spool.root),
                                           metrics.forwarded_by_destination)
@@ -282,6 +290,8 @@ class Router:
             forwarder.join(max(0.0, timeout - (time.monotonic() - started)))
         if self.reporter is not None:
             self.reporter.stop()
+        if self.relayer is not None:
+            self.relayer.stop()
         if self.pool is not None:
             self.pool.shutdown()  # a worker still busy (a hung codec) is killed; its job stays queued
         for forwarder in self.forwarders.values():
@@ -365,7 +375,8 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     accept_unknown_storage_classes(cfg.router.listen.accept_unknown_sop_classes)
     queue = open_queue(cfg, pool_size=min(32, cfg.router.listen.max_associations))
     intake = Intake(spool, queue, destinations, cfg.router.listen.max_instance_mb, notify)
-    commitments = AssociationReports(queue, cfg.router.commitment) if cfg.router.commitment.mode != "off" else None
+    commitments = AssociationReports(queue, cfg.router.commitment, destinations=destinations) \
+        if cfg.router.commitment.mode != "off" else None
     receiver = Receiver(cfg.router.listen, intake, commitments)
     stop = threading.Event()
     reload_requested = threading.Event()

@@ -1,0 +1,368 @@
+"""Storage commitment relayed to the destinations (`[commitment] mode = "relay"`): a modality
+hears "committed" only once the archive itself committed the instance.
+
+    plan     for each modality request not reported yet (`Queue.open_commitments`), the
+             instances delivered to a destination that has a storage commitment SCP
+             (`[destination] commitment`) and not asked about yet for that request become a
+             relay request: one per (request, destination), up to MAX_REFERENCES instances, with
+             the SOP Class and Instance UIDs as sent (a transcoded instance may have gone out under
+             a new SOP Instance UID: the history has it). It waits until none of the request's
+             instances is still on its way anywhere, or GATHER_S after the last delivery, so that
+             a study is usually one N-ACTION. Stored first (`Queue.add_relay`): an instance is
+             asked about once per request and destination, however many processes plan.
+    ask      a relay request is claimed in the database (`Queue.claim_relay`) and one N-ACTION
+             (Action Type 1, the router's own Transaction UID) goes to the destination's SCP as
+             the router's `[listen] ae_title`, the AE title the destination reports to. Not
+             taken (no connection, no answer, a transient status): sent again after
+             `relay_retry_s`, doubling up to 10 minutes. Refused for good (no Storage Commitment
+             presentation context: the destination has no such SCP; or a status no retry
+             changes): its instances fail with 0x0110. Taken: the report is awaited; the
+             association stays open `keep_open_s` for a report on it.
+    answer   the destination's N-EVENT-REPORT, on that association or on a new one it opens to
+             the router's listener (any receiving process; the router accepts the SCU role for
+             the SOP class), is recorded per instance (`record_report`) before it is answered:
+             committed, or failed with the destination's Failure Reason, carried over to the
+             modality. An instance the report leaves out fails with 0x0110.
+    again    a destination that took the N-ACTION but sent no report within `relay_reask_s` (it
+             was lost, e.g. while the router was down) is asked again with the same Transaction
+             UID; past the modality request's `timeout_s`, `commitment.decide` fails what is still
+             unanswered with 0x0110 and nothing more is asked for it.
+
+A claim dies with its process (CLAIM_S, or at once at the next start of the same node): a relay
+request is sent at least once, never lost. `commitment.decide` reads the answers; the modality's
+report goes out as in every mode (`commitment.Reporter`, `commitment.AssociationReports`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+
+from router import log, metrics
+from router.commitment import (
+    ALL_COMMITTED, FAILURES_EXIST, INVALID_ATTRIBUTE_VALUE, MISSING_ATTRIBUTE, PROCESSING_FAILURE,
+    REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, SUCCESS, MalformedRequest, Periodic,
+    read_uid,
+)
+from router.association import VERIFICATION
+from router.compat.pynetdicom import park_reactor
+from router.config import Commitment, CommitmentScp, Destination, DestinationRules, Timeouts
+from router.queue import Queue, RelayedInstance, StoredRelay
+from router.tls import client_context
+
+GATHER_S = 10.0  # a relay request waits this long after its last delivery while other instances are on their way
+MAX_REFERENCES = 1000  # instances per N-ACTION
+CLAIM_S = 120.0  # a claimed relay request not recorded within this (its process died) can be claimed again
+MAX_RETRY_S = 600.0
+NO_SUCH_EVENT_TYPE = 0x0113
+# N-ACTION statuses that sending again cannot change (PS3.7 C.4, PS3.4 J.3.2): the destination
+# cannot take this request at all
+PERMANENT_STATUSES = frozenset({0x0105, 0x0106, 0x0112, 0x0117, 0x0118, 0x0119, 0x0120, 0x0122, 0x0123, 0x0124})
+# N-ACTION warnings: the request was taken
+WARNING_STATUSES = frozenset({0x0001, 0x0107, 0x0116})
+
+_log = log.get("commitment")
+
+
+# -- the destination's report ---------------------------------------------------------------------
+def parse_report(event_type_id: int | None, information: Dataset | None) -> tuple[str, dict[str, int]]:
+    """The Transaction UID of a Storage Commitment N-EVENT-REPORT and, by SOP Instance UID, 0 for
+    committed or the Failure Reason; raises MalformedRequest with the status to answer."""
+    if event_type_id not in (ALL_COMMITTED, FAILURES_EXIST):
+        raise MalformedRequest(NO_SUCH_EVENT_TYPE, f"event type {event_type_id} is not 1 or 2")
+    if information is None:
+        raise MalformedRequest(MISSING_ATTRIBUTE, "no Event Information")
+    try:
+        transaction_uid = read_uid(information.get("TransactionUID"), "Transaction UID")
+        results: dict[str, int] = {}
+        for index, item in enumerate(information.get("ReferencedSOPSequence") or []):
+            results[read_uid(item.get("ReferencedSOPInstanceUID"), f"Referenced SOP Instance UID of item {index + 1}")] = 0
+        for index, item in enumerate(information.get("FailedSOPSequence") or []):
+            uid = read_uid(item.get("ReferencedSOPInstanceUID"), f"Failed SOP Instance UID of item {index + 1}")
+            reason = item.get("FailureReason")
+            results[uid] = int(reason) if reason else PROCESSING_FAILURE
+    except MalformedRequest:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises decoding a broken value
+        raise MalformedRequest(INVALID_ATTRIBUTE_VALUE, f"Event Information cannot be read: {exc}") from None
+    return transaction_uid, results
+
+
+def record_report(queue: Queue, event_type_id: int | None, information: Dataset | None, calling_ae: str,
+                  association: str) -> int:
+    """Record a destination's N-EVENT-REPORT (on the N-ACTION's association: "same", or on one
+    it opened to the router: "new"); returns the status to answer it with, 0x0000 once recorded.
+    A report of a Transaction UID no relay request has is answered 0x0000 and logged."""
+    bound = _log.bind(calling_ae=calling_ae, association=association)
+    try:
+        transaction_uid, results = parse_report(event_type_id, information)
+    except MalformedRequest as exc:
+        bound.error("commitment_relay_report_refused", reason=str(exc), status=f"0x{exc.status:04X}")
+        return exc.status
+    try:
+        relay = queue.relay_answered(transaction_uid, results, PROCESSING_FAILURE)
+    except Exception as exc:  # noqa: BLE001 - the queue is unavailable: the destination may send it again
+        bound.exception("commitment_relay_report_refused", transaction_uid=transaction_uid,
+                        reason=f"cannot record the report: {exc}", status=f"0x{PROCESSING_FAILURE:04X}")
+        return PROCESSING_FAILURE
+    if relay is None:
+        bound.warning("commitment_relay_report_unknown", transaction_uid=transaction_uid,
+                      reason="no relay request has this Transaction UID")
+        return SUCCESS
+    committed = sum(1 for item in relay.instances if results.get(item.sent_sop_instance_uid) == 0)
+    reasons: dict[str, int] = {}
+    for item in relay.instances:
+        reason = results.get(item.sent_sop_instance_uid, PROCESSING_FAILURE)
+        if reason:
+            reasons[f"0x{reason:04X}"] = reasons.get(f"0x{reason:04X}", 0) + 1
+    failed = len(relay.instances) - committed
+    metrics.COMMITMENT_RELAYED_INSTANCES.labels(destination=relay.destination, result="committed").inc(committed)
+    metrics.COMMITMENT_RELAYED_INSTANCES.labels(destination=relay.destination, result="failed").inc(failed)
+    listed = sum(1 for item in relay.instances if item.sent_sop_instance_uid in results)
+    bound.info("commitment_relay_answered", destination=relay.destination, transaction_uid=transaction_uid,
+               event_type=event_type_id, committed=committed, failed=failed, failure_reasons=reasons or None,
+               not_in_report=(len(relay.instances) - listed) or None,
+               waited_s=round(time.time() - relay.created_at, 2))
+    return SUCCESS
+
+
+# -- asking the destination -----------------------------------------------------------------------
+def action_information(relay: StoredRelay) -> Dataset:
+    """The N-ACTION's Action Information (PS3.4 J.3.2.1): the instances as the destination has them."""
+    ds = Dataset()
+    ds.TransactionUID = relay.transaction_uid
+    items = []
+    for item in relay.instances:
+        entry = Dataset()
+        entry.ReferencedSOPClassUID = item.sop_class_uid
+        entry.ReferencedSOPInstanceUID = item.sent_sop_instance_uid
+        items.append(entry)
+    ds.ReferencedSOPSequence = items
+    return ds
+
+
+@dataclass
+class Asked:
+    """How an N-ACTION went: an error (and whether sending again could change it), or the
+    association it was taken on, still open."""
+
+    error: str | None = None
+    permanent: bool = False
+    association: Association | None = None
+
+
+ReportHandler = Callable[[evt.Event], "tuple[int, None]"]
+
+
+def ask(scp: CommitmentScp, calling_ae: str, relay: StoredRelay, timeouts: Timeouts,
+        on_report: ReportHandler | None = None) -> Asked:
+    """Send one relay request's N-ACTION to the destination's storage commitment SCP. A report
+    that comes on the association goes to `on_report`; the caller releases the association."""
+    ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = timeouts.connect_s
+    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = timeouts.acse_s, timeouts.dimse_s, timeouts.network_s
+    ae.add_requested_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    # Verification too: a destination without the SOP class still associates and says it refuses it
+    ae.add_requested_context(VERIFICATION, [ImplicitVRLittleEndian])
+    connected = threading.Event()
+    handlers = [(evt.EVT_CONN_OPEN, lambda event: connected.set())]
+    if on_report is not None:
+        handlers.append((evt.EVT_N_EVENT_REPORT, on_report))
+    tls_args = (client_context(scp.tls), scp.host) if scp.tls is not None else None
+    where = f"{scp.ae_title}@{scp.host}:{scp.port}"
+    assoc = ae.associate(scp.host, scp.port, ae_title=scp.ae_title, tls_args=tls_args, evt_handlers=handlers)
+    if not assoc.is_established:
+        if not connected.is_set():
+            return Asked(f"cannot connect to {where}")
+        if assoc.is_rejected:
+            result = assoc.acceptor.primitive
+            detail = f" (result {result.result}, source {result.result_source}, reason {result.diagnostic})" \
+                if result is not None else ""
+            return Asked(f"association rejected by {where}{detail}")
+        return Asked(f"association with {where} aborted" if assoc.is_aborted else
+                     f"association with {where} not established (ACSE timeout)")
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not any(cx.abstract_syntax == STORAGE_COMMITMENT for cx in assoc.accepted_contexts):
+        assoc.release()
+        return Asked(f"{where} accepts no Storage Commitment Push Model presentation context: it has no storage "
+                     "commitment SCP there", permanent=True)
+    try:
+        park_reactor(assoc)  # else the reactor may take the N-ACTION response as unexpected
+        status, _ = assoc.send_n_action(action_information(relay), REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT,
+                                        STORAGE_COMMITMENT_INSTANCE)
+    except Exception as exc:  # noqa: BLE001 - lost peer, encoding
+        assoc.abort()
+        return Asked(f"N-ACTION to {where} failed: {exc}")
+    if "Status" not in status:
+        if assoc.is_established:
+            assoc.abort()
+        return Asked(f"no N-ACTION response from {where} (DIMSE timeout or association aborted; does it know the "
+                     f"router as {calling_ae}?)")
+    code = int(status.Status)
+    if code != SUCCESS and code not in WARNING_STATUSES and not 0xB000 <= code <= 0xBFFF:
+        assoc.release()
+        return Asked(f"{where} answered the N-ACTION with 0x{code:04X}", permanent=code in PERMANENT_STATUSES)
+    return Asked(association=assoc)
+
+
+# -- the worker -------------------------------------------------------------------------------------
+@dataclass
+class _Open:
+    """An N-ACTION's association kept open for a report on it."""
+
+    association: Association
+    until: float  # monotonic
+    reported: threading.Event = field(default_factory=threading.Event)
+
+
+class Relayer(Periodic):
+    """In the supervisor: plans the relay requests, sends their N-ACTIONs, asks again when a
+    report is overdue. Several nodes may run one each: the database decides who sends what."""
+
+    thread_name = "commitment-relay"
+
+    def __init__(self, queue: Queue, config: Commitment, destinations: Callable[[], list[DestinationRules]],
+                 ae_title: str, interval: float = 0.5, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(interval)
+        self.queue = queue
+        self.config = config
+        self.destinations = destinations
+        self.ae_title = ae_title
+        self.clock = clock
+        # named after the node: a node starting again takes back its own claims at once
+        self.claimer = f"{queue.node or 'local'}/relay-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._open: list[_Open] = []
+        self._open_lock = threading.Lock()
+
+    def stop(self) -> None:
+        super().stop()
+        self._release(everything=True)
+
+    def once(self) -> int:
+        """One pass: plan, send what is due; returns how many N-ACTIONs were taken."""
+        self._release()
+        relay_to = {d.name: d.destination for d in self.destinations() if d.destination.commitment_scp is not None}
+        if not relay_to:
+            return 0
+        now = self.clock()
+        self.plan(now, set(relay_to))
+        return self.send_due(now, relay_to)
+
+    def plan(self, now: float, relay_to: set[str]) -> list[int]:
+        """Store the relay requests due now; returns their ids."""
+        planned = []
+        for request in self.queue.open_commitments(now):
+            uids = {uid for _, uid in request.references}
+            where = self.queue.whereabouts(uids)
+            stored = self.queue.deliveries(uids)
+            asked = self.queue.relay_results(request.id)
+            settled = all(found.unfinished == 0 for found in where.values())
+            ready: dict[str, dict[str, RelayedInstance]] = {}
+            newest: dict[str, float] = {}
+            for sop_class, uid in request.references:
+                found = where.get(uid)
+                if found is None or sop_class not in found.sop_class_uids or found.dead:
+                    continue  # it fails whatever a destination says
+                for name, delivery in stored.get(uid, {}).items():
+                    if name in relay_to and (name, uid) not in asked:
+                        ready.setdefault(name, {})[uid] = RelayedInstance(uid, delivery.sop_class_uid,
+                                                                          delivery.sop_instance_uid)
+                        newest[name] = max(newest.get(name, 0.0), delivery.delivered_at)
+            for name, items in sorted(ready.items()):
+                if not settled and now - newest[name] < GATHER_S:
+                    continue
+                batch = list(items.values())
+                for start in range(0, len(batch), MAX_REFERENCES):
+                    relay_id = self.queue.add_relay(request.id, name, generate_uid(), batch[start:start + MAX_REFERENCES],
+                                                    now)
+                    if relay_id is not None:
+                        planned.append(relay_id)
+        return planned
+
+    def send_due(self, now: float, relay_to: dict[str, Destination]) -> int:
+        """Send every relay request due now that this process can claim; returns how many were taken."""
+        taken = 0
+        for relay in self.queue.due_relays(now):
+            if self._stop.is_set():
+                break
+            destination = relay_to.get(relay.destination)
+            if destination is None:
+                continue  # no storage commitment SCP any more: decide counts its C-STORE success
+            if not self.queue.claim_relay(relay.id, self.claimer, time.time() + CLAIM_S, now):
+                continue
+            taken += self._send(relay, destination)
+        return taken
+
+    def _send(self, relay: StoredRelay, destination: Destination) -> int:
+        scp = destination.commitment_scp
+        assert scp is not None
+        bound = _log.bind(destination=relay.destination, transaction_uid=relay.transaction_uid)
+        reported = threading.Event()
+
+        def on_report(event: evt.Event) -> tuple[int, None]:
+            try:
+                information = event.event_information
+            except Exception:  # noqa: BLE001 - undecodable: malformed
+                information = None
+            status = record_report(self.queue, event.event_type, information, event.assoc.acceptor.ae_title.strip(),
+                                   "same")
+            reported.set()
+            return status, None
+
+        try:
+            asked = ask(scp, self.ae_title, relay, destination.timeouts, on_report)
+        except Exception as exc:  # noqa: BLE001 - never leave the claim behind
+            asked = Asked(f"cannot send the N-ACTION: {exc}")
+        instances = len(relay.instances)
+        if asked.error is not None:
+            if asked.permanent:
+                self.queue.relay_refused(relay.id, self.claimer, asked.error, PROCESSING_FAILURE)
+                metrics.COMMITMENT_RELAYED_INSTANCES.labels(destination=relay.destination, result="failed").inc(instances)
+                bound.error("commitment_relay_refused", error=asked.error, instances=instances,
+                            failure_reason=f"0x{PROCESSING_FAILURE:04X}")
+            else:
+                delay = min(MAX_RETRY_S, self.config.relay_retry_s * 2 ** relay.attempts)
+                self.queue.relay_not_sent(relay.id, self.claimer, asked.error, time.time() + delay)
+                bound.warning("commitment_relay_failed", error=asked.error, instances=instances,
+                              attempts=relay.attempts + 1, retry_in_s=round(delay, 1))
+            return 0
+        self.queue.relay_sent(relay.id, self.claimer, time.time() + self.config.relay_reask_s)
+        bound.info("commitment_relay_sent", instances=instances, attempts=relay.attempts + 1,
+                   asked_again=relay.state == "sent" or None)
+        assert asked.association is not None
+        if scp.keep_open_s > 0 and not reported.is_set():
+            with self._open_lock:
+                self._open.append(_Open(asked.association, time.monotonic() + scp.keep_open_s, reported))
+        else:
+            _release(asked.association)
+        return 1
+
+    def _release(self, everything: bool = False) -> None:
+        """Release the kept associations whose report came, whose time is up, or (`everything`) all."""
+        now = time.monotonic()
+        with self._open_lock:
+            done = [held for held in self._open
+                    if everything or held.reported.is_set() or now >= held.until or not held.association.is_established]
+            self._open = [held for held in self._open if held not in done]
+        for held in done:
+            _release(held.association)
+
+
+def _release(assoc: Association) -> None:
+    try:
+        if assoc.is_established:
+            assoc.release()
+    except Exception:  # noqa: BLE001 - the peer may already be gone
+        assoc.abort()
