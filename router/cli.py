@@ -87,6 +87,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"forwarded to {dest.name}")
     if not cfg.destinations:
         print(f"{cfg.router.rules.dir}: note: no rule files: received instances go nowhere")
+    queue = cfg.router.queue
+    if queue.url:
+        from router.queue.postgres import probe
+
+        try:
+            print(f"queue: node {queue.node} on {probe(queue.url)}")
+        except Exception as exc:  # noqa: BLE001 - say why, in one line
+            print(f"queue: cannot use {queue.url.split('@')[-1]}: {str(exc).strip().splitlines()[0]}")
+            return EXIT_FAILURE
     return EXIT_OK
 
 

@@ -172,3 +172,30 @@ def test_nodes_starting_together_create_the_schema_once(postgres_url):
     for queue in opened:
         queue.shutdown()
     assert errors == [] and len(opened) == 4
+
+
+def test_check_says_whether_the_queue_database_is_usable(postgres_url, tmp_path):
+    from tests.peers import free_port
+    from tests.test_check import DEST, run_check, write
+
+    cfg = write(tmp_path, DEST + '[[rule]]\nsyntax = "original"\n',
+                f'[queue]\nurl = "{postgres_url}"\nnode = "router-a"\n')
+    result = run_check(cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "queue: node router-a on PostgreSQL 1" in result.stdout and "empty: the router creates its schema" \
+        in result.stdout
+    PostgresQueue(postgres_url, node="router-a").shutdown()
+    assert f"schema version {SCHEMA_VERSION}, 0 node(s) known" in run_check(cfg).stdout
+    unreachable = write(tmp_path, DEST + '[[rule]]\nsyntax = "original"\n',
+                        f'[queue]\nurl = "postgresql://router@127.0.0.1:{free_port()}/router"\n')
+    result = run_check(unreachable)
+    assert result.returncode == 1 and "queue: cannot use 127.0.0.1" in result.stdout, result.stdout
+
+
+def test_a_node_name_must_be_a_plain_word(tmp_path):
+    from tests.test_check import DEST, run_check, write
+
+    cfg = write(tmp_path, DEST + '[[rule]]\nsyntax = "original"\n',
+                '[queue]\nurl = "postgresql://router@db/router"\nnode = "a/b"\n')
+    result = run_check(cfg)
+    assert result.returncode == 2 and "node" in result.stderr + result.stdout

@@ -259,6 +259,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def probe(url: str, timeout_s: float = 5.0) -> str:
+    """Whether the database at `url` is usable by this router, without changing it: one line for
+    `dicom-router check`. Raises with the reason when it is not."""
+    with psycopg.connect(url, connect_timeout=max(1, int(timeout_s)), autocommit=True) as db:
+        server = db.info.server_version
+        exists = db.execute("SELECT to_regclass('schema_version') IS NOT NULL").fetchone()[0]
+        version = db.execute("SELECT version FROM schema_version").fetchone()[0] if exists else 0
+        nodes = db.execute("SELECT COUNT(*) FROM nodes").fetchone()[0] if exists else 0
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(f"schema version {version}, newer than this router's {SCHEMA_VERSION}: upgrade the router")
+    state = "empty: the router creates its schema at start" if not exists else \
+        f"schema version {version}" + (" (upgraded at start)" if version < SCHEMA_VERSION else "") + \
+        f", {nodes} node(s) known"
+    return f"PostgreSQL {server // 10000}.{server % 10000}: {state}"
+
+
 class _AdvisorySlot(Slot):
     """An association slot: an advisory lock held by a connection of its own."""
 
