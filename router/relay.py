@@ -41,6 +41,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -64,6 +65,7 @@ GATHER_S = 10.0  # a relay request waits this long after its last delivery while
 MAX_REFERENCES = 1000  # instances per N-ACTION
 CLAIM_S = 120.0  # a claimed relay request not recorded within this (its process died) can be claimed again
 MAX_RETRY_S = 600.0
+MAX_THREADS = 8  # destinations asked at once
 NO_SUCH_EVENT_TYPE = 0x0113
 # N-ACTION statuses that sending again cannot change (PS3.7 C.4, PS3.4 J.3.2): the destination
 # cannot take this request at all
@@ -292,18 +294,26 @@ class Relayer(Periodic):
         return planned
 
     def send_due(self, now: float, relay_to: dict[str, Destination]) -> int:
-        """Send every relay request due now that this process can claim; returns how many were taken."""
-        taken = 0
+        """Send every relay request due now that this process can claim, each destination's on a
+        thread of its own (one slow to answer delays no other); returns how many were taken."""
+        by_destination: dict[str, list[StoredRelay]] = {}
         for relay in self.queue.due_relays(now):
-            if self._stop.is_set():
-                break
-            destination = relay_to.get(relay.destination)
-            if destination is None:
-                continue  # no storage commitment SCP any more: decide counts its C-STORE success
-            if not self.queue.claim_relay(relay.id, self.claimer, time.time() + CLAIM_S, now):
-                continue
-            taken += self._send(relay, destination)
-        return taken
+            if relay.destination in relay_to:  # else no storage commitment SCP any more: its C-STORE success counts
+                by_destination.setdefault(relay.destination, []).append(relay)
+
+        def send(relays: list[StoredRelay]) -> int:
+            taken = 0
+            for relay in relays:
+                if self._stop.is_set():
+                    break
+                if self.queue.claim_relay(relay.id, self.claimer, time.time() + CLAIM_S, now):
+                    taken += self._send(relay, relay_to[relay.destination])
+            return taken
+
+        if len(by_destination) <= 1:
+            return sum(send(relays) for relays in by_destination.values())
+        with ThreadPoolExecutor(min(len(by_destination), MAX_THREADS), thread_name_prefix="commitment-relay") as pool:
+            return sum(pool.map(send, by_destination.values()))
 
     def _send(self, relay: StoredRelay, destination: Destination) -> int:
         scp = destination.commitment_scp

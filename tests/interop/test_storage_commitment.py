@@ -1,6 +1,9 @@
 """Storage commitment with Orthanc as the modality: Orthanc stores through the router, asks it
 for commitment (N-ACTION) and receives the report on a new association to its own DICOM port,
-as a modality configured for storage commitment does."""
+as a modality configured for storage commitment does. And with Orthanc as the PACS, for
+`[commitment] mode = "relay"`: the router asks Orthanc's own storage commitment SCP, which
+reports on a new association to the router (the DICOM node it knows the router as), and the
+modality hears what Orthanc answered."""
 
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ import pydicom
 import pytest
 
 from tests.interop.conftest import Orthanc, copy_as_series, require
-from tests.peers import Destination, Pacs, RouterProcess, data, metric_value, wait_until
+from tests.peers import (
+    CommittingModality, Destination, Pacs, RouterProcess, data, free_port, make_series, metric_value, references, send,
+    wait_until,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -108,3 +114,157 @@ def test_orthanc_storing_with_storage_commitment_hears_a_dead_letter_as_a_failur
     finally:
         router.kill()
 
+
+# -- relay: Orthanc as the PACS, asked for its own commitment ----------------------------------------------
+NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE = 0x0112, 0x0110
+LOSSY = '[[rule]]\nsyntax = "jpeg-ls-near-lossless"\nnear = 2\n'  # goes out under a new SOP Instance UID
+
+
+@pytest.fixture
+def modality():
+    m = CommittingModality("CT1").listen()
+    yield m
+    m.stop()
+
+
+def _relaying_router(tmp_path, destinations: list[Destination], modalities: str, **commitment: float) -> RouterProcess:
+    settings = {"relay_retry_s": 0.5, **commitment}
+    workdir = tmp_path / "router"
+    workdir.mkdir(exist_ok=True)
+    return RouterProcess(
+        workdir, destinations,
+        extra='[commitment]\nmode = "relay"\nreport_retry_s = 0.5\n'
+              + "".join(f"{key} = {value}\n" for key, value in settings.items())
+              + f"modalities = {{ {modalities} }}\n",
+    )
+
+
+def _knows_router(pacs: Orthanc, port: int) -> None:
+    """The PACS's entry for the router: where it sends its storage commitment reports."""
+    _call(pacs, "PUT", "/modalities/router", {"AET": "ROUTER", "Host": "127.0.0.1", "Port": port})
+
+
+def _logged(router: RouterProcess, event: str) -> list[dict]:
+    return [json.loads(line) for line in router.log().splitlines() if f'"{event}"' in line]
+
+
+@pytest.mark.slow
+def test_relay_orthanc_to_orthanc_committed_only_once_the_pacs_committed_what_it_received(tmp_path, modality_orthanc):
+    pacs = Orthanc(tmp_path / "pacs", ae_title="PACS")  # not started: the PACS is down
+    router = _relaying_router(
+        tmp_path, [Destination("PACS", pacs.dicom_port, LOSSY, retry=PATIENT_RETRY, extra="commitment = true\n")],
+        f'{modality_orthanc.ae_title} = {{ host = "127.0.0.1", port = {modality_orthanc.dicom_port} }}')
+    router.start()
+    _call(modality_orthanc, "PUT", "/modalities/router", {"AET": "ROUTER", "Host": "127.0.0.1", "Port": router.port})
+    try:
+        files = copy_as_series([data("693_UNCR.dcm")], tmp_path / "ct", copies=3)
+        ids = _upload(modality_orthanc, files)
+        stored = _call(modality_orthanc, "POST", "/modalities/router/store",
+                       {"Resources": ids, "Synchronous": True, "StorageCommitment": True})
+        transaction = stored["StorageCommitmentTransactionUID"]
+        time.sleep(2)
+        assert _commitment(modality_orthanc, transaction)["Status"] == "Pending"  # nothing reached the PACS
+        assert metric_value(router.metrics(), "dicom_router_commitment_pending_requests", state="waiting") == 1
+        pacs.start()
+        _knows_router(pacs, router.port)
+        wait_until(lambda: _commitment(modality_orthanc, transaction)["Status"] != "Pending", 60,
+                   what=f"Orthanc's commitment report\n{router.log()}\n{pacs.log()}")
+        report = _commitment(modality_orthanc, transaction)
+        assert report["Status"] == "Success", report
+        uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+        assert {item["SOPInstanceUID"] for item in report["Success"]} == uids  # as the modality sent them
+        at_pacs = set(pacs.by_uid())
+        assert len(at_pacs) == 3 and not at_pacs & uids  # lossy copies, under new UIDs: asked for as sent
+        [answered] = _logged(router, "commitment_relay_answered")
+        assert answered["association"] == "new" and answered["calling_ae"] == "PACS" and answered["committed"] == 3
+        text = router.metrics()
+        assert metric_value(text, "dicom_router_commitment_relayed_instances_total", destination="PACS",
+                            result="committed") == 3
+        assert metric_value(text, "dicom_router_commitment_relay_requests") == 0
+    finally:
+        pacs.stop()
+        router.kill()
+
+
+def test_relay_an_instance_the_pacs_no_longer_has_fails_with_the_pacs_s_reason(tmp_path, orthanc_factory, modality):
+    pacs = orthanc_factory("PACS")
+    router = _relaying_router(
+        tmp_path, [Destination("PACS", pacs.dicom_port, LOSSY, extra="commitment = true\n")],
+        f'CT1 = {{ host = "127.0.0.1", port = {modality.port} }}')
+    router.start()
+    _knows_router(pacs, router.port)
+    try:
+        series = make_series(data("693_UNCR.dcm"), 2, tmp_path / "series")
+        assert send(router.port, series, calling_ae="CT1") == [0, 0]
+        wait_until(lambda: pacs.count() == 2, 30, what=f"both at the PACS\n{router.log()}")
+        [lost] = [i for i in pacs.instances()
+                  if pacs.get_json(f"/instances/{i}/simplified-tags")["InstanceNumber"] == "2"]
+        _call(pacs, "DELETE", f"/instances/{lost}", b"")  # the archive lost it before anyone asked
+        status, transaction = modality.request(router.port, references(series))
+        assert status == 0x0000
+        wait_until(lambda: modality.report(transaction), 30, what=f"the report\n{router.log()}")
+        report = modality.report(transaction)
+        first, second = (uid for _, uid in references(series))
+        assert report.event_type == 2 and report.committed == [first]
+        assert report.failed == {second: NO_SUCH_OBJECT_INSTANCE}  # Orthanc's reason, under the modality's UID
+    finally:
+        router.kill()
+
+
+def test_relay_with_a_plain_storescp_counts_its_c_store_or_fails_when_said_to_have_commitment(
+        tmp_path, orthanc_factory, storescp, modality):
+    pacs = orthanc_factory("PACS")
+    workstation = storescp(ae_title="WORKSTATION")  # no commitment option: its C-STORE success counts
+    viewer = storescp(ae_title="VIEWER")  # said to have a storage commitment SCP, which storescp has not
+    router = _relaying_router(tmp_path, [
+        Destination("PACS", pacs.dicom_port, '[[rule]]\nsyntax = "original"\n', extra="commitment = true\n"),
+        Destination("WORKSTATION", workstation.port, '[[rule]]\nsyntax = "original"\n', ae_title="WORKSTATION"),
+        Destination("VIEWER", viewer.port, '[[rule]]\nmatch = { InstanceNumber = 2 }\nsyntax = "original"\n',
+                    ae_title="VIEWER", extra="commitment = true\n"),
+    ], f'CT1 = {{ host = "127.0.0.1", port = {modality.port} }}')
+    router.start()
+    _knows_router(pacs, router.port)
+    try:
+        series = make_series(data("693_UNCR.dcm"), 2, tmp_path / "series")
+        assert send(router.port, series, calling_ae="CT1") == [0, 0]
+        status, transaction = modality.request(router.port, references(series))
+        assert status == 0x0000
+        wait_until(lambda: modality.report(transaction), 30, what=f"the report\n{router.log()}")
+        report = modality.report(transaction)
+        first, second = (uid for _, uid in references(series))
+        assert report.committed == [first] and report.failed == {second: PROCESSING_FAILURE}
+        assert workstation.count() == 2 and viewer.count() == 1 and pacs.count() == 2
+        [refused] = _logged(router, "commitment_relay_refused")
+        assert refused["destination"] == "VIEWER" and "no storage commitment SCP" in refused["error"]
+    finally:
+        router.kill()
+
+
+@pytest.mark.slow
+def test_relay_a_report_lost_while_the_router_was_killed_is_asked_for_again_after_restart(
+        tmp_path, orthanc_factory, modality):
+    pacs = orthanc_factory("PACS")
+    router = _relaying_router(
+        tmp_path, [Destination("PACS", pacs.dicom_port, '[[rule]]\nsyntax = "original"\n',
+                               extra="commitment = true\n")],
+        f'CT1 = {{ host = "127.0.0.1", port = {modality.port} }}', relay_reask_s=3)
+    router.start()
+    _knows_router(pacs, free_port())  # the PACS's entry for the router is wrong: its report is lost
+    try:
+        series = make_series(data("693_UNCR.dcm"), 2, tmp_path / "series")
+        assert send(router.port, series, calling_ae="CT1") == [0, 0]
+        status, transaction = modality.request(router.port, references(series))
+        assert status == 0x0000
+        wait_until(lambda: _logged(router, "commitment_relay_sent"), 30, what=f"the N-ACTION\n{router.log()}")
+        assert metric_value(router.metrics(), "dicom_router_commitment_relay_requests", destination="PACS",
+                            state="awaiting_report") == 1
+        router.kill()  # SIGKILL: the relay request was only in the queue database
+        _knows_router(pacs, router.port)
+        router.start()
+        wait_until(lambda: modality.report(transaction), 60, what=f"the report after restart\n{router.log()}")
+        report = modality.report(transaction)
+        assert report.event_type == 1 and sorted(report.committed) == sorted(uid for _, uid in references(series))
+        asked = _logged(router, "commitment_relay_sent")
+        assert len(asked) == 2 and asked[0]["transaction_uid"] == asked[1]["transaction_uid"]
+    finally:
+        router.kill()
