@@ -504,3 +504,117 @@ def test_the_pending_gauges_come_from_the_queue(router_side):
     assert samples[("dicom_router_commitment_relay_requests", (("destination", "PACS"), ("state", "sending")))] == 1
     assert samples[("dicom_router_commitment_relay_requests",
                     (("destination", "PACS"), ("state", "awaiting_report")))] == 0
+
+
+# -- configuration -----------------------------------------------------------------------------------------
+def test_relay_settings_load_with_tls_files_relative_to_their_file(tmp_path):
+    from router import config
+
+    (tmp_path / "rules").mkdir()
+    for name in ("ca.pem", "router.pem", "router.key"):
+        (tmp_path / name).write_text("x")
+        (tmp_path / "rules" / name).write_text("x")
+    (tmp_path / "rules" / "PACS.toml").write_text(
+        '[destination]\nae_title = "PACS"\nhost = "pacs"\nport = 104\n'
+        'commitment = { port = 105, tls = { ca = "ca.pem" } }\n[[rule]]\nsyntax = "original"\n')
+    (tmp_path / "rules" / "AI.toml").write_text(
+        '[destination]\nae_title = "AI"\nhost = "ai"\nport = 104\n[[rule]]\nsyntax = "original"\n')
+    (tmp_path / "router.toml").write_text(
+        '[storage]\nspool_dir = "spool"\n[rules]\ndir = "rules"\n[commitment]\nmode = "relay"\n'
+        'modalities = { CT1 = { host = "ct1", port = 104, tls = { ca = "ca.pem", cert = "router.pem", '
+        'key = "router.key" } } }\n')
+    loaded = config.load(tmp_path / "router.toml")
+    assert loaded.router.commitment.mode == "relay"
+    assert loaded.router.commitment.modalities["CT1"].tls.ca == (tmp_path / "ca.pem").resolve()
+    scp = loaded.destination("PACS").destination.commitment_scp
+    assert (scp.host, scp.port, scp.ae_title, scp.tls.ca) == ("pacs", 105, "PACS", (tmp_path / "rules" / "ca.pem"))
+    assert loaded.destination("AI").destination.commitment_scp is None
+    assert relaying(loaded.destinations) == {"PACS"}
+    (tmp_path / "rules" / "ca.pem").unlink()
+    with pytest.raises(config.ConfigError, match="PACS.toml: field destination.commitment.tls.ca: file not found"):
+        config.load(tmp_path / "router.toml")
+
+
+# -- DICOM TLS: the report to a modality, the N-ACTION to a destination ------------------------------------------
+def _openssl(*args: str, cwd: Path) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA and a certificate for 127.0.0.1 (peers) and one for the router, all made here."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+             "-subj", "/CN=Test DICOM CA", cwd=d)
+    for name, san in (("peer", "subjectAltName=IP:127.0.0.1"), ("router", "subjectAltName=DNS:router")):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN={name}", cwd=d)
+        (d / f"{name}.ext").write_text(san + "\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+    return d
+
+
+def _server_context(pki: Path):  # noqa: ANN202
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
+    ctx.load_cert_chain(str(pki / "peer.pem"), str(pki / "peer.key"))
+    ctx.verify_mode = ssl.CERT_REQUIRED  # the router must show its certificate
+    return ctx
+
+
+def _router_tls(pki: Path):  # noqa: ANN202
+    from router.config import Tls
+
+    return Tls(ca=pki / "ca.pem", cert=pki / "router.pem", key=pki / "router.key", verify_hostname=True)
+
+
+def test_a_modality_listening_with_tls_gets_its_report_over_tls(tmp_path, pki):
+    from router.commitment import Reporter
+    from router.queue.sqlite import SqliteQueue
+
+    reports: list[str] = []
+    ae = AE(ae_title="CT1")
+    ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                             scu_role=False, scp_role=True)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=_server_context(pki), evt_handlers=[
+        (evt.EVT_N_EVENT_REPORT, lambda event: (reports.append(str(event.event_information.TransactionUID)), (0, None))[1])])
+    q = SqliteQueue(tmp_path / "queue.sqlite")
+    try:
+        received(q, "2.25.1")
+        accept_request(q, Transaction("2.25.900", ((CT, "2.25.1"),)), "CT1", 3600)
+        plain = Commitment(modalities={"CT1": ReplyAddress(host="127.0.0.1", port=port)})
+        assert Reporter(q, plain, "ROUTER").once() == 0  # plain TCP to a TLS port: not delivered
+        assert reports == []
+        tls = Commitment(modalities={"CT1": ReplyAddress(host="127.0.0.1", port=port, tls=_router_tls(pki))})
+        assert Reporter(q, tls, "ROUTER", clock=lambda: time.time() + 60).once() == 1
+        assert reports == ["2.25.900"]
+    finally:
+        server.shutdown()
+        q.close()
+
+
+def test_the_n_action_goes_over_tls_to_a_destination_that_speaks_it(router_side, pki):
+    queue, _, relayer = router_side
+    archive = Archive(report="same")
+    ae = AE(ae_title="ARCHIVE")
+    ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    server = ae.start_server(("127.0.0.1", archive.port), block=False, ssl_context=_server_context(pki),
+                             evt_handlers=[(evt.EVT_N_ACTION, archive._on_action)])  # noqa: SLF001
+    try:
+        received(queue, "2.25.1", "ARCHIVE")
+        deliver(queue, "ARCHIVE")
+        request = request_for(queue, ["2.25.1"])
+        destination = rule_file("ARCHIVE", archive.port)
+        destination = destination.model_copy(update={"destination": destination.destination.model_copy(
+            update={"tls": _router_tls(pki)})})  # the destination's tls serves its storage commitment SCP too
+        assert relayer(destination).once() == 1
+        wait_until(lambda: archive.report_errors, 10, what="the report on the TLS association")
+        assert archive.report_errors == [None]
+        assert queue.relay_results(request.id) == {("ARCHIVE", "2.25.1"): 0}
+    finally:
+        server.shutdown()
