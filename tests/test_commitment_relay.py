@@ -618,3 +618,22 @@ def test_the_n_action_goes_over_tls_to_a_destination_that_speaks_it(router_side,
         assert queue.relay_results(request.id) == {("ARCHIVE", "2.25.1"): 0}
     finally:
         server.shutdown()
+
+
+def test_a_queue_database_from_before_relay_gains_its_tables_and_keeps_its_requests(tmp_path):
+    import sqlite3
+
+    from router.queue.sqlite import SqliteQueue
+
+    old = SqliteQueue(tmp_path / "queue.sqlite")
+    accept_request(old, Transaction("2.25.900", ((CT, "2.25.1"),)), "CT1", 3600)
+    old.close()
+    db = sqlite3.connect(tmp_path / "queue.sqlite")
+    db.executescript("DROP TABLE relay_instances; DROP TABLE relays;")  # as an earlier version left it
+    db.close()
+    upgraded = SqliteQueue(tmp_path / "queue.sqlite")
+    [request] = upgraded.open_commitments()
+    assert request.transaction_uid == "2.25.900"
+    assert upgraded.add_relay(request.id, "PACS", "2.25.7001", [RelayedInstance("2.25.1", CT, "2.25.1")],
+                              time.time()) is not None
+    upgraded.close()
