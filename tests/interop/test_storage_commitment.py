@@ -215,7 +215,7 @@ def test_relay_with_a_plain_storescp_counts_its_c_store_or_fails_when_said_to_ha
         tmp_path, orthanc_factory, storescp, modality):
     pacs = orthanc_factory("PACS")
     workstation = storescp(ae_title="WORKSTATION")  # no commitment option: its C-STORE success counts
-    viewer = storescp(ae_title="VIEWER")  # said to have a storage commitment SCP, which storescp has not
+    viewer = storescp("--fork", ae_title="VIEWER")  # said to have a storage commitment SCP, which it has not
     router = _relaying_router(tmp_path, [
         Destination("PACS", pacs.dicom_port, '[[rule]]\nsyntax = "original"\n', extra="commitment = true\n"),
         Destination("WORKSTATION", workstation.port, '[[rule]]\nsyntax = "original"\n', ae_title="WORKSTATION"),
@@ -266,5 +266,27 @@ def test_relay_a_report_lost_while_the_router_was_killed_is_asked_for_again_afte
         assert report.event_type == 1 and sorted(report.committed) == sorted(uid for _, uid in references(series))
         asked = _logged(router, "commitment_relay_sent")
         assert len(asked) == 2 and asked[0]["transaction_uid"] == asked[1]["transaction_uid"]
+    finally:
+        router.kill()
+
+
+def test_relay_to_a_pacs_that_does_not_know_the_router_is_retried_until_it_does(tmp_path, orthanc_factory, modality):
+    pacs = orthanc_factory("PACS")  # no entry for the router yet: Orthanc drops its N-ACTION
+    router = _relaying_router(
+        tmp_path, [Destination("PACS", pacs.dicom_port, '[[rule]]\nsyntax = "original"\n',
+                               extra="commitment = true\n")],
+        f'CT1 = {{ host = "127.0.0.1", port = {modality.port} }}')
+    router.start()
+    try:
+        series = make_series(data("693_UNCR.dcm"), 1, tmp_path / "series")
+        assert send(router.port, series, calling_ae="CT1") == [0]
+        status, transaction = modality.request(router.port, references(series))
+        assert status == 0x0000
+        wait_until(lambda: _logged(router, "commitment_relay_failed"), 30, what=f"a failed N-ACTION\n{router.log()}")
+        assert "does it know the router as ROUTER" in _logged(router, "commitment_relay_failed")[0]["error"]
+        assert modality.report(transaction) is None
+        _knows_router(pacs, router.port)
+        wait_until(lambda: modality.report(transaction), 30, what=f"the report\n{router.log()}")
+        assert modality.report(transaction).committed == [uid for _, uid in references(series)]
     finally:
         router.kill()
