@@ -88,7 +88,8 @@ def parse_report(event_type_id: int | None, information: Dataset | None) -> tupl
         transaction_uid = read_uid(information.get("TransactionUID"), "Transaction UID")
         results: dict[str, int] = {}
         for index, item in enumerate(information.get("ReferencedSOPSequence") or []):
-            results[read_uid(item.get("ReferencedSOPInstanceUID"), f"Referenced SOP Instance UID of item {index + 1}")] = 0
+            uid = read_uid(item.get("ReferencedSOPInstanceUID"), f"Referenced SOP Instance UID of item {index + 1}")
+            results[uid] = 0
         for index, item in enumerate(information.get("FailedSOPSequence") or []):
             uid = read_uid(item.get("ReferencedSOPInstanceUID"), f"Failed SOP Instance UID of item {index + 1}")
             reason = item.get("FailureReason")
@@ -287,8 +288,8 @@ class Relayer(Periodic):
                     continue
                 batch = list(items.values())
                 for start in range(0, len(batch), MAX_REFERENCES):
-                    relay_id = self.queue.add_relay(request.id, name, generate_uid(), batch[start:start + MAX_REFERENCES],
-                                                    now)
+                    part = batch[start:start + MAX_REFERENCES]
+                    relay_id = self.queue.add_relay(request.id, name, generate_uid(), part, now)
                     if relay_id is not None:
                         planned.append(relay_id)
         return planned
@@ -339,7 +340,8 @@ class Relayer(Periodic):
         if asked.error is not None:
             if asked.permanent:
                 self.queue.relay_refused(relay.id, self.claimer, asked.error, PROCESSING_FAILURE)
-                metrics.COMMITMENT_RELAYED_INSTANCES.labels(destination=relay.destination, result="failed").inc(instances)
+                metrics.COMMITMENT_RELAYED_INSTANCES.labels(destination=relay.destination,
+                                                            result="failed").inc(instances)
                 bound.error("commitment_relay_refused", error=asked.error, instances=instances,
                             failure_reason=f"0x{PROCESSING_FAILURE:04X}")
             else:

@@ -64,7 +64,8 @@ def outcome(answer) -> dict[str, str | int]:  # noqa: ANN001
     return found
 
 
-def rule_file(name: str, port: int, commitment: bool | CommitmentScp = True, host: str = "127.0.0.1") -> DestinationRules:
+def rule_file(name: str, port: int, commitment: bool | CommitmentScp = True,
+              host: str = "127.0.0.1") -> DestinationRules:
     return DestinationRules(name=name, path=Path(f"{name}.toml"), rules=[Rule(syntax="original")],
                             destination=Destination(ae_title=name, host=host, port=port, commitment=commitment,
                                                     timeouts={"connect_s": 2, "acse_s": 5, "dimse_s": 5,
@@ -581,8 +582,12 @@ def test_a_modality_listening_with_tls_gets_its_report_over_tls(tmp_path, pki):
     ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
                              scu_role=False, scp_role=True)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=_server_context(pki), evt_handlers=[
-        (evt.EVT_N_EVENT_REPORT, lambda event: (reports.append(str(event.event_information.TransactionUID)), (0, None))[1])])
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        reports.append(str(event.event_information.TransactionUID))
+        return 0, None
+
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=_server_context(pki),
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
     q = SqliteQueue(tmp_path / "queue.sqlite")
     try:
         received(q, "2.25.1")

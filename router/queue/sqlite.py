@@ -634,7 +634,7 @@ class SqliteQueue(Queue):
 
     def pending_commitments(self, now: float | None = None, holder: str | None = None) -> list[StoredCommitment]:
         now = time.time() if now is None else now
-        columns = "id, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error"
+        columns = self._COMMITMENT_COLUMNS
         db = self._db()
         if holder is not None:
             rows = db.execute(f"SELECT {columns} FROM commitments WHERE state = 'pending' AND holder = ? ORDER BY id",
@@ -644,14 +644,7 @@ class SqliteQueue(Queue):
                 f"SELECT {columns} FROM commitments WHERE (state = 'pending' AND held_until < ? AND next_attempt_at <= ?) "
                 "OR (state = 'reporting' AND claimed_until < ?) ORDER BY id", (now, now, now),
             ).fetchall()
-        found = []
-        for cid, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error in rows:
-            references = tuple((c, u) for c, u in db.execute(
-                "SELECT sop_class_uid, sop_instance_uid FROM commitment_instances WHERE commitment_id = ? "
-                "ORDER BY position", (cid,)))
-            found.append(StoredCommitment(cid, transaction_uid, calling_ae, references, received_at, deadline,
-                                          bool(duplicate), attempts, last_error))
-        return found
+        return self._commitments(db, rows)
 
     def claim_commitment(self, commitment_id: int, claimer: str, until: float) -> bool:
         now = time.time()
@@ -821,8 +814,9 @@ class SqliteQueue(Queue):
         counts: dict[tuple[str, str], int] = {}
         for destination, state, n in self._db().execute(
             "SELECT r.destination, CASE r.state WHEN 'sent' THEN 'awaiting_report' ELSE 'sending' END, COUNT(*) "
-            "FROM relays r JOIN commitments c ON c.id = r.commitment_id WHERE r.state IN ('pending', 'sending', 'sent') "
-            "AND c.state != 'reported' AND c.deadline > ? GROUP BY 1, 2", (now,),
+            "FROM relays r JOIN commitments c ON c.id = r.commitment_id "
+            "WHERE r.state IN ('pending', 'sending', 'sent') AND c.state != 'reported' AND c.deadline > ? GROUP BY 1, 2",
+            (now,),
         ):
             counts[(destination, state)] = n
         return counts
