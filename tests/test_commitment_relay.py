@@ -625,20 +625,16 @@ def test_the_n_action_goes_over_tls_to_a_destination_that_speaks_it(router_side,
         server.shutdown()
 
 
-def test_a_queue_database_from_before_relay_gains_its_tables_and_keeps_its_requests(tmp_path):
-    import sqlite3
-
-    from router.queue.sqlite import SqliteQueue
-
-    old = SqliteQueue(tmp_path / "queue.sqlite")
+def test_a_queue_database_from_before_relay_gains_its_tables_and_keeps_its_requests(backend):  # noqa: F811
+    old = backend.open()
     accept_request(old, Transaction("2.25.900", ((CT, "2.25.1"),)), "CT1", 3600)
+    backend.execute(old, "DROP TABLE relay_instances")  # as an earlier version left it
+    backend.execute(old, "DROP TABLE relays")
+    if backend.kind == "postgres":
+        backend.execute(old, "UPDATE schema_version SET version = 1")
     old.close()
-    db = sqlite3.connect(tmp_path / "queue.sqlite")
-    db.executescript("DROP TABLE relay_instances; DROP TABLE relays;")  # as an earlier version left it
-    db.close()
-    upgraded = SqliteQueue(tmp_path / "queue.sqlite")
+    upgraded = backend.open()
     [request] = upgraded.open_commitments()
     assert request.transaction_uid == "2.25.900"
     assert upgraded.add_relay(request.id, "PACS", "2.25.7001", [RelayedInstance("2.25.1", CT, "2.25.1")],
                               time.time()) is not None
-    upgraded.close()
