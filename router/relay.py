@@ -12,7 +12,8 @@ hears "committed" only once the archive itself committed the instance.
              asked about once per request and destination, however many processes plan.
     ask      a relay request is claimed in the database (`Queue.claim_relay`) and one N-ACTION
              (Action Type 1, the router's own Transaction UID) goes to the destination's SCP as
-             the router's `[listen] ae_title`, the AE title the destination reports to. Not
+             the router's `[listen] ae_title`, the AE title the destination reports to; each
+             destination's on a thread of its own, so one slow to answer delays no other. Not
              taken (no connection, no answer, a transient status): sent again after
              `relay_retry_s`, doubling up to 10 minutes. Refused for good (no Storage Commitment
              presentation context: the destination has no such SCP; or a status no retry
