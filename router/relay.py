@@ -64,7 +64,7 @@ from router.tls import client_context
 
 GATHER_S = 10.0  # a relay request waits this long after its last delivery while other instances are on their way
 MAX_REFERENCES = 1000  # instances per N-ACTION
-CLAIM_S = 120.0  # a claimed relay request not recorded within this (its process died) can be claimed again
+CLAIM_S = 120.0  # a claimed relay request not recorded within this (or its N-ACTION's timeouts) can be claimed again
 MAX_RETRY_S = 600.0
 MAX_THREADS = 8  # destinations asked at once
 NO_SUCH_EVENT_TYPE = 0x0113
@@ -308,7 +308,9 @@ class Relayer(Periodic):
             for relay in relays:
                 if self._stop.is_set():
                     break
-                if self.queue.claim_relay(relay.id, self.claimer, time.time() + CLAIM_S, now):
+                timeouts = relay_to[relay.destination].timeouts  # the claim outlasts the longest N-ACTION
+                claim_s = max(CLAIM_S, timeouts.connect_s + timeouts.acse_s + timeouts.dimse_s + CLAIM_S / 4)
+                if self.queue.claim_relay(relay.id, self.claimer, time.time() + claim_s, now):
                     taken += self._send(relay, relay_to[relay.destination])
             return taken
 
