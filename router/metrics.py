@@ -148,20 +148,19 @@ class StateCollector(Collector):
                 "dicom_router_spool_free_bytes", "Free bytes on the spool's filesystem", value=self._spool_free_bytes())
             return
         yield GaugeMetricFamily("dicom_router_queue_up", "1 when the queue database answers, else 0", value=1)
-        nodes = self._nodes()
-        if nodes:
-            age = GaugeMetricFamily(
-                "dicom_router_node_heartbeat_age_seconds",
-                "Seconds since each node of the cluster last renewed its leases (by the database's clock)",
-                labels=["node"])
-            leases = GaugeMetricFamily(
-                "dicom_router_leases_held", "Jobs each node of the cluster holds in flight under a live lease",
-                labels=["node"])
-            for node in nodes:
-                age.add_metric([node.name], node.heartbeat_age_s)
-                leases.add_metric([node.name], node.jobs_held)
-            yield age
-            yield leases
+        nodes = self._nodes()  # none with the embedded queue: the families are declared, empty
+        age = GaugeMetricFamily(
+            "dicom_router_node_heartbeat_age_seconds",
+            "Seconds since each node of the cluster last renewed its leases (by the database's clock)",
+            labels=["node"])
+        leases = GaugeMetricFamily(
+            "dicom_router_leases_held", "Jobs each node of the cluster holds in flight under a live lease",
+            labels=["node"])
+        for node in nodes:
+            age.add_metric([node.name], node.heartbeat_age_s)
+            leases.add_metric([node.name], node.jobs_held)
+        yield age
+        yield leases
         jobs = GaugeMetricFamily(
             "dicom_router_queue_jobs", "Jobs in the queue by destination and state", labels=["destination", "state"]
         )

@@ -28,10 +28,11 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from router.queue import (
     HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob, Node,
@@ -181,6 +182,7 @@ class SchemaTooNew(RuntimeError):
 
 
 _DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
+UNREACHABLE_WAIT_S = 0.5
 PRUNE_EVERY_S = 3600.0
 _CHUNK = 500
 
@@ -309,6 +311,7 @@ class PostgresQueue(Queue):
             "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 2,
         }
         self._timeout = connect_timeout_s
+        self._reachable = True
         self._pool = ConnectionPool(
             url, min_size=1, max_size=max(2, pool_size), kwargs=self._connect, open=False,
             check=ConnectionPool.check_connection, timeout=connect_timeout_s, name=f"queue-{node}",
@@ -322,8 +325,19 @@ class PostgresQueue(Queue):
             raise
 
     # -- connections and schema -------------------------------------------------------------
-    def _conn(self):  # noqa: ANN202 - a context manager: a connection in a transaction, committed at exit
-        return self._pool.connection(timeout=self._timeout)
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection]:
+        """A connection in a transaction, committed at exit. While the database is unreachable,
+        callers (a C-STORE, /readyz, a scrape) learn it within UNREACHABLE_WAIT_S instead of
+        waiting the whole connect timeout each time; the pool keeps reconnecting meanwhile."""
+        timeout = self._timeout if self._reachable else UNREACHABLE_WAIT_S
+        try:
+            with self._pool.connection(timeout=timeout) as db:
+                yield db
+        except (PoolTimeout, psycopg.OperationalError):
+            self._reachable = False
+            raise
+        self._reachable = True
 
     def _migrate(self) -> None:
         with self._conn() as db:

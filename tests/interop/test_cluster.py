@@ -178,6 +178,11 @@ def test_three_nodes_behind_haproxy_deliver_a_storescu_study_to_storescp_and_ort
     assert listing.returncode == 0, listing.stderr
     for name in cluster.nodes:
         assert re.search(rf"^{name}\s+\S+\s+\d+\s+\d+s ago\s+\d+\s+alive$", listing.stdout, re.M), listing.stdout
+    scraped = cluster.nodes["node-b"].metrics()
+    assert metric_value(scraped, "dicom_router_queue_up") == 1
+    for name in cluster.nodes:
+        assert f'dicom_router_node_heartbeat_age_seconds{{node="{name}"}}' in scraped
+        assert metric_value(scraped, "dicom_router_node_heartbeat_age_seconds", node=name) < LEASE_S
     # the shared spool is empty once everything is delivered
     wait_until(lambda: not list((cluster.spool / "instances").iterdir()), 10, what="the shared spool emptied")
 
@@ -236,6 +241,7 @@ def test_postgresql_stopped_for_20_s_mid_burst_means_no_success_and_everything_d
         stopped_at = time.time()
         node = next(iter(cluster.nodes.values()))
         wait_until(lambda: not node.ready(), 20, what="/readyz 503 while the database is down")
+        assert metric_value(node.metrics(), "dicom_router_queue_up") == 0
         wait_until(lambda: any(t > stopped_at for t, _ in modality.refused), 30, what="a C-STORE refused")
         time.sleep(max(0.0, 20 - (time.time() - stopped_at)))
         restarting_at = time.time()
