@@ -87,6 +87,16 @@ def cmd_check(args: argparse.Namespace) -> int:
                   f"forwarded to {dest.name}")
     if not cfg.destinations:
         print(f"{cfg.router.rules.dir}: note: no rule files: received instances go nowhere")
+    commitment = cfg.router.commitment
+    if commitment.mode == "relay":
+        asked = {dest.name: dest.destination.commitment_scp for dest in cfg.destinations}
+        for name, scp in sorted(asked.items()):
+            if scp is not None:
+                print(f"commitment: relay: {name}'s storage commitment SCP {scp.ae_title}@{scp.host}:{scp.port} is "
+                      f"asked after delivery; it must know this router as {cfg.router.listen.ae_title} to report")
+        if not any(asked.values()):
+            print("commitment: note: mode = \"relay\" but no destination has `commitment` set: every destination's "
+                  "C-STORE success is its commitment, as in \"delivered\"")
     queue = cfg.router.queue
     if queue.url:
         from router.queue.postgres import probe

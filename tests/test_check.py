@@ -80,3 +80,14 @@ def test_check_rejects_unknown_router_option(tmp_path):
 def test_syntax_accepted_as_transfer_syntax_uid(tmp_path):
     result = run_check(write(tmp_path, DEST + '[[rule]]\nsyntax = "1.2.840.10008.1.2.4.80"\n'))
     assert result.returncode == 0, result.stderr
+
+
+def test_check_says_which_destinations_relay_storage_commitment(tmp_path):
+    asked = write(tmp_path, DEST + "commitment = { port = 4242 }\n" + '[[rule]]\nsyntax = "original"\n',
+                  '[commitment]\nmode = "relay"\n')
+    result = run_check(asked)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "commitment: relay: PACS's storage commitment SCP PACS@127.0.0.1:4242 is asked after delivery" \
+        in result.stdout
+    none = write(tmp_path, DEST + '[[rule]]\nsyntax = "original"\n', '[commitment]\nmode = "relay"\n')
+    assert 'no destination has `commitment` set' in run_check(none).stdout
