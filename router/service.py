@@ -373,7 +373,7 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     # incoming data sets stream to files on the spool's filesystem, so accepting one is a rename
     stream_datasets_to_files(spool.incoming)
     accept_unknown_storage_classes(cfg.router.listen.accept_unknown_sop_classes)
-    queue = open_queue(cfg, pool_size=min(32, cfg.router.listen.max_associations))
+    queue = open_queue(cfg, pool_size=min(8, cfg.router.listen.max_associations))
     intake = Intake(spool, queue, destinations, cfg.router.listen.max_instance_mb, notify)
     commitments = AssociationReports(queue, cfg.router.commitment, destinations=destinations) \
         if cfg.router.commitment.mode != "off" else None

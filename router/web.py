@@ -173,10 +173,27 @@ class StatusPage:
               "<th>pending</th><th>in flight</th><th>oldest pending</th><th>dead</th>"
               f"<th>per minute ({RATE_MINUTES} min)</th><th>last {CHART_MINUTES} min</th></tr>"
             + "".join(rows) + "</table>"
+            + self._nodes()
             + "<h2>Recent failures</h2>"
             + (f"<table id=failures><tr><th>when</th><th>destination</th><th>what</th><th>SOP Instance UID</th>"
                f"<th>reason</th></tr>{failure_rows}</table>" if failure_rows else "<p class=muted>none</p>")
         )
+
+    def _nodes(self) -> str:
+        """With several nodes on one queue: each, its last heartbeat and the jobs it holds (the
+        destinations' rates and charts above are this node's own sends)."""
+        nodes = self.queue.nodes()
+        if not nodes:
+            return ""
+        me = getattr(self.queue, "node", "")
+        rows = "".join(
+            f'<tr id="node-{html.escape(n.name)}"><td>{html.escape(n.name)}{" (this node)" if n.name == me else ""}</td>'
+            f'<td class="muted">{html.escape(n.host)}</td>'
+            f'<td><span class="state {"sending" if n.alive else "failing"}">{"alive" if n.alive else "gone"}</span></td>'
+            f'<td class="n">{_age(n.heartbeat_age_s)}</td><td class="n">{n.jobs_held}</td></tr>' for n in nodes)
+        return ("<h2>Nodes</h2><table id=nodes><tr><th>node</th><th>host</th><th>state</th><th>last heartbeat</th>"
+                f"<th>jobs in flight</th></tr>{rows}</table>"
+                "<p class=muted>rates and charts above: this node's sends; queue counts: the whole cluster's</p>")
 
     def _chart(self, name: str) -> str:
         rates = self._rates(name)

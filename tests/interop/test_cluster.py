@@ -178,6 +178,13 @@ def test_three_nodes_behind_haproxy_deliver_a_storescu_study_to_storescp_and_ort
     assert listing.returncode == 0, listing.stderr
     for name in cluster.nodes:
         assert re.search(rf"^{name}\s+\S+\s+\d+\s+\d+s ago\s+\d+\s+alive$", listing.stdout, re.M), listing.stdout
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.nodes['node-b'].metrics_port}/", timeout=10) as rsp:
+        page = rsp.read().decode()
+    for name in cluster.nodes:  # the status page lists every node of the cluster, alive
+        assert re.search(rf'<tr id="node-{name}"><td>{name}( \(this node\))?</td>.*?alive', page), page
+    assert "node-b (this node)" in page
     scraped = cluster.nodes["node-b"].metrics()
     assert metric_value(scraped, "dicom_router_queue_up") == 1
     for name in cluster.nodes:
