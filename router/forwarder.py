@@ -48,6 +48,9 @@ DEFAULT_STATUSES: list[tuple[int, int, str]] = [
 ]
 
 
+OVERTAKE_CHECK_S = 0.25
+
+
 def classify_status(code: int, overrides: dict[str, str] | None = None) -> str:
     """C-STORE status -> 'success' | 'retry' | 'permanent'. Overrides win; unknown codes retry."""
     for key, outcome in (overrides or {}).items():
@@ -109,6 +112,9 @@ class Forwarder:
         self._threads: list[threading.Thread] = []
         self._held_back: list[int] = []  # claimed jobs the queue could not take back yet
         self._unrecorded: list[Delivery] = []  # deliveries the queue could not record yet
+        # per sender thread: when it last looked for a job to overtake, and whether its last
+        # batch took every due job
+        self._checked = threading.local()
         self._held_back_lock = threading.Lock()
         self.log = log.get("forwarder").bind(destination=name)
         self.holds = Holds(spool.root)  # `dicom-router pause` puts a destination on hold
@@ -183,7 +189,10 @@ class Forwarder:
             self._wake.clear()
             return True
         holding = holding_of(destination)
-        jobs = self.queue.claim(self.name, destination.batch_size, now=now, holding=holding)
+        # after a batch that took every due job, claim again only once woken or when the next is
+        # due: an empty claim per instance would double the queue's work when it keeps up
+        short, self._checked.short = getattr(self._checked, "short", False), False
+        jobs = [] if short else self.queue.claim(self.name, destination.batch_size, now=now, holding=holding)
         for job in jobs:
             if job.taken_over_from:
                 self.log.warning("job_taken_over", from_node=job.taken_over_from,
@@ -196,6 +205,7 @@ class Forwarder:
             self._wake.clear()
             return True
         self._batch(rule_file, jobs)
+        self._checked.short = len(jobs) < destination.batch_size
         return True
 
     def _release_held_back(self) -> None:
@@ -333,8 +343,16 @@ class Forwarder:
             item.log.info("window_closed", action="the rest of the batch waits for the next window")
             return True
         higher = item.job.priority - 1
+        if item.job.priority == HIGH:
+            return False
+        # asked at most every OVERTAKE_CHECK_S per sender thread: an urgent job waits that long at
+        # most, and a busy destination does not cost a query per instance
+        checked = time.monotonic()
+        if checked - getattr(self._checked, "at", 0.0) < OVERTAKE_CHECK_S:
+            return False
+        self._checked.at = checked
         # the first count is cheap (an index range): the second, with what holds jobs, only if needed
-        if item.job.priority > HIGH and self.queue.due_count(self.name, now, priority=higher) and \
+        if self.queue.due_count(self.name, now, priority=higher) and \
                 self.queue.due_count(self.name, now, holding_of(destination), priority=higher):
             item.log.info("overtaken", action="a job of higher priority goes first")
             return True

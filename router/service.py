@@ -117,6 +117,8 @@ class Router:
         while not self._stopped.wait(interval):
             try:
                 self.queue.heartbeat()
+                for path in self.queue.sweep_orphans():
+                    self.spool.remove(path)
             except Exception as exc:  # noqa: BLE001 - the database is unreachable: its leases may expire
                 if not failing:
                     _log.error("heartbeat_failed", error=str(exc),

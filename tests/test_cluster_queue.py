@@ -199,3 +199,16 @@ def test_a_node_name_must_be_a_plain_word(tmp_path):
                 '[queue]\nurl = "postgresql://router@db/router"\nnode = "a/b"\n')
     result = run_check(cfg)
     assert result.returncode == 2 and "node" in result.stderr + result.stdout
+
+
+def test_an_instance_two_nodes_finished_at_once_is_swept_with_its_file(cluster, postgres_url):
+    a, b = cluster("a"), cluster("b")
+    a.add(instance("/spool/both.dcm", "2.25.5"), jobs("PACS", "ARCHIVE"))
+    [pacs], [archive] = a.claim("PACS", 1), b.claim("ARCHIVE", 1)
+    with psycopg.connect(postgres_url, autocommit=True) as db:  # what two finishes at once can leave
+        db.execute("DELETE FROM jobs")
+    assert a.complete([pacs.id]) == [] and b.complete([archive.id]) == []
+    assert a.paths() == ["/spool/both.dcm"]
+    assert b.sweep_orphans() == ["/spool/both.dcm"] and a.paths() == []
+    a.add(instance("/spool/new.dcm", "2.25.6"), jobs("PACS"))
+    assert a.sweep_orphans() == [] and a.paths() == ["/spool/new.dcm"]  # an instance with its jobs stays

@@ -257,6 +257,11 @@ class Queue(ABC):
         """Close every connection: the process is ending."""
         self.close()
 
+    def sweep_orphans(self) -> list[str]:
+        """Delete instances no job needs that concurrent finishes on several nodes left behind;
+        returns their spool paths (the caller removes the files). Nothing to do on one node."""
+        return []
+
     def nodes(self) -> list[Node]:
         """The nodes sharing the queue, with their heartbeats; empty for one node."""
         return []

@@ -27,6 +27,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -183,6 +184,7 @@ class SchemaTooNew(RuntimeError):
 
 _DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
 UNREACHABLE_WAIT_S = 0.5
+CHECK_IDLE_S = 5.0
 PRUNE_EVERY_S = 3600.0
 _CHUNK = 500
 
@@ -205,6 +207,22 @@ _IN_ORDER = (
     "NOT EXISTS (SELECT 1 FROM instances e JOIN jobs k ON k.instance_id = e.id "
     "WHERE e.sop_instance_uid = i.sop_instance_uid AND e.id < i.id AND k.destination = j.destination "
     "AND k.state IN ('pending', 'in_flight'))"
+)
+# finished jobs: deleted, each with its history row, and their instances once no job needs them;
+# returns those instances' spool paths
+_COMPLETE = (
+    "WITH d AS (SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[], %s::bigint[], "
+    "%s::float8[], %s::int[], %s::text[], %s::text[]) AS d(job_id, outcome, syntax, transfer_syntax_uid, sent_size, "
+    "ratio, extra_attempts, note, sent_uid)), "
+    "gone AS (DELETE FROM jobs j USING d WHERE j.id = d.job_id RETURNING j.id, j.instance_id, j.destination, "
+    "j.attempts, j.last_error, d.outcome, d.syntax, d.transfer_syntax_uid, d.sent_size, d.ratio, d.extra_attempts, "
+    "d.note, d.sent_uid), "
+    f"written AS (INSERT INTO history ({_HISTORY_COLUMNS}) SELECT g.destination, g.outcome, g.syntax, "
+    "g.transfer_syntax_uid, i.size, g.sent_size, g.ratio, g.attempts + g.extra_attempts, "
+    "COALESCE(g.note, g.last_error), i.received_at, %s, i.study_instance_uid, i.series_instance_uid, "
+    "i.sop_instance_uid, g.sent_uid, i.sop_class_uid, i.calling_ae FROM gone g JOIN instances i ON i.id = g.instance_id) "
+    "DELETE FROM instances i WHERE i.id IN (SELECT instance_id FROM gone) AND NOT EXISTS "
+    "(SELECT 1 FROM jobs k WHERE k.instance_id = i.id AND k.id NOT IN (SELECT id FROM gone)) RETURNING i.path"
 )
 _JOB_COLUMNS = (
     "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.request, j.rules_tag, "
@@ -239,10 +257,12 @@ def _due_at(holding: Holding) -> tuple[str, list[float]]:
     return "j.next_attempt_at", []
 
 
-def _claim_order(holding: Holding) -> str:
+def _order_keys(holding: Holding) -> list[str]:
+    """High priority first; a stable study whole, in series and instance number order."""
     if holding.study_stable_s > 0:
-        return "j.priority, COALESCE(s.first, i.id), i.series_number, i.series_instance_uid, i.instance_number, j.id"
-    return "j.priority, j.next_attempt_at, j.id"
+        return ["j.priority", "COALESCE(s.first, i.id)", "i.series_number", "i.series_instance_uid",
+                "i.instance_number", "j.id"]
+    return ["j.priority", "j.next_attempt_at", "j.id"]
 
 
 def _slot_key(destination: str) -> int:
@@ -312,9 +332,10 @@ class PostgresQueue(Queue):
         }
         self._timeout = connect_timeout_s
         self._reachable = True
+        self._returned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> when last given back
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=max(2, pool_size), kwargs=self._connect, open=False,
-            check=ConnectionPool.check_connection, timeout=connect_timeout_s, name=f"queue-{node}",
+            url, min_size=1, max_size=max(2, pool_size), kwargs={**self._connect, "autocommit": True}, open=False,
+            check=self._check, reset=self._stamp, timeout=connect_timeout_s, name=f"queue-{node}",
             reconnect_timeout=24 * 3600,
         )
         self._pool.open(wait=False)
@@ -325,11 +346,21 @@ class PostgresQueue(Queue):
             raise
 
     # -- connections and schema -------------------------------------------------------------
+    def _stamp(self, conn: psycopg.Connection) -> None:
+        self._returned[conn] = time.monotonic()
+
+    def _check(self, conn: psycopg.Connection) -> None:
+        """A pooled connection idle for a while is tried before use (the database may have
+        restarted since); one used a moment ago is not, which saves a round trip per call."""
+        if time.monotonic() - self._returned.get(conn, 0.0) > CHECK_IDLE_S:
+            ConnectionPool.check_connection(conn)
+
     @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection]:
-        """A connection in a transaction, committed at exit. While the database is unreachable,
-        callers (a C-STORE, /readyz, a scrape) learn it within UNREACHABLE_WAIT_S instead of
-        waiting the whole connect timeout each time; the pool keeps reconnecting meanwhile."""
+    def _one(self) -> Iterator[psycopg.Connection]:
+        """A connection in autocommit: each statement is its own transaction (one round trip).
+        While the database is unreachable, callers (a C-STORE, /readyz, a scrape) learn it
+        within UNREACHABLE_WAIT_S instead of the whole connect timeout; the pool keeps
+        reconnecting meanwhile."""
         timeout = self._timeout if self._reachable else UNREACHABLE_WAIT_S
         try:
             with self._pool.connection(timeout=timeout) as db:
@@ -338,6 +369,12 @@ class PostgresQueue(Queue):
             self._reachable = False
             raise
         self._reachable = True
+
+    @contextmanager
+    def _conn(self) -> Iterator[psycopg.Connection]:
+        """A connection in a transaction, committed at exit (rolled back on an error)."""
+        with self._one() as db, db.transaction():
+            yield db
 
     def _migrate(self) -> None:
         with self._conn() as db:
@@ -393,19 +430,19 @@ class PostgresQueue(Queue):
             )
 
     def heartbeat(self) -> int:
-        with self._conn() as db:
-            db.execute(f"UPDATE nodes SET heartbeat_at = {_DB_NOW} WHERE name = %s", (self.node,))
+        with self._one() as db:
             return db.execute(
+                f"WITH beat AS (UPDATE nodes SET heartbeat_at = {_DB_NOW} WHERE name = %s) "
                 f"UPDATE jobs SET lease_until = {_DB_NOW} + %s WHERE owner = %s AND state = 'in_flight'",
-                (self.lease_s, self.node),
+                (self.node, self.lease_s, self.node),
             ).rowcount
 
     def leave(self) -> None:
-        with self._conn() as db:
+        with self._one() as db:
             db.execute("UPDATE nodes SET heartbeat_at = 0 WHERE name = %s AND pid = %s", (self.node, os.getpid()))
 
     def nodes(self) -> list[Node]:
-        with self._conn() as db:
+        with self._one() as db:
             rows = db.execute(
                 f"SELECT n.name, n.host, n.pid, n.started_at, {_DB_NOW} - n.heartbeat_at, "
                 "(SELECT COUNT(*) FROM jobs j WHERE j.owner = n.name AND j.state = 'in_flight' "
@@ -431,7 +468,7 @@ class PostgresQueue(Queue):
     def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:
         now = time.time()
         jobs = list(jobs)
-        with self._conn() as db:
+        with self._one() as db:
             self._prune(db, now)
             if not jobs:
                 db.execute(
@@ -442,23 +479,22 @@ class PostgresQueue(Queue):
                      instance.calling_ae),
                 )
                 return
-            instance_id = db.execute(
-                "INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
+            # the instance and its jobs in one statement: one round trip, one commit
+            db.execute(
+                "WITH i AS (INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
                 "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at, series_instance_uid, "
                 "series_number, instance_number, node) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-                "%s) RETURNING id",
+                "%s) RETURNING id) "
+                "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, rules_tag, "
+                "priority) SELECT i.id, d.destination, 'pending', %s, %s, d.request, d.rules_tag, d.priority FROM i, "
+                "unnest(%s::text[], %s::text[], %s::text[], %s::int[]) AS d(destination, request, rules_tag, priority)",
                 (instance.path, instance.sop_class_uid, instance.sop_instance_uid, instance.study_instance_uid,
                  instance.transfer_syntax_uid, instance.calling_ae, instance.called_ae, instance.source_ip,
                  instance.size, instance.received_at, instance.series_instance_uid, instance.series_number,
-                 instance.instance_number, self.node),
-            ).fetchone()[0]
-            with db.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, "
-                    "rules_tag, priority) VALUES (%s, %s, 'pending', %s, %s, %s, %s, %s)",
-                    [(instance_id, j.destination, now, now, j.request.to_json(), j.rules_tag, j.priority)
-                     for j in jobs],
-                )
+                 instance.instance_number, self.node, now, now,
+                 [j.destination for j in jobs], [j.request.to_json() for j in jobs], [j.rules_tag for j in jobs],
+                 [j.priority for j in jobs]),
+            )
 
     # -- forwarding ------------------------------------------------------------------------
     def _claimable(self) -> str:
@@ -470,42 +506,39 @@ class PostgresQueue(Queue):
         now = time.time() if now is None else now
         studies, study_args = _studies(holding, destination)
         due_at, args = _due_at(holding)
-        with self._conn() as db:
-            picked = db.execute(
-                f"SELECT j.id, j.state, j.owner FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
+        order = _order_keys(holding)
+        keys = ", ".join(f"{expression} AS k{n}" for n, expression in enumerate(order))
+        # one statement (one round trip, one commit): pick and lock, lease, and return the jobs
+        with self._one() as db:
+            rows = db.execute(
+                f"WITH picked AS (SELECT j.id, j.state AS was, j.owner AS was_owner, {keys} "
+                f"FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
                 f"WHERE j.destination = %s AND {self._claimable()} AND j.next_attempt_at <= %s AND {due_at} <= %s "
-                f"AND {_IN_ORDER} ORDER BY {_claim_order(holding)} LIMIT %s FOR UPDATE OF j SKIP LOCKED",
-                (*study_args, destination, now, *args, now, limit),
+                f"AND {_IN_ORDER} ORDER BY {', '.join(order)} LIMIT %s FOR UPDATE OF j SKIP LOCKED) "
+                f"UPDATE jobs j SET state = 'in_flight', owner = %s, lease_until = {_DB_NOW} + %s, updated_at = %s "
+                f"FROM picked p, instances i WHERE j.id = p.id AND i.id = j.instance_id "
+                f"RETURNING {_JOB_COLUMNS}, p.was, p.was_owner, {', '.join(f'p.k{n}' for n in range(len(order)))}",
+                (*study_args, destination, now, *args, now, limit, self.node, self.lease_s, now),
             ).fetchall()
-            if not picked:
-                return []
-            ids = [r[0] for r in picked]
-            db.execute(
-                f"UPDATE jobs SET state = 'in_flight', owner = %s, lease_until = {_DB_NOW} + %s, updated_at = %s "
-                "WHERE id = ANY(%s)", (self.node, self.lease_s, now, ids),
-            )
-            rows = {r[0]: r for r in db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = ANY(%s)",
-                (ids,))}
+        width = len(_JOB_COLUMNS.split(", "))
+        # the claim order (RETURNING keeps none); NULLs last, as PostgreSQL orders them
+        rows.sort(key=lambda r: tuple((v is None, 0 if v is None else v) for v in r[width + 2:]))
         # as the embedded backend: each job as it was when claimed (pending, or in flight elsewhere)
-        return [_job((*rows[job_id][:2], state, *rows[job_id][3:]), owner if state == "in_flight" else "")
-                for job_id, state, owner in picked]
+        return [_job((*r[:2], r[width], *r[3:width]), r[width + 1] if r[width] == "in_flight" else "") for r in rows]
 
     def next_due(self, destination: str, holding: Holding = Holding()) -> float | None:
         studies, study_args = _studies(holding, destination)
         due_at, args = _due_at(holding)
-        with self._conn() as db:
-            pending = db.execute(
-                f"SELECT MIN({due_at}) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
-                f"WHERE j.destination = %s AND j.state = 'pending' AND {_IN_ORDER}",
-                (*args, *study_args, destination),
-            ).fetchone()[0]
-            # a job in flight on another node is due for takeover when its lease ends (database time,
-            # expressed on this node's clock)
-            expires = db.execute(
-                f"SELECT MIN(lease_until) - {_DB_NOW} FROM jobs WHERE destination = %s AND state = 'in_flight' "
-                "AND owner != %s", (destination, self.node),
-            ).fetchone()[0]
+        with self._one() as db:
+            # and a job in flight on another node is due for takeover when its lease ends (database
+            # time, expressed on this node's clock)
+            pending, expires = db.execute(
+                f"SELECT (SELECT MIN({due_at}) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
+                f"WHERE j.destination = %s AND j.state = 'pending' AND {_IN_ORDER}), "
+                f"(SELECT MIN(lease_until) - {_DB_NOW} FROM jobs WHERE destination = %s AND state = 'in_flight' "
+                "AND owner != %s)",
+                (*args, *study_args, destination, destination, self.node),
+            ).fetchone()
         if expires is not None:
             takeover = time.time() + max(0.0, expires)
             pending = takeover if pending is None else min(pending, takeover)
@@ -516,7 +549,7 @@ class PostgresQueue(Queue):
         now = time.time() if now is None else now
         studies, study_args = _studies(holding, destination)
         due_at, args = _due_at(holding)
-        with self._conn() as db:
+        with self._one() as db:
             return db.execute(
                 f"SELECT COUNT(*) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
                 f"WHERE j.destination = %s AND j.state = 'pending' AND j.next_attempt_at <= %s AND {due_at} <= %s "
@@ -531,7 +564,7 @@ class PostgresQueue(Queue):
         stable_only = Holding(0.0, holding.study_stable_s)
         studies, study_args = _studies(stable_only, destination)
         stable, stable_args = _due_at(stable_only)
-        with self._conn() as db:
+        with self._one() as db:
             delayed, in_study = db.execute(
                 "SELECT COUNT(*) FILTER (WHERE i.received_at + %s > %s), "
                 f"COUNT(*) FILTER (WHERE i.received_at + %s <= %s AND {stable} > %s) "
@@ -542,48 +575,48 @@ class PostgresQueue(Queue):
         return {reason: n for reason, n in ((HELD_BY_DELAY, delayed), (HELD_FOR_STABLE_STUDY, in_study)) if n}
 
     def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
-        now = time.time()
-        with self._conn() as db:
-            paths = [self._finish(db, d if isinstance(d, Delivery) else Delivery(d), now) for d in deliveries]
-        return [p for p in paths if p]
-
-    def _finish(self, db: psycopg.Connection, delivery: Delivery, now: float) -> str | None:
         """Delivered is delivered, whoever holds the lease now (a node that took the job over
-        sends it again and finds it gone)."""
-        job_id = delivery.job_id
-        skipped = delivery.outcome is Outcome.SKIPPED
-        row = db.execute(
-            "SELECT j.instance_id, i.path FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = %s "
-            "FOR UPDATE OF j", (job_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        db.execute(_HISTORY_FROM_JOB, (
-            delivery.outcome.value, delivery.syntax, delivery.transfer_syntax_uid, delivery.sent_size, delivery.ratio,
-            0 if skipped else 1, delivery.note if skipped else None, now, delivery.sent_sop_instance_uid, job_id,
-        ))
-        instance_id, path = row
-        db.execute("DELETE FROM jobs WHERE id = %s", (job_id,))
-        # the instance row is locked before its last job is known: two nodes finishing its last two
-        # jobs at once cannot both leave it behind
-        if db.execute("SELECT 1 FROM instances WHERE id = %s FOR UPDATE", (instance_id,)).fetchone() is None:
-            return None
-        if db.execute("SELECT 1 FROM jobs WHERE instance_id = %s LIMIT 1", (instance_id,)).fetchone():
-            return None
-        db.execute("DELETE FROM instances WHERE id = %s", (instance_id,))
-        return path
+        sends it again and finds it gone). The whole batch in two statements."""
+        batch = [d if isinstance(d, Delivery) else Delivery(d) for d in deliveries]
+        if not batch:
+            return []
+        now = time.time()
+        ids = [d.job_id for d in batch]
+        skipped = [d.outcome is Outcome.SKIPPED for d in batch]
+        # one statement, one round trip. Two nodes finishing an instance's last two jobs at the
+        # same moment may each still see the other's job and both keep the instance: the
+        # heartbeat's `sweep_orphans` removes such an instance (and its file) soon after.
+        with self._one() as db:
+            rows = db.execute(_COMPLETE, (
+                ids, [d.outcome.value for d in batch], [d.syntax for d in batch],
+                [d.transfer_syntax_uid for d in batch], [d.sent_size for d in batch], [d.ratio for d in batch],
+                [0 if skip else 1 for skip in skipped], [d.note if skip else None for d, skip in zip(batch, skipped)],
+                [d.sent_sop_instance_uid for d in batch], now,
+            )).fetchall()
+        return [r[0] for r in rows]
+
+    def sweep_orphans(self) -> list[str]:
+        """Instances no job needs any more that a concurrent finish left behind (see
+        `complete`): deleted; returns their spool paths for the caller to remove. An instance
+        always gets its jobs in the statement that records it, so none is ever caught here on
+        its way in."""
+        with self._one() as db:
+            return [r[0] for r in db.execute(
+                "DELETE FROM instances i WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.instance_id = i.id) "
+                "RETURNING i.path")]
 
     def release(self, job_ids: Iterable[int]) -> None:
-        now = time.time()
-        with self._conn() as db, db.cursor() as cur:
-            cur.executemany(
+        ids = list(job_ids)
+        if not ids:
+            return
+        with self._one() as db:
+            db.execute(
                 "UPDATE jobs SET state = 'pending', owner = '', lease_until = 0, updated_at = %s "
-                "WHERE id = %s AND state = 'in_flight' AND owner = %s",
-                [(now, i, self.node) for i in job_ids],
+                "WHERE id = ANY(%s) AND state = 'in_flight' AND owner = %s", (time.time(), ids, self.node),
             )
 
     def retry(self, job_id: int, error: str, next_attempt_at: float) -> None:
-        with self._conn() as db:
+        with self._one() as db:
             db.execute(
                 "UPDATE jobs SET state = 'pending', owner = '', lease_until = 0, attempts = attempts + 1, "
                 "next_attempt_at = %s, last_error = %s, updated_at = %s WHERE id = %s AND owner = %s",
@@ -617,7 +650,7 @@ class PostgresQueue(Queue):
             ).rowcount
 
     def paths(self) -> list[str]:
-        with self._conn() as db:
+        with self._one() as db:
             return [r[0] for r in db.execute("SELECT path FROM instances")]
 
     def fail_missing_files(self, exists: Callable[[str], bool]) -> int:
@@ -640,20 +673,20 @@ class PostgresQueue(Queue):
         return len(missing)
 
     def counts(self) -> dict[tuple[str, str], int]:
-        with self._conn() as db:
+        with self._one() as db:
             return {(d, s): n for d, s, n in db.execute(
                 "SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state")}
 
     def oldest_pending(self, now: float | None = None) -> dict[str, float]:
         now = time.time() if now is None else now
-        with self._conn() as db:
+        with self._one() as db:
             return {d: max(0.0, now - t) for d, t in db.execute(
                 "SELECT j.destination, MIN(i.received_at) FROM jobs j JOIN instances i ON i.id = j.instance_id "
                 "WHERE j.state IN ('pending', 'in_flight') GROUP BY j.destination")}
 
     def owners(self, job_ids: Iterable[int]) -> dict[int, str]:
         """Which node holds each of these jobs in flight (for `dicom-router queue`)."""
-        with self._conn() as db:
+        with self._one() as db:
             return dict(db.execute("SELECT id, owner FROM jobs WHERE id = ANY(%s) AND state = 'in_flight'",
                                    (list(job_ids),)).fetchall())
 
@@ -668,7 +701,7 @@ class PostgresQueue(Queue):
                 args.append(value)
         sql += " ORDER BY j.id LIMIT %s"
         args.append(limit)
-        with self._conn() as db:
+        with self._one() as db:
             return [_job(r) for r in db.execute(sql, args)]
 
     def retry_dead(self, destination: str | None = None, job_ids: Iterable[int] | None = None) -> int:
@@ -683,7 +716,7 @@ class PostgresQueue(Queue):
         if ids:
             sql += " AND id = ANY(%s)"
             args.append(ids)
-        with self._conn() as db:
+        with self._one() as db:
             return db.execute(sql, args).rowcount
 
     def purge_dead(self, destination: str | None = None, older_than: float | None = None) -> list[Job]:
@@ -728,7 +761,7 @@ class PostgresQueue(Queue):
             args.extend((sop, sop))
         sql += " ORDER BY id LIMIT %s"
         args.append(limit)
-        with self._conn() as db:
+        with self._one() as db:
             return [HistoryEntry(*row) for row in db.execute(sql, args)]
 
     def whereabouts(self, sop_instance_uids: Iterable[str]) -> dict[str, Whereabouts]:
@@ -738,7 +771,7 @@ class PostgresQueue(Queue):
         dead: dict[str, set[str]] = {}
         finished: dict[str, int] = {}
         last: dict[tuple[str, str], str] = {}
-        with self._conn() as db:
+        with self._one() as db:
             for start in range(0, len(uids), _CHUNK):
                 chunk = uids[start:start + _CHUNK]
                 for uid, sop_class, destination, state in db.execute(
@@ -802,14 +835,14 @@ class PostgresQueue(Queue):
         return "duplicate" if duplicate else "new"
 
     def hold_commitments(self, holder: str, held_until: float) -> None:
-        with self._conn() as db:
+        with self._one() as db:
             db.execute("UPDATE commitments SET held_until = %s WHERE holder = %s AND state = 'pending'",
                        (held_until, holder))
 
     def pending_commitments(self, now: float | None = None, holder: str | None = None) -> list[StoredCommitment]:
         now = time.time() if now is None else now
         columns = "id, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error"
-        with self._conn() as db:
+        with self._one() as db:
             if holder is not None:
                 rows = db.execute(
                     f"SELECT {columns} FROM commitments WHERE state = 'pending' AND holder = %s ORDER BY id",
@@ -833,7 +866,7 @@ class PostgresQueue(Queue):
 
     def claim_commitment(self, commitment_id: int, claimer: str, until: float) -> bool:
         now = time.time()
-        with self._conn() as db:
+        with self._one() as db:
             return db.execute(
                 "UPDATE commitments SET state = 'reporting', holder = %s, claimed_until = %s WHERE id = %s AND "
                 "((state = 'pending' AND (held_until < %s OR holder = %s)) OR "
@@ -842,12 +875,12 @@ class PostgresQueue(Queue):
             ).rowcount == 1
 
     def commitment_reported(self, commitment_id: int, event_type: int) -> None:
-        with self._conn() as db:
+        with self._one() as db:
             db.execute("UPDATE commitments SET state = 'reported', event_type = %s, reported_at = %s, attempts = "
                        "attempts + 1 WHERE id = %s", (event_type, time.time(), commitment_id))
 
     def commitment_not_reported(self, commitment_id: int, error: str, next_attempt_at: float) -> None:
-        with self._conn() as db:
+        with self._one() as db:
             db.execute(
                 "UPDATE commitments SET state = 'pending', holder = '', held_until = 0, claimed_until = 0, "
                 "attempts = attempts + 1, last_error = %s, next_attempt_at = %s WHERE id = %s AND state = 'reporting'",
@@ -858,7 +891,7 @@ class PostgresQueue(Queue):
 
     def open_commitments(self, now: float | None = None) -> list[StoredCommitment]:
         now = time.time() if now is None else now
-        with self._conn() as db:
+        with self._one() as db:
             rows = db.execute(f"SELECT {self._COMMITMENT_COLUMNS} FROM commitments WHERE state != 'reported' "
                               "AND NOT duplicate AND deadline > %s ORDER BY id", (now,)).fetchall()
             references: dict[int, list[tuple[str, str]]] = {r[0]: [] for r in rows}
@@ -874,7 +907,7 @@ class PostgresQueue(Queue):
 
     def commitment_counts(self) -> dict[str, int]:
         counts = {"waiting": 0, "retrying": 0}
-        with self._conn() as db:
+        with self._one() as db:
             for retrying, n in db.execute("SELECT attempts > 0, COUNT(*) FROM commitments WHERE state != 'reported' "
                                           "GROUP BY attempts > 0"):
                 counts["retrying" if retrying else "waiting"] += n
@@ -884,7 +917,7 @@ class PostgresQueue(Queue):
     def deliveries(self, sop_instance_uids: Iterable[str]) -> dict[str, dict[str, Stored]]:
         uids = sorted(set(sop_instance_uids))
         found: dict[str, dict[str, Stored]] = {}
-        with self._conn() as db:
+        with self._one() as db:
             for start in range(0, len(uids), _CHUNK):
                 # each (instance, destination)'s latest outcome, kept when it is delivered
                 for uid, destination, outcome, sop_class, sent_uid, finished_at in db.execute(
@@ -922,7 +955,7 @@ class PostgresQueue(Queue):
         return relay_id
 
     def relay_results(self, commitment_id: int) -> dict[tuple[str, str], int | None]:
-        with self._conn() as db:
+        with self._one() as db:
             return {(destination, uid): result for destination, uid, result in db.execute(
                 "SELECT destination, sop_instance_uid, result FROM relay_instances WHERE commitment_id = %s",
                 (commitment_id,))}
@@ -948,7 +981,7 @@ class PostgresQueue(Queue):
 
     def due_relays(self, now: float | None = None) -> list[StoredRelay]:
         now = time.time() if now is None else now
-        with self._conn() as db:
+        with self._one() as db:
             rows = db.execute(
                 f"SELECT {self._RELAY_COLUMNS} FROM relays r JOIN commitments c ON c.id = r.commitment_id "
                 f"WHERE {self._RELAY_DUE} AND c.state != 'reported' AND c.deadline > %s ORDER BY r.id",
@@ -1003,7 +1036,7 @@ class PostgresQueue(Queue):
 
     def relay_counts(self, now: float | None = None) -> dict[tuple[str, str], int]:
         now = time.time() if now is None else now
-        with self._conn() as db:
+        with self._one() as db:
             return {(destination, state): n for destination, state, n in db.execute(
                 "SELECT r.destination, CASE r.state WHEN 'sent' THEN 'awaiting_report' ELSE 'sending' END AS waiting, "
                 "COUNT(*) FROM relays r JOIN commitments c ON c.id = r.commitment_id "
