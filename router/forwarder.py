@@ -49,6 +49,7 @@ DEFAULT_STATUSES: list[tuple[int, int, str]] = [
 
 
 OVERTAKE_CHECK_S = 0.25
+SHARED_IDLE_RELEASE_S = 1.0  # with several nodes: an idle association's slot is another node's after this
 
 
 def classify_status(code: int, overrides: dict[str, str] | None = None) -> str:
@@ -121,8 +122,11 @@ class Forwarder:
         in_force = rule_file(name)
         ceiling = in_force.destination.max_associations if in_force else 1
         # with several nodes, max_associations holds for the cluster: each association takes a slot
+        # and an idle association gives its slot back sooner, so that another node with work
+        # does not wait for it
         slots = (lambda n: queue.take_slot(name, n)) if queue.shared else None
-        self.associations = AssociationPool(self._destination, calling_ae_title, ceiling, slots=slots)
+        self.associations = AssociationPool(self._destination, calling_ae_title, ceiling, slots=slots,
+                                            idle_release_s=SHARED_IDLE_RELEASE_S if queue.shared else 5.0)
 
     def _destination(self) -> Destination:
         rule_file = self.rule_file(self.name)
@@ -192,6 +196,9 @@ class Forwarder:
         # after a batch that took every due job, claim again only once woken or when the next is
         # due: an empty claim per instance would double the queue's work when it keeps up
         short, self._checked.short = getattr(self._checked, "short", False), False
+        if short and self._wake.is_set():  # woken meanwhile: new work, claim it now
+            self._wake.clear()
+            short = False
         jobs = [] if short else self.queue.claim(self.name, destination.batch_size, now=now, holding=holding)
         for job in jobs:
             if job.taken_over_from:

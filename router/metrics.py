@@ -308,6 +308,15 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
+    def handle_error(self, request, client_address) -> None:  # noqa: ANN001 - socketserver API
+        """A client that hung up before its answer (a load balancer's health check, a scraper
+        that timed out) is nothing to log; anything else keeps the usual report."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)):
+            return
+        super().handle_error(request, client_address)
+
     def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int,
                  idle_timeout: float) -> None:
         super().__init__(address, handler)

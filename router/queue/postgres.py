@@ -332,6 +332,8 @@ class PostgresQueue(Queue):
         }
         self._timeout = connect_timeout_s
         self._reachable = True
+        self._spare: psycopg.Connection | None = None  # for trying association slots
+        self._spare_lock = threading.Lock()
         self._returned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> when last given back
         self._pool = ConnectionPool(
             url, min_size=1, max_size=max(2, pool_size), kwargs={**self._connect, "autocommit": True}, open=False,
@@ -405,6 +407,10 @@ class PostgresQueue(Queue):
 
     def shutdown(self) -> None:
         """Close every connection (the process is ending)."""
+        with self._spare_lock:
+            if self._spare is not None:
+                self._spare.close()
+                self._spare = None
         self._pool.close(timeout=2.0)
 
     # -- the cluster -----------------------------------------------------------------------
@@ -452,17 +458,23 @@ class PostgresQueue(Queue):
                 for name, host, pid, started, age, held in rows]
 
     def take_slot(self, destination: str, ceiling: int) -> Slot | None:
+        """Tried on a spare connection kept for the purpose: the one that gets a lock becomes the
+        slot's, and only then is another opened (a node waiting for a slot does not open a
+        connection per try)."""
         key = _slot_key(destination)
-        conn = psycopg.connect(self.url, autocommit=True, **self._connect)
-        try:
-            for number in range(max(1, ceiling)):
-                if conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (key, number)).fetchone()[0]:
-                    return _AdvisorySlot(conn)
-        except BaseException:
-            conn.close()
-            raise
-        conn.close()
-        return None
+        with self._spare_lock:
+            conn, self._spare = self._spare, None
+            if conn is None or conn.closed:
+                conn = psycopg.connect(self.url, autocommit=True, **self._connect)
+            try:
+                for number in range(max(1, ceiling)):
+                    if conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (key, number)).fetchone()[0]:
+                        return _AdvisorySlot(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._spare = conn
+            return None
 
     # -- receiving -------------------------------------------------------------------------
     def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:

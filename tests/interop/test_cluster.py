@@ -102,6 +102,20 @@ def cluster_factory(tmp_path, postgres_url):
         cluster.stop()
 
 
+def readyz(node: RouterProcess) -> tuple[int, str]:
+    """The node's /readyz: its status and what it says."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/readyz", timeout=5) as rsp:
+            return rsp.status, rsp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError as exc:
+        return 0, str(exc)
+
+
 def small_series(count: int, directory: Path) -> list[Path]:
     return make_series(Path(get_testdata_file("CT_small.dcm")), count, directory)
 
@@ -247,7 +261,8 @@ def test_postgresql_stopped_for_20_s_mid_burst_means_no_success_and_everything_d
         server.stop()
         stopped_at = time.time()
         node = next(iter(cluster.nodes.values()))
-        wait_until(lambda: not node.ready(), 20, what="/readyz 503 while the database is down")
+        wait_until(lambda: readyz(node)[0] == 503, 20, what="/readyz 503 while the database is down")
+        assert "queue unavailable" in readyz(node)[1]
         assert metric_value(node.metrics(), "dicom_router_queue_up") == 0
         wait_until(lambda: any(t > stopped_at for t, _ in modality.refused), 30, what="a C-STORE refused")
         time.sleep(max(0.0, 20 - (time.time() - stopped_at)))
@@ -261,7 +276,8 @@ def test_postgresql_stopped_for_20_s_mid_burst_means_no_success_and_everything_d
         assert statuses and set(statuses) <= {0xA700, -1}, statuses
         sent = {uid_of(p) for p in series}
         wait_until(lambda: sent <= set(pacs.by_uid()), 90, what=f"everything delivered\n{cluster.logs()[-3000:]}")
-        wait_until(lambda: all(n.ready() for n in cluster.nodes.values()), 30, what="every node ready again")
+        wait_until(lambda: all(readyz(n)[0] == 200 for n in cluster.nodes.values()), 30,
+                   what="every node ready again")
         print(f"database down {restarting_at - stopped_at:.0f} s: C-STORE answers then {dict(statuses)}")
     finally:
         server.stop()

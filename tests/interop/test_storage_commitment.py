@@ -86,7 +86,9 @@ def test_orthanc_as_the_modality_hears_committed_only_once_the_pacs_has_every_in
         uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
         assert {item["SOPInstanceUID"] for item in report["Success"]} == uids
         assert set(pacs.by_uid()) == uids
-        assert metric_value(router.metrics(), "dicom_router_commitment_reports_total", outcome="committed") == 1
+        # counted once the report's association is released, a moment after Orthanc has it
+        wait_until(lambda: metric_value(router.metrics(), "dicom_router_commitment_reports_total",
+                                        outcome="committed") == 1, 10, what="the report counted")
     finally:
         pacs.stop()
         router.kill()
