@@ -27,7 +27,7 @@ from router.relay import Relayer, parse_report, record_report
 from router.request import Request
 from router.scp import Receiver
 from router.spool import Spool
-from tests.peers import Pacs, free_port, wait_until
+from tests.peers import free_port, wait_until
 from tests.queues import backend  # noqa: F401 - the fixture: queue tests run on SQLite and on PostgreSQL
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

@@ -30,15 +30,16 @@ import time
 import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from router.queue import (
-    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob, Node,
-    NodeNameInUse, Queue, RelayedInstance, Slot, Stored, StoredCommitment, StoredRelay, Whereabouts,
+    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob,
+    Node, NodeNameInUse, Queue, Slot, Whereabouts,
 )
+from router.queue.commitments import CommitmentStore
 from router.request import Outcome, Request
 
 SCHEMA_VERSION = 2
@@ -314,7 +315,7 @@ class _AdvisorySlot(Slot):
                 pass
 
 
-class PostgresQueue(Queue):
+class PostgresQueue(CommitmentStore, Queue):
     shared = True
 
     def __init__(self, url: str, node: str, lease_s: float = 30.0, history_days: float = 7, pool_size: int = 10,
@@ -811,247 +812,23 @@ class PostgresQueue(Queue):
             for uid, found in classes.items()
         }
 
-    # -- storage commitment -------------------------------------------------------------------
-    def add_commitment(self, transaction_uid: str, calling_ae: str, references: Iterable[tuple[str, str]],
-                       received_at: float, deadline: float, holder: str = "", held_until: float = 0.0) -> str:
-        references = [tuple(r) for r in references]
-        with self._conn() as db:
-            # requests with one transaction UID are decided one at a time, across nodes
-            db.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_SCHEMA_LOCK, _slot_key(transaction_uid)))
-            earlier = db.execute(
-                "SELECT id, state FROM commitments WHERE transaction_uid = %s AND NOT duplicate ORDER BY id DESC "
-                "LIMIT 1", (transaction_uid,),
-            ).fetchone()
-            duplicate = False
-            if earlier is not None:
-                same = [tuple(r) for r in db.execute(
-                    "SELECT sop_class_uid, sop_instance_uid FROM commitment_instances WHERE commitment_id = %s "
-                    "ORDER BY position", (earlier[0],))] == references
-                if same and earlier[1] != "reported":
-                    if earlier[1] == "pending" and holder:
-                        db.execute("UPDATE commitments SET holder = %s, held_until = %s WHERE id = %s",
-                                   (holder, held_until, earlier[0]))
-                    return "repeated"
-                duplicate = not same
-            commitment_id = db.execute(
-                "INSERT INTO commitments (transaction_uid, calling_ae, received_at, deadline, duplicate, state, holder, "
-                "held_until) VALUES (%s, %s, %s, %s, %s, 'pending', %s, %s) RETURNING id",
-                (transaction_uid, calling_ae, received_at, deadline, duplicate, holder, held_until),
-            ).fetchone()[0]
-            with db.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO commitment_instances (commitment_id, position, sop_class_uid, sop_instance_uid) "
-                    "VALUES (%s, %s, %s, %s)",
-                    [(commitment_id, index, sop_class, uid) for index, (sop_class, uid) in enumerate(references)],
-                )
-        return "duplicate" if duplicate else "new"
+    # -- storage commitment (router.queue.commitments): the dialect --------------------------------
+    _FOR_UPDATE = " FOR UPDATE"
+    _INSERTION_ORDER = "id"
 
-    def hold_commitments(self, holder: str, held_until: float) -> None:
-        with self._one() as db:
-            db.execute("UPDATE commitments SET held_until = %s WHERE holder = %s AND state = 'pending'",
-                       (held_until, holder))
+    def _reading(self) -> AbstractContextManager[psycopg.Connection]:
+        return self._one()
 
-    def pending_commitments(self, now: float | None = None, holder: str | None = None) -> list[StoredCommitment]:
-        now = time.time() if now is None else now
-        columns = "id, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error"
-        with self._one() as db:
-            if holder is not None:
-                rows = db.execute(
-                    f"SELECT {columns} FROM commitments WHERE state = 'pending' AND holder = %s ORDER BY id",
-                    (holder,)).fetchall()
-            else:
-                rows = db.execute(
-                    f"SELECT {columns} FROM commitments WHERE (state = 'pending' AND held_until < %s AND "
-                    "next_attempt_at <= %s) OR (state = 'reporting' AND claimed_until < %s) ORDER BY id",
-                    (now, now, now),
-                ).fetchall()
-            references: dict[int, list[tuple[str, str]]] = {r[0]: [] for r in rows}
-            if rows:
-                for cid, sop_class, uid in db.execute(
-                    "SELECT commitment_id, sop_class_uid, sop_instance_uid FROM commitment_instances "
-                    "WHERE commitment_id = ANY(%s) ORDER BY commitment_id, position", (list(references),),
-                ):
-                    references[cid].append((sop_class, uid))
-        return [StoredCommitment(cid, transaction_uid, calling_ae, tuple(references[cid]), received_at, deadline,
-                                 bool(duplicate), attempts, last_error)
-                for cid, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error in rows]
+    def _writing(self) -> AbstractContextManager[psycopg.Connection]:
+        return self._conn()
 
-    def claim_commitment(self, commitment_id: int, claimer: str, until: float) -> bool:
-        now = time.time()
-        with self._one() as db:
-            return db.execute(
-                "UPDATE commitments SET state = 'reporting', holder = %s, claimed_until = %s WHERE id = %s AND "
-                "((state = 'pending' AND (held_until < %s OR holder = %s)) OR "
-                "(state = 'reporting' AND claimed_until < %s))",
-                (claimer, until, commitment_id, now, claimer, now),
-            ).rowcount == 1
+    def _sql(self, text: str) -> str:
+        return text.replace("?", "%s")
 
-    def commitment_reported(self, commitment_id: int, event_type: int) -> None:
-        with self._one() as db:
-            db.execute("UPDATE commitments SET state = 'reported', event_type = %s, reported_at = %s, attempts = "
-                       "attempts + 1 WHERE id = %s", (event_type, time.time(), commitment_id))
+    def _many(self, db: psycopg.Connection, sql: str, rows: list[tuple]) -> None:
+        with db.cursor() as cur:
+            cur.executemany(sql, rows)
 
-    def commitment_not_reported(self, commitment_id: int, error: str, next_attempt_at: float) -> None:
-        with self._one() as db:
-            db.execute(
-                "UPDATE commitments SET state = 'pending', holder = '', held_until = 0, claimed_until = 0, "
-                "attempts = attempts + 1, last_error = %s, next_attempt_at = %s WHERE id = %s AND state = 'reporting'",
-                (error, next_attempt_at, commitment_id),
-            )
-
-    _COMMITMENT_COLUMNS = "id, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error"
-
-    def open_commitments(self, now: float | None = None) -> list[StoredCommitment]:
-        now = time.time() if now is None else now
-        with self._one() as db:
-            rows = db.execute(f"SELECT {self._COMMITMENT_COLUMNS} FROM commitments WHERE state != 'reported' "
-                              "AND NOT duplicate AND deadline > %s ORDER BY id", (now,)).fetchall()
-            references: dict[int, list[tuple[str, str]]] = {r[0]: [] for r in rows}
-            if rows:
-                for cid, sop_class, uid in db.execute(
-                    "SELECT commitment_id, sop_class_uid, sop_instance_uid FROM commitment_instances "
-                    "WHERE commitment_id = ANY(%s) ORDER BY commitment_id, position", (list(references),),
-                ):
-                    references[cid].append((sop_class, uid))
-        return [StoredCommitment(cid, transaction_uid, calling_ae, tuple(references[cid]), received_at, deadline,
-                                 bool(duplicate), attempts, last_error)
-                for cid, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error in rows]
-
-    def commitment_counts(self) -> dict[str, int]:
-        counts = {"waiting": 0, "retrying": 0}
-        with self._one() as db:
-            for retrying, n in db.execute("SELECT attempts > 0, COUNT(*) FROM commitments WHERE state != 'reported' "
-                                          "GROUP BY attempts > 0"):
-                counts["retrying" if retrying else "waiting"] += n
-        return counts
-
-    # -- storage commitment relayed to the destinations ----------------------------------------
-    def deliveries(self, sop_instance_uids: Iterable[str]) -> dict[str, dict[str, Stored]]:
-        uids = sorted(set(sop_instance_uids))
-        found: dict[str, dict[str, Stored]] = {}
-        with self._one() as db:
-            for start in range(0, len(uids), _CHUNK):
-                # each (instance, destination)'s latest outcome, kept when it is delivered
-                for uid, destination, outcome, sop_class, sent_uid, finished_at in db.execute(
-                    "SELECT DISTINCT ON (sop_instance_uid, destination) sop_instance_uid, destination, outcome, "
-                    "sop_class_uid, sent_sop_instance_uid, finished_at FROM history WHERE sop_instance_uid = ANY(%s) "
-                    "AND destination != '' ORDER BY sop_instance_uid, destination, id DESC",
-                    (uids[start:start + _CHUNK],),
-                ):
-                    if outcome == Outcome.DELIVERED.value:
-                        found.setdefault(uid, {})[destination] = Stored(destination, sop_class, sent_uid or uid,
-                                                                        finished_at)
-        return found
-
-    def add_relay(self, commitment_id: int, destination: str, transaction_uid: str,
-                  instances: Iterable[RelayedInstance], now: float) -> int | None:
-        instances = list(instances)
-        with self._conn() as db:
-            relay_id = db.execute(
-                "INSERT INTO relays (commitment_id, destination, transaction_uid, state, created_at, next_attempt_at) "
-                "VALUES (%s, %s, %s, 'pending', %s, %s) RETURNING id",
-                (commitment_id, destination, transaction_uid, now, now)).fetchone()[0]
-            added = 0
-            for item in instances:
-                # a concurrent relay of the same instance waits here for the other transaction, then skips it
-                added += db.execute(
-                    "INSERT INTO relay_instances (relay_id, commitment_id, destination, sop_instance_uid, "
-                    "sop_class_uid, sent_sop_instance_uid) VALUES (%s, %s, %s, %s, %s, %s) "
-                    "ON CONFLICT (commitment_id, destination, sop_instance_uid) DO NOTHING",
-                    (relay_id, commitment_id, destination, item.sop_instance_uid, item.sop_class_uid,
-                     item.sent_sop_instance_uid),
-                ).rowcount
-            if not added:
-                db.execute("DELETE FROM relays WHERE id = %s", (relay_id,))
-                return None
-        return relay_id
-
-    def relay_results(self, commitment_id: int) -> dict[tuple[str, str], int | None]:
-        with self._one() as db:
-            return {(destination, uid): result for destination, uid, result in db.execute(
-                "SELECT destination, sop_instance_uid, result FROM relay_instances WHERE commitment_id = %s",
-                (commitment_id,))}
-
-    _RELAY_COLUMNS = ("r.id, r.commitment_id, r.destination, r.transaction_uid, r.state, r.created_at, r.attempts, "
-                      "r.last_error")
-    # a relay to send: pending and due, claimed by a claimer that died, or sent without a report in time
-    _RELAY_DUE = ("((r.state IN ('pending', 'sent') AND r.next_attempt_at <= %s) "
-                  "OR (r.state = 'sending' AND r.claimed_until < %s))")
-
-    @staticmethod
-    def _relays(db: psycopg.Connection, rows: list[tuple]) -> list[StoredRelay]:
-        instances: dict[int, list[RelayedInstance]] = {r[0]: [] for r in rows}
-        if rows:
-            for rid, uid, sop_class, sent_uid in db.execute(
-                "SELECT relay_id, sop_instance_uid, sop_class_uid, sent_sop_instance_uid FROM relay_instances "
-                "WHERE relay_id = ANY(%s) ORDER BY relay_id, id", (list(instances),),
-            ):
-                instances[rid].append(RelayedInstance(uid, sop_class, sent_uid))
-        return [StoredRelay(rid, commitment_id, destination, transaction_uid, state, tuple(instances[rid]), created_at,
-                            attempts, last_error)
-                for rid, commitment_id, destination, transaction_uid, state, created_at, attempts, last_error in rows]
-
-    def due_relays(self, now: float | None = None) -> list[StoredRelay]:
-        now = time.time() if now is None else now
-        with self._one() as db:
-            rows = db.execute(
-                f"SELECT {self._RELAY_COLUMNS} FROM relays r JOIN commitments c ON c.id = r.commitment_id "
-                f"WHERE {self._RELAY_DUE} AND c.state != 'reported' AND c.deadline > %s ORDER BY r.id",
-                (now, now, now)).fetchall()
-            return self._relays(db, rows)
-
-    def claim_relay(self, relay_id: int, claimer: str, until: float, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        with self._conn() as db:
-            return db.execute(
-                f"UPDATE relays r SET state = 'sending', claimer = %s, claimed_until = %s WHERE r.id = %s AND "
-                f"{self._RELAY_DUE}", (claimer, until, relay_id, now, now),
-            ).rowcount == 1
-
-    def relay_sent(self, relay_id: int, claimer: str, ask_again_at: float) -> None:
-        with self._conn() as db:
-            db.execute("UPDATE relays SET state = 'sent', claimer = '', claimed_until = 0, attempts = attempts + 1, "
-                       "last_error = '', next_attempt_at = %s WHERE id = %s AND state = 'sending' AND claimer = %s",
-                       (ask_again_at, relay_id, claimer))
-
-    def relay_not_sent(self, relay_id: int, claimer: str, error: str, next_attempt_at: float) -> None:
-        with self._conn() as db:
-            db.execute("UPDATE relays SET state = 'pending', claimer = '', claimed_until = 0, attempts = attempts + 1, "
-                       "last_error = %s, next_attempt_at = %s WHERE id = %s AND state = 'sending' AND claimer = %s",
-                       (error, next_attempt_at, relay_id, claimer))
-
-    def relay_refused(self, relay_id: int, claimer: str, error: str, reason: int) -> None:
-        with self._conn() as db:
-            if db.execute("UPDATE relays SET state = 'refused', claimer = '', claimed_until = 0, attempts = "
-                          "attempts + 1, last_error = %s, answered_at = %s WHERE id = %s AND state = 'sending' AND "
-                          "claimer = %s", (error, time.time(), relay_id, claimer)).rowcount:
-                db.execute("UPDATE relay_instances SET result = %s WHERE relay_id = %s AND result IS NULL",
-                           (reason, relay_id))
-
-    def relay_answered(self, transaction_uid: str, results: dict[str, int], unlisted: int,
-                       now: float | None = None) -> StoredRelay | None:
-        now = time.time() if now is None else now
-        with self._conn() as db:
-            rows = db.execute(f"SELECT {self._RELAY_COLUMNS} FROM relays r WHERE r.transaction_uid = %s FOR UPDATE",
-                              (transaction_uid,)).fetchall()
-            if not rows:
-                return None
-            [relay] = self._relays(db, rows)
-            with db.cursor() as cur:
-                cur.executemany(
-                    "UPDATE relay_instances SET result = %s WHERE relay_id = %s AND sent_sop_instance_uid = %s",
-                    [(results.get(item.sent_sop_instance_uid, unlisted), relay.id, item.sent_sop_instance_uid)
-                     for item in relay.instances])
-            db.execute("UPDATE relays SET state = 'answered', claimer = '', claimed_until = 0, answered_at = %s "
-                       "WHERE id = %s", (now, relay.id))
-        return relay
-
-    def relay_counts(self, now: float | None = None) -> dict[tuple[str, str], int]:
-        now = time.time() if now is None else now
-        with self._one() as db:
-            return {(destination, state): n for destination, state, n in db.execute(
-                "SELECT r.destination, CASE r.state WHEN 'sent' THEN 'awaiting_report' ELSE 'sending' END AS waiting, "
-                "COUNT(*) FROM relays r JOIN commitments c ON c.id = r.commitment_id "
-                "WHERE r.state IN ('pending', 'sending', 'sent') AND c.state != 'reported' AND c.deadline > %s "
-                "GROUP BY r.destination, waiting", (now,),
-            )}
+    def _one_request_at_a_time(self, db: psycopg.Connection, transaction_uid: str) -> None:
+        """Requests with one Transaction UID are decided one after the other, across nodes."""
+        db.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_SCHEMA_LOCK, _slot_key(transaction_uid)))

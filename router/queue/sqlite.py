@@ -11,13 +11,15 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from router.queue import (
-    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob, Queue,
-    RelayedInstance, Stored, StoredCommitment, StoredRelay, Whereabouts,
+    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob,
+    Queue, Whereabouts,
 )
+from router.queue.commitments import CommitmentStore
 from router.request import Outcome, Request
 
 SCHEMA = """
@@ -211,7 +213,7 @@ def _claim_order(holding: Holding) -> str:
     return "j.priority, j.next_attempt_at, j.id"
 
 
-class SqliteQueue(Queue):
+class SqliteQueue(CommitmentStore, Queue):
     """Thread-safe: each thread gets its own SQLite connection."""
 
     def __init__(self, path: Path, history_days: float = 7) -> None:
@@ -594,229 +596,9 @@ class SqliteQueue(Queue):
             for uid, found in classes.items()
         }
 
-    # -- storage commitment -------------------------------------------------------------------
-    def add_commitment(self, transaction_uid: str, calling_ae: str, references: Iterable[tuple[str, str]],
-                       received_at: float, deadline: float, holder: str = "", held_until: float = 0.0) -> str:
-        references = [tuple(r) for r in references]
-        with self._tx() as db:
-            earlier = db.execute(
-                "SELECT id, state FROM commitments WHERE transaction_uid = ? AND duplicate = 0 ORDER BY id DESC LIMIT 1",
-                (transaction_uid,),
-            ).fetchone()
-            duplicate = False
-            if earlier is not None:
-                same = [tuple(r) for r in db.execute(
-                    "SELECT sop_class_uid, sop_instance_uid FROM commitment_instances WHERE commitment_id = ? "
-                    "ORDER BY position", (earlier[0],))] == references
-                if same and earlier[1] != "reported":
-                    if earlier[1] == "pending" and holder:
-                        db.execute("UPDATE commitments SET holder = ?, held_until = ? WHERE id = ?",
-                                   (holder, held_until, earlier[0]))
-                    return "repeated"
-                duplicate = not same
-            cur = db.execute(
-                "INSERT INTO commitments (transaction_uid, calling_ae, received_at, deadline, duplicate, state, holder, "
-                "held_until) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (transaction_uid, calling_ae, received_at, deadline, int(duplicate), holder, held_until),
-            )
-            commitment_id = int(cur.lastrowid)
-            db.executemany(
-                "INSERT INTO commitment_instances (commitment_id, position, sop_class_uid, sop_instance_uid) "
-                "VALUES (?, ?, ?, ?)",
-                [(commitment_id, index, sop_class, uid) for index, (sop_class, uid) in enumerate(references)],
-            )
-        return "duplicate" if duplicate else "new"
+    # -- storage commitment (router.queue.commitments): the dialect --------------------------------
+    def _reading(self) -> AbstractContextManager[sqlite3.Connection]:
+        return nullcontext(self._db())
 
-    def hold_commitments(self, holder: str, held_until: float) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE commitments SET held_until = ? WHERE holder = ? AND state = 'pending'",
-                       (held_until, holder))
-
-    def pending_commitments(self, now: float | None = None, holder: str | None = None) -> list[StoredCommitment]:
-        now = time.time() if now is None else now
-        columns = self._COMMITMENT_COLUMNS
-        db = self._db()
-        if holder is not None:
-            rows = db.execute(f"SELECT {columns} FROM commitments WHERE state = 'pending' AND holder = ? ORDER BY id",
-                              (holder,)).fetchall()
-        else:
-            rows = db.execute(
-                f"SELECT {columns} FROM commitments WHERE (state = 'pending' AND held_until < ? AND next_attempt_at <= ?) "
-                "OR (state = 'reporting' AND claimed_until < ?) ORDER BY id", (now, now, now),
-            ).fetchall()
-        return self._commitments(db, rows)
-
-    def claim_commitment(self, commitment_id: int, claimer: str, until: float) -> bool:
-        now = time.time()
-        with self._tx() as db:
-            return db.execute(
-                "UPDATE commitments SET state = 'reporting', holder = ?, claimed_until = ? WHERE id = ? AND "
-                "((state = 'pending' AND (held_until < ? OR holder = ?)) OR (state = 'reporting' AND claimed_until < ?))",
-                (claimer, until, commitment_id, now, claimer, now),
-            ).rowcount == 1
-
-    def commitment_reported(self, commitment_id: int, event_type: int) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE commitments SET state = 'reported', event_type = ?, reported_at = ?, attempts = "
-                       "attempts + 1 WHERE id = ?", (event_type, time.time(), commitment_id))
-
-    def commitment_not_reported(self, commitment_id: int, error: str, next_attempt_at: float) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE commitments SET state = 'pending', holder = '', held_until = 0, claimed_until = 0, "
-                "attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE id = ? AND state = 'reporting'",
-                (error, next_attempt_at, commitment_id),
-            )
-
-    _COMMITMENT_COLUMNS = "id, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error"
-
-    def _commitments(self, db: sqlite3.Connection, rows: list[tuple]) -> list[StoredCommitment]:
-        found = []
-        for cid, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error in rows:
-            references = tuple((c, u) for c, u in db.execute(
-                "SELECT sop_class_uid, sop_instance_uid FROM commitment_instances WHERE commitment_id = ? "
-                "ORDER BY position", (cid,)))
-            found.append(StoredCommitment(cid, transaction_uid, calling_ae, references, received_at, deadline,
-                                          bool(duplicate), attempts, last_error))
-        return found
-
-    def open_commitments(self, now: float | None = None) -> list[StoredCommitment]:
-        now = time.time() if now is None else now
-        db = self._db()
-        rows = db.execute(f"SELECT {self._COMMITMENT_COLUMNS} FROM commitments WHERE state != 'reported' "
-                          "AND duplicate = 0 AND deadline > ? ORDER BY id", (now,)).fetchall()
-        return self._commitments(db, rows)
-
-    def commitment_counts(self) -> dict[str, int]:
-        counts = {"waiting": 0, "retrying": 0}
-        for retrying, n in self._db().execute(
-                "SELECT attempts > 0, COUNT(*) FROM commitments WHERE state != 'reported' GROUP BY attempts > 0"):
-            counts["retrying" if retrying else "waiting"] += n
-        return counts
-
-    # -- storage commitment relayed to the destinations ----------------------------------------
-    def deliveries(self, sop_instance_uids: Iterable[str]) -> dict[str, dict[str, Stored]]:
-        uids = sorted(set(sop_instance_uids))
-        latest: dict[tuple[str, str], tuple[str, str, str, float]] = {}
-        db = self._db()
-        for start in range(0, len(uids), _CHUNK):
-            chunk = uids[start:start + _CHUNK]
-            for uid, destination, outcome, sop_class, sent_uid, finished_at in db.execute(
-                "SELECT sop_instance_uid, destination, outcome, sop_class_uid, sent_sop_instance_uid, finished_at "
-                f"FROM history WHERE sop_instance_uid IN ({','.join('?' * len(chunk))}) AND destination != '' "
-                "ORDER BY id", chunk,
-            ):
-                latest[(uid, destination)] = (outcome, sop_class, sent_uid or uid, finished_at)
-        found: dict[str, dict[str, Stored]] = {}
-        for (uid, destination), (outcome, sop_class, sent_uid, finished_at) in latest.items():
-            if outcome == Outcome.DELIVERED.value:
-                found.setdefault(uid, {})[destination] = Stored(destination, sop_class, sent_uid, finished_at)
-        return found
-
-    def add_relay(self, commitment_id: int, destination: str, transaction_uid: str,
-                  instances: Iterable[RelayedInstance], now: float) -> int | None:
-        instances = list(instances)
-        with self._tx() as db:
-            cur = db.execute(
-                "INSERT INTO relays (commitment_id, destination, transaction_uid, state, created_at, next_attempt_at) "
-                "VALUES (?, ?, ?, 'pending', ?, ?)", (commitment_id, destination, transaction_uid, now, now))
-            relay_id = int(cur.lastrowid)
-            added = 0
-            for item in instances:
-                added += db.execute(
-                    "INSERT OR IGNORE INTO relay_instances (relay_id, commitment_id, destination, sop_instance_uid, "
-                    "sop_class_uid, sent_sop_instance_uid) VALUES (?, ?, ?, ?, ?, ?)",
-                    (relay_id, commitment_id, destination, item.sop_instance_uid, item.sop_class_uid,
-                     item.sent_sop_instance_uid),
-                ).rowcount
-            if not added:
-                db.execute("DELETE FROM relays WHERE id = ?", (relay_id,))
-                return None
-        return relay_id
-
-    def relay_results(self, commitment_id: int) -> dict[tuple[str, str], int | None]:
-        return {(destination, uid): result for destination, uid, result in self._db().execute(
-            "SELECT destination, sop_instance_uid, result FROM relay_instances WHERE commitment_id = ?",
-            (commitment_id,))}
-
-    _RELAY_COLUMNS = "r.id, r.commitment_id, r.destination, r.transaction_uid, r.state, r.created_at, r.attempts, " \
-                     "r.last_error"
-
-    def _relays(self, db: sqlite3.Connection, rows: list[tuple]) -> list[StoredRelay]:
-        found = []
-        for rid, commitment_id, destination, transaction_uid, state, created_at, attempts, last_error in rows:
-            instances = tuple(RelayedInstance(*row) for row in db.execute(
-                "SELECT sop_instance_uid, sop_class_uid, sent_sop_instance_uid FROM relay_instances WHERE relay_id = ? "
-                "ORDER BY rowid", (rid,)))
-            found.append(StoredRelay(rid, commitment_id, destination, transaction_uid, state, instances, created_at,
-                                     attempts, last_error))
-        return found
-
-    # a relay to send: pending and due, claimed by a claimer that died, or sent without a report in time
-    _RELAY_DUE = ("((r.state IN ('pending', 'sent') AND r.next_attempt_at <= ?) "
-                  "OR (r.state = 'sending' AND r.claimed_until < ?))")
-
-    def due_relays(self, now: float | None = None) -> list[StoredRelay]:
-        now = time.time() if now is None else now
-        db = self._db()
-        rows = db.execute(
-            f"SELECT {self._RELAY_COLUMNS} FROM relays r JOIN commitments c ON c.id = r.commitment_id "
-            f"WHERE {self._RELAY_DUE} AND c.state != 'reported' AND c.deadline > ? ORDER BY r.id",
-            (now, now, now)).fetchall()
-        return self._relays(db, rows)
-
-    def claim_relay(self, relay_id: int, claimer: str, until: float, now: float | None = None) -> bool:
-        now = time.time() if now is None else now
-        with self._tx() as db:
-            return db.execute(
-                f"UPDATE relays SET state = 'sending', claimer = ?, claimed_until = ? WHERE id = ? AND "
-                f"{self._RELAY_DUE.replace('r.', '')}", (claimer, until, relay_id, now, now),
-            ).rowcount == 1
-
-    def relay_sent(self, relay_id: int, claimer: str, ask_again_at: float) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE relays SET state = 'sent', claimer = '', claimed_until = 0, attempts = attempts + 1, "
-                       "last_error = '', next_attempt_at = ? WHERE id = ? AND state = 'sending' AND claimer = ?",
-                       (ask_again_at, relay_id, claimer))
-
-    def relay_not_sent(self, relay_id: int, claimer: str, error: str, next_attempt_at: float) -> None:
-        with self._tx() as db:
-            db.execute("UPDATE relays SET state = 'pending', claimer = '', claimed_until = 0, attempts = attempts + 1, "
-                       "last_error = ?, next_attempt_at = ? WHERE id = ? AND state = 'sending' AND claimer = ?",
-                       (error, next_attempt_at, relay_id, claimer))
-
-    def relay_refused(self, relay_id: int, claimer: str, error: str, reason: int) -> None:
-        with self._tx() as db:
-            if db.execute("UPDATE relays SET state = 'refused', claimer = '', claimed_until = 0, attempts = "
-                          "attempts + 1, last_error = ?, answered_at = ? WHERE id = ? AND state = 'sending' AND "
-                          "claimer = ?", (error, time.time(), relay_id, claimer)).rowcount:
-                db.execute("UPDATE relay_instances SET result = ? WHERE relay_id = ? AND result IS NULL",
-                           (reason, relay_id))
-
-    def relay_answered(self, transaction_uid: str, results: dict[str, int], unlisted: int,
-                       now: float | None = None) -> StoredRelay | None:
-        now = time.time() if now is None else now
-        with self._tx() as db:
-            rows = db.execute(f"SELECT {self._RELAY_COLUMNS} FROM relays r WHERE r.transaction_uid = ?",
-                              (transaction_uid,)).fetchall()
-            if not rows:
-                return None
-            [relay] = self._relays(db, rows)
-            db.executemany("UPDATE relay_instances SET result = ? WHERE relay_id = ? AND sent_sop_instance_uid = ?",
-                           [(results.get(item.sent_sop_instance_uid, unlisted), relay.id, item.sent_sop_instance_uid)
-                            for item in relay.instances])
-            db.execute("UPDATE relays SET state = 'answered', claimer = '', claimed_until = 0, answered_at = ? "
-                       "WHERE id = ?", (now, relay.id))
-        return relay
-
-    def relay_counts(self, now: float | None = None) -> dict[tuple[str, str], int]:
-        now = time.time() if now is None else now
-        counts: dict[tuple[str, str], int] = {}
-        for destination, state, n in self._db().execute(
-            "SELECT r.destination, CASE r.state WHEN 'sent' THEN 'awaiting_report' ELSE 'sending' END, COUNT(*) "
-            "FROM relays r JOIN commitments c ON c.id = r.commitment_id "
-            "WHERE r.state IN ('pending', 'sending', 'sent') AND c.state != 'reported' AND c.deadline > ? GROUP BY 1, 2",
-            (now,),
-        ):
-            counts[(destination, state)] = n
-        return counts
+    def _writing(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._tx()
