@@ -2,29 +2,20 @@
 
 The verbs of `Queue`'s storage commitment sections (requests from modalities, their reports, and
 the requests relayed to the destinations) run the same SQL on SQLite and on PostgreSQL; each
-backend supplies its dialect:
-
-    _reading()   a connection to read with
-    _writing()   a connection in a write transaction, committed at exit
-    _sql(text)   the statement with the backend's placeholders (written here with `?`)
-    _many(db, sql, rows)   one statement for each row
-    _one_request_at_a_time(db, transaction_uid)   requests with one Transaction UID are decided
-                 one after the other (SQLite's write transactions already are)
-    _FOR_UPDATE  what locks the rows read in a write transaction ("" where the transaction does)
-    _INSERTION_ORDER   the column that orders rows as inserted
+backend gives its dialect (`router.queue.dialect.SqlDialect`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
 from typing import Any
 
 from router.queue import RelayedInstance, Stored, StoredCommitment, StoredRelay
+from router.queue.dialect import CHUNK as _CHUNK
+from router.queue.dialect import SqlDialect
+from router.queue.dialect import marks as _marks
 from router.request import Outcome
-
-_CHUNK = 500  # values per IN (...) list
 
 _COMMITMENT_COLUMNS = "id, transaction_uid, calling_ae, received_at, deadline, duplicate, attempts, last_error"
 _RELAY_COLUMNS = "r.id, r.commitment_id, r.destination, r.transaction_uid, r.state, r.created_at, r.attempts, " \
@@ -34,31 +25,9 @@ _RELAY_DUE = ("((r.state IN ('pending', 'sent') AND r.next_attempt_at <= ?) "
               "OR (r.state = 'sending' AND r.claimed_until < ?))")
 
 
-def _marks(values: list) -> str:
-    return ", ".join("?" * len(values))
-
-
-class CommitmentStore:
-    """The storage commitment verbs of `router.queue.Queue`, for a backend that supplies the
-    dialect hooks above."""
-
-    _FOR_UPDATE = ""
-    _INSERTION_ORDER = "rowid"
-
-    def _reading(self) -> AbstractContextManager[Any]:
-        raise NotImplementedError
-
-    def _writing(self) -> AbstractContextManager[Any]:
-        raise NotImplementedError
-
-    def _sql(self, text: str) -> str:
-        return text
-
-    def _many(self, db: Any, sql: str, rows: list[tuple]) -> None:
-        db.executemany(sql, rows)
-
-    def _one_request_at_a_time(self, db: Any, transaction_uid: str) -> None:
-        """Nothing to do where write transactions never overlap."""
+class CommitmentStore(SqlDialect):
+    """The storage commitment verbs of `router.queue.Queue`, for a backend that gives its
+    dialect."""
 
     # -- requests from modalities and their reports --------------------------------------------
     def add_commitment(self, transaction_uid: str, calling_ae: str, references: Iterable[tuple[str, str]],

@@ -36,11 +36,12 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from router.queue import (
-    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob,
-    Node, NodeNameInUse, Queue, Slot, Whereabouts,
+    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, Holding, Instance, Job, NewJob, Node,
+    NodeNameInUse, Queue, Slot,
 )
 from router.queue.commitments import CommitmentStore
-from router.request import Outcome, Request
+from router.queue.reading import HISTORY_COLUMNS, JOB_COLUMNS, ReadingStore, job_from_row
+from router.request import Outcome
 
 SCHEMA_VERSION = 2
 
@@ -187,17 +188,12 @@ _DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
 UNREACHABLE_WAIT_S = 0.5
 CHECK_IDLE_S = 5.0
 PRUNE_EVERY_S = 3600.0
-_CHUNK = 500
 
-_HISTORY_COLUMNS = (
-    "destination, outcome, syntax, transfer_syntax_uid, received_size, sent_size, ratio, attempts, last_error, "
-    "received_at, finished_at, study_instance_uid, series_instance_uid, sop_instance_uid, sent_sop_instance_uid, "
-    "sop_class_uid, calling_ae"
-)
+
 # a history row from a job and its instance; the parameters: outcome, syntax, transfer syntax UID,
 # sent size, ratio, attempts added to the job's, last error (NULL: the job's), finished at, sent UID, job id
 _HISTORY_FROM_JOB = (
-    f"INSERT INTO history ({_HISTORY_COLUMNS}) "
+    f"INSERT INTO history ({HISTORY_COLUMNS}) "
     "SELECT j.destination, %s, %s, %s, i.size, %s, %s, j.attempts + %s, COALESCE(%s, j.last_error), i.received_at, "
     "%s, i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid, %s, i.sop_class_uid, i.calling_ae "
     "FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = %s"
@@ -218,31 +214,21 @@ _COMPLETE = (
     "gone AS (DELETE FROM jobs j USING d WHERE j.id = d.job_id RETURNING j.id, j.instance_id, j.destination, "
     "j.attempts, j.last_error, d.outcome, d.syntax, d.transfer_syntax_uid, d.sent_size, d.ratio, d.extra_attempts, "
     "d.note, d.sent_uid), "
-    f"written AS (INSERT INTO history ({_HISTORY_COLUMNS}) SELECT g.destination, g.outcome, g.syntax, "
+    f"written AS (INSERT INTO history ({HISTORY_COLUMNS}) SELECT g.destination, g.outcome, g.syntax, "
     "g.transfer_syntax_uid, i.size, g.sent_size, g.ratio, g.attempts + g.extra_attempts, "
     "COALESCE(g.note, g.last_error), i.received_at, %s, i.study_instance_uid, i.series_instance_uid, "
     "i.sop_instance_uid, g.sent_uid, i.sop_class_uid, i.calling_ae FROM gone g JOIN instances i ON i.id = g.instance_id) "
     "DELETE FROM instances i WHERE i.id IN (SELECT instance_id FROM gone) AND NOT EXISTS "
     "(SELECT 1 FROM jobs k WHERE k.instance_id = i.id AND k.id NOT IN (SELECT id FROM gone)) RETURNING i.path"
 )
-_JOB_COLUMNS = (
-    "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.request, j.rules_tag, "
-    "i.path, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid, i.transfer_syntax_uid, "
-    "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at, i.series_instance_uid, i.series_number, "
-    "i.instance_number, j.priority"
-)
+
+
 _STUDIES = (
     "LEFT JOIN (SELECT e.study_instance_uid AS uid, MAX(e.received_at) AS last, MIN(e.id) AS first "
     "FROM jobs k JOIN instances e ON e.id = k.instance_id WHERE k.destination = %s "
     "AND k.state IN ('pending', 'in_flight') AND e.study_instance_uid != '' GROUP BY e.study_instance_uid) s "
     "ON s.uid = i.study_instance_uid"
 )
-
-
-def _job(row: tuple, taken_over_from: str = "") -> Job:
-    request = Request.from_json(row[6]) if row[6] else None
-    return Job(*row[:6], request, row[7], instance=Instance(*row[8:-1]), priority=row[-1],
-               taken_over_from=taken_over_from)
 
 
 def _studies(holding: Holding, destination: str) -> tuple[str, list]:
@@ -315,7 +301,7 @@ class _AdvisorySlot(Slot):
                 pass
 
 
-class PostgresQueue(CommitmentStore, Queue):
+class PostgresQueue(ReadingStore, CommitmentStore, Queue):
     shared = True
 
     def __init__(self, url: str, node: str, lease_s: float = 30.0, history_days: float = 7, pool_size: int = 10,
@@ -485,7 +471,7 @@ class PostgresQueue(CommitmentStore, Queue):
             self._prune(db, now)
             if not jobs:
                 db.execute(
-                    f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (%s, %s, '', '', %s, NULL, NULL, 0, '', %s, "
+                    f"INSERT INTO history ({HISTORY_COLUMNS}) VALUES (%s, %s, '', '', %s, NULL, NULL, 0, '', %s, "
                     "%s, %s, %s, %s, '', %s, %s)",
                     ("", NOT_FORWARDED, instance.size, instance.received_at, now, instance.study_instance_uid,
                      instance.series_instance_uid, instance.sop_instance_uid, instance.sop_class_uid,
@@ -530,14 +516,14 @@ class PostgresQueue(CommitmentStore, Queue):
                 f"AND {_IN_ORDER} ORDER BY {', '.join(order)} LIMIT %s FOR UPDATE OF j SKIP LOCKED) "
                 f"UPDATE jobs j SET state = 'in_flight', owner = %s, lease_until = {_DB_NOW} + %s, updated_at = %s "
                 f"FROM picked p, instances i WHERE j.id = p.id AND i.id = j.instance_id "
-                f"RETURNING {_JOB_COLUMNS}, p.was, p.was_owner, {', '.join(f'p.k{n}' for n in range(len(order)))}",
+                f"RETURNING {JOB_COLUMNS}, p.was, p.was_owner, {', '.join(f'p.k{n}' for n in range(len(order)))}",
                 (*study_args, destination, now, *args, now, limit, self.node, self.lease_s, now),
             ).fetchall()
-        width = len(_JOB_COLUMNS.split(", "))
+        width = len(JOB_COLUMNS.split(", "))
         # the claim order (RETURNING keeps none); NULLs last, as PostgreSQL orders them
         rows.sort(key=lambda r: tuple((v is None, 0 if v is None else v) for v in r[width + 2:]))
         # as the embedded backend: each job as it was when claimed (pending, or in flight elsewhere)
-        return [_job((*r[:2], r[width], *r[3:width]), r[width + 1] if r[width] == "in_flight" else "") for r in rows]
+        return [job_from_row((*r[:2], r[width], *r[3:width]), r[width + 1] if r[width] == "in_flight" else "") for r in rows]
 
     def next_due(self, destination: str, holding: Holding = Holding()) -> float | None:
         studies, study_args = _studies(holding, destination)
@@ -662,10 +648,6 @@ class PostgresQueue(CommitmentStore, Queue):
                 "LEAST(next_attempt_at, %s) WHERE state = 'in_flight' AND owner = %s", (time.time(), self.node),
             ).rowcount
 
-    def paths(self) -> list[str]:
-        with self._one() as db:
-            return [r[0] for r in db.execute("SELECT path FROM instances")]
-
     def fail_missing_files(self, exists: Callable[[str], bool]) -> int:
         """Only this node's receipts: a file that another node's view of the shared spool lacks is
         that node's to judge (and the forwarder's, when it comes to send it)."""
@@ -685,37 +667,11 @@ class PostgresQueue(CommitmentStore, Queue):
                     self._dead_history(db, job_id, now)
         return len(missing)
 
-    def counts(self) -> dict[tuple[str, str], int]:
-        with self._one() as db:
-            return {(d, s): n for d, s, n in db.execute(
-                "SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state")}
-
-    def oldest_pending(self, now: float | None = None) -> dict[str, float]:
-        now = time.time() if now is None else now
-        with self._one() as db:
-            return {d: max(0.0, now - t) for d, t in db.execute(
-                "SELECT j.destination, MIN(i.received_at) FROM jobs j JOIN instances i ON i.id = j.instance_id "
-                "WHERE j.state IN ('pending', 'in_flight') GROUP BY j.destination")}
-
     def owners(self, job_ids: Iterable[int]) -> dict[int, str]:
         """Which node holds each of these jobs in flight (for `dicom-router queue`)."""
         with self._one() as db:
             return dict(db.execute("SELECT id, owner FROM jobs WHERE id = ANY(%s) AND state = 'in_flight'",
                                    (list(job_ids),)).fetchall())
-
-    def jobs(self, destination: str | None = None, state: str | None = None, limit: int = 1000,
-             study: str | None = None, series: str | None = None, sop: str | None = None) -> list[Job]:
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE TRUE"
-        args: list = []
-        for column, value in (("j.destination", destination), ("j.state", state), ("i.study_instance_uid", study),
-                              ("i.series_instance_uid", series), ("i.sop_instance_uid", sop)):
-            if value:
-                sql += f" AND {column} = %s"
-                args.append(value)
-        sql += " ORDER BY j.id LIMIT %s"
-        args.append(limit)
-        with self._one() as db:
-            return [_job(r) for r in db.execute(sql, args)]
 
     def retry_dead(self, destination: str | None = None, job_ids: Iterable[int] | None = None) -> int:
         now = time.time()
@@ -733,7 +689,7 @@ class PostgresQueue(CommitmentStore, Queue):
             return db.execute(sql, args).rowcount
 
     def purge_dead(self, destination: str | None = None, older_than: float | None = None) -> list[Job]:
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.state = 'dead'"
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.state = 'dead'"
         args: list = []
         if destination:
             sql += " AND j.destination = %s"
@@ -743,7 +699,7 @@ class PostgresQueue(CommitmentStore, Queue):
             args.append(older_than)
         sql += " FOR UPDATE OF j"
         with self._conn() as db:
-            purged = [_job(r) for r in db.execute(sql, args).fetchall()]
+            purged = [job_from_row(r) for r in db.execute(sql, args).fetchall()]
             ids = [job.id for job in purged]
             if ids:
                 db.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,))
@@ -759,60 +715,7 @@ class PostgresQueue(CommitmentStore, Queue):
         db.execute("DELETE FROM history WHERE finished_at < %s", (cutoff,))
         db.execute("DELETE FROM commitments WHERE state = 'reported' AND reported_at < %s", (cutoff,))
 
-    def history(self, study: str | None = None, series: str | None = None, sop: str | None = None,
-                limit: int = 10000) -> list[HistoryEntry]:
-        sql = f"SELECT {_HISTORY_COLUMNS} FROM history WHERE TRUE"
-        args: list = []
-        if study:
-            sql += " AND study_instance_uid = %s"
-            args.append(study)
-        if series:
-            sql += " AND series_instance_uid = %s"
-            args.append(series)
-        if sop:
-            sql += " AND (sop_instance_uid = %s OR sent_sop_instance_uid = %s)"
-            args.extend((sop, sop))
-        sql += " ORDER BY id LIMIT %s"
-        args.append(limit)
-        with self._one() as db:
-            return [HistoryEntry(*row) for row in db.execute(sql, args)]
-
-    def whereabouts(self, sop_instance_uids: Iterable[str]) -> dict[str, Whereabouts]:
-        uids = sorted(set(sop_instance_uids))
-        classes: dict[str, set[str]] = {}
-        unfinished: dict[str, int] = {}
-        dead: dict[str, set[str]] = {}
-        finished: dict[str, int] = {}
-        last: dict[tuple[str, str], str] = {}
-        with self._one() as db:
-            for start in range(0, len(uids), _CHUNK):
-                chunk = uids[start:start + _CHUNK]
-                for uid, sop_class, destination, state in db.execute(
-                    "SELECT i.sop_instance_uid, i.sop_class_uid, j.destination, j.state FROM jobs j "
-                    "JOIN instances i ON i.id = j.instance_id WHERE i.sop_instance_uid = ANY(%s)", (chunk,),
-                ):
-                    classes.setdefault(uid, set()).add(sop_class)
-                    if state == "dead":
-                        dead.setdefault(uid, set()).add(destination)
-                    else:
-                        unfinished[uid] = unfinished.get(uid, 0) + 1
-                for uid, sop_class, destination, outcome in db.execute(
-                    "SELECT sop_instance_uid, sop_class_uid, destination, outcome FROM history "
-                    "WHERE sop_instance_uid = ANY(%s) ORDER BY id", (chunk,),
-                ):
-                    classes.setdefault(uid, set()).add(sop_class)
-                    last[(uid, destination)] = outcome
-        for (uid, destination), outcome in last.items():
-            if outcome == Outcome.DEAD.value:
-                dead.setdefault(uid, set()).add(destination)
-            else:
-                finished[uid] = finished.get(uid, 0) + 1
-        return {
-            uid: Whereabouts(frozenset(found), unfinished.get(uid, 0), len(dead.get(uid, ())), finished.get(uid, 0))
-            for uid, found in classes.items()
-        }
-
-    # -- storage commitment (router.queue.commitments): the dialect --------------------------------
+    # -- the dialect of the verbs both backends share (router.queue.dialect) ---------------------
     _FOR_UPDATE = " FOR UPDATE"
     _INSERTION_ORDER = "id"
 

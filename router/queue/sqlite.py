@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from router.queue import (
-    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, HistoryEntry, Holding, Instance, Job, NewJob,
-    Queue, Whereabouts,
+    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, Holding, Instance, Job, NewJob, Queue,
 )
 from router.queue.commitments import CommitmentStore
-from router.request import Outcome, Request
+from router.queue.reading import HISTORY_COLUMNS, JOB_COLUMNS, ReadingStore, job_from_row
+from router.request import Outcome
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -142,20 +142,15 @@ _ADDED_COLUMNS = (
 _ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_by_priority ON jobs (destination, state, priority, next_attempt_at);"
 PRUNE_EVERY_S = 3600.0
 
-_HISTORY_COLUMNS = (
-    "destination, outcome, syntax, transfer_syntax_uid, received_size, sent_size, ratio, attempts, last_error, "
-    "received_at, finished_at, study_instance_uid, series_instance_uid, sop_instance_uid, sent_sop_instance_uid, "
-    "sop_class_uid, calling_ae"
-)
+
 # a history row from a job and its instance; the parameters: outcome, syntax, transfer syntax UID,
 # sent size, ratio, attempts added to the job's, last error (NULL: the job's), finished at, sent UID, job id
 _HISTORY_FROM_JOB = (
-    f"INSERT INTO history ({_HISTORY_COLUMNS}) "
+    f"INSERT INTO history ({HISTORY_COLUMNS}) "
     "SELECT j.destination, ?, ?, ?, i.size, ?, ?, j.attempts + ?, COALESCE(?, j.last_error), i.received_at, ?, "
     "i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid, ?, i.sop_class_uid, i.calling_ae "
     "FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = ?"
 )
-_CHUNK = 500  # UIDs per IN (...) list
 
 # A job waits while an earlier-received instance with the same SOP Instance UID still has a job
 # pending or in flight to the same destination: versions of an image arrive in the order received.
@@ -166,17 +161,7 @@ _IN_ORDER = (
 )
 
 
-_JOB_COLUMNS = (
-    "j.id, j.destination, j.state, j.attempts, j.next_attempt_at, j.last_error, j.request, j.rules_tag, "
-    "i.path, i.sop_class_uid, i.sop_instance_uid, i.study_instance_uid, i.transfer_syntax_uid, "
-    "i.calling_ae, i.called_ae, i.source_ip, i.size, i.received_at, i.series_instance_uid, i.series_number, "
-    "i.instance_number, j.priority"
-)
 
-
-def _job(row: tuple) -> Job:
-    request = Request.from_json(row[6]) if row[6] else None
-    return Job(*row[:6], request, row[7], instance=Instance(*row[8:-1]), priority=row[-1])
 
 
 # When a pending job is due, in SQL over `jobs j JOIN instances i` and `_studies`: its retry time,
@@ -213,7 +198,7 @@ def _claim_order(holding: Holding) -> str:
     return "j.priority, j.next_attempt_at, j.id"
 
 
-class SqliteQueue(CommitmentStore, Queue):
+class SqliteQueue(ReadingStore, CommitmentStore, Queue):
     """Thread-safe: each thread gets its own SQLite connection."""
 
     def __init__(self, path: Path, history_days: float = 7) -> None:
@@ -295,7 +280,7 @@ class SqliteQueue(CommitmentStore, Queue):
             self._prune(db, now)
             if not jobs:
                 db.execute(
-                    f"INSERT INTO history ({_HISTORY_COLUMNS}) VALUES (?, ?, '', '', ?, NULL, NULL, 0, '', ?, ?, ?, ?, "
+                    f"INSERT INTO history ({HISTORY_COLUMNS}) VALUES (?, ?, '', '', ?, NULL, NULL, 0, '', ?, ?, ?, ?, "
                     "?, '', ?, ?)",
                     ("", NOT_FORWARDED, instance.size, instance.received_at, now, instance.study_instance_uid,
                      instance.series_instance_uid, instance.sop_instance_uid, instance.sop_class_uid,
@@ -337,7 +322,7 @@ class SqliteQueue(CommitmentStore, Queue):
         due_at, args = _due_at(holding)
         with self._tx() as db:
             rows = db.execute(
-                f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
+                f"SELECT {JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
                 f"WHERE j.destination = ? AND j.state = 'pending' AND j.next_attempt_at <= ? AND {due_at} <= ? "
                 f"AND {_IN_ORDER} ORDER BY {_claim_order(holding)} LIMIT ?",
                 (*study_args, destination, now, *args, now, limit),
@@ -345,7 +330,7 @@ class SqliteQueue(CommitmentStore, Queue):
             db.executemany(
                 "UPDATE jobs SET state = 'in_flight', updated_at = ? WHERE id = ?", [(now, r[0]) for r in rows]
             )
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def next_due(self, destination: str, holding: Holding = Holding()) -> float | None:
         studies, study_args = _studies(holding, destination)
@@ -455,9 +440,6 @@ class SqliteQueue(CommitmentStore, Queue):
             db.execute("DELETE FROM instances WHERE id NOT IN (SELECT instance_id FROM jobs)")
             return resumed
 
-    def paths(self) -> list[str]:
-        return [r[0] for r in self._db().execute("SELECT path FROM instances")]
-
     def fail_missing_files(self, exists: Callable[[str], bool]) -> int:
         missing = [(i, p) for i, p in self._db().execute("SELECT id, path FROM instances") if not exists(p)]
         now = time.time()
@@ -472,35 +454,6 @@ class SqliteQueue(CommitmentStore, Queue):
                 for job_id in fresh:
                     self._dead_history(db, job_id, now)
         return len(missing)
-
-    def counts(self) -> dict[tuple[str, str], int]:
-        return {
-            (d, s): n
-            for d, s, n in self._db().execute("SELECT destination, state, COUNT(*) FROM jobs GROUP BY destination, state")
-        }
-
-    def oldest_pending(self, now: float | None = None) -> dict[str, float]:
-        now = time.time() if now is None else now
-        return {
-            d: max(0.0, now - t)
-            for d, t in self._db().execute(
-                "SELECT j.destination, MIN(i.received_at) FROM jobs j JOIN instances i ON i.id = j.instance_id "
-                "WHERE j.state IN ('pending', 'in_flight') GROUP BY j.destination"
-            )
-        }
-
-    def jobs(self, destination: str | None = None, state: str | None = None, limit: int = 1000,
-             study: str | None = None, series: str | None = None, sop: str | None = None) -> list[Job]:
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE 1=1"
-        args: list = []
-        for column, value in (("j.destination", destination), ("j.state", state), ("i.study_instance_uid", study),
-                              ("i.series_instance_uid", series), ("i.sop_instance_uid", sop)):
-            if value:
-                sql += f" AND {column} = ?"
-                args.append(value)
-        sql += " ORDER BY j.id LIMIT ?"
-        args.append(limit)
-        return [_job(r) for r in self._db().execute(sql, args)]
 
     def retry_dead(self, destination: str | None = None, job_ids: Iterable[int] | None = None) -> int:
         sql = "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = ?, updated_at = ? WHERE state = 'dead'"
@@ -517,7 +470,7 @@ class SqliteQueue(CommitmentStore, Queue):
             return db.execute(sql, args).rowcount
 
     def purge_dead(self, destination: str | None = None, older_than: float | None = None) -> list[Job]:
-        sql = f"SELECT {_JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.state = 'dead'"
+        sql = f"SELECT {JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.state = 'dead'"
         args: list = []
         if destination:
             sql += " AND j.destination = ?"
@@ -527,7 +480,7 @@ class SqliteQueue(CommitmentStore, Queue):
             args.append(older_than)
         with self._tx() as db:
             rows = db.execute(sql, args).fetchall()
-            purged = [_job(r) for r in rows]
+            purged = [job_from_row(r) for r in rows]
             db.executemany("DELETE FROM jobs WHERE id = ?", [(job.id,) for job in purged])
             db.execute("DELETE FROM instances WHERE id NOT IN (SELECT instance_id FROM jobs)")
         return purged
@@ -543,60 +496,7 @@ class SqliteQueue(CommitmentStore, Queue):
         db.execute("DELETE FROM history WHERE finished_at < ?", (cutoff,))
         db.execute("DELETE FROM commitments WHERE state = 'reported' AND reported_at < ?", (cutoff,))
 
-    def history(self, study: str | None = None, series: str | None = None, sop: str | None = None,
-                limit: int = 10000) -> list[HistoryEntry]:
-        sql = f"SELECT {_HISTORY_COLUMNS} FROM history WHERE 1=1"
-        args: list = []
-        if study:
-            sql += " AND study_instance_uid = ?"
-            args.append(study)
-        if series:
-            sql += " AND series_instance_uid = ?"
-            args.append(series)
-        if sop:
-            sql += " AND (sop_instance_uid = ? OR sent_sop_instance_uid = ?)"
-            args.extend((sop, sop))
-        sql += " ORDER BY id LIMIT ?"
-        args.append(limit)
-        return [HistoryEntry(*row) for row in self._db().execute(sql, args)]
-
-    def whereabouts(self, sop_instance_uids: Iterable[str]) -> dict[str, Whereabouts]:
-        uids = sorted(set(sop_instance_uids))
-        classes: dict[str, set[str]] = {}
-        unfinished: dict[str, int] = {}
-        dead: dict[str, set[str]] = {}
-        finished: dict[str, int] = {}
-        last: dict[tuple[str, str], str] = {}  # (uid, destination) -> its latest outcome in the history
-        db = self._db()
-        for start in range(0, len(uids), _CHUNK):
-            chunk = uids[start:start + _CHUNK]
-            marks = ",".join("?" * len(chunk))
-            for uid, sop_class, destination, state in db.execute(
-                "SELECT i.sop_instance_uid, i.sop_class_uid, j.destination, j.state FROM jobs j "
-                f"JOIN instances i ON i.id = j.instance_id WHERE i.sop_instance_uid IN ({marks})", chunk,
-            ):
-                classes.setdefault(uid, set()).add(sop_class)
-                if state == "dead":
-                    dead.setdefault(uid, set()).add(destination)
-                else:
-                    unfinished[uid] = unfinished.get(uid, 0) + 1
-            for uid, sop_class, destination, outcome in db.execute(
-                "SELECT sop_instance_uid, sop_class_uid, destination, outcome FROM history "
-                f"WHERE sop_instance_uid IN ({marks}) ORDER BY id", chunk,
-            ):
-                classes.setdefault(uid, set()).add(sop_class)
-                last[(uid, destination)] = outcome
-        for (uid, destination), outcome in last.items():
-            if outcome == Outcome.DEAD.value:
-                dead.setdefault(uid, set()).add(destination)
-            else:
-                finished[uid] = finished.get(uid, 0) + 1
-        return {
-            uid: Whereabouts(frozenset(found), unfinished.get(uid, 0), len(dead.get(uid, ())), finished.get(uid, 0))
-            for uid, found in classes.items()
-        }
-
-    # -- storage commitment (router.queue.commitments): the dialect --------------------------------
+    # -- the dialect of the verbs both backends share (router.queue.dialect) ---------------------
     def _reading(self) -> AbstractContextManager[sqlite3.Connection]:
         return nullcontext(self._db())
 
