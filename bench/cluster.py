@@ -264,31 +264,12 @@ def slow_statements(log: str) -> list[dict]:
 # -- the router's nodes -------------------------------------------------------------------------
 def start_node(workdir: Path, dest_port: int, rule: RouterRule, spool: Path, queue_url: str | None,
                node: str) -> tuple[Server, int]:
-    """`dicom-router serve` configured as harness.start_router does, with [queue] for PostgreSQL and
-    the spool directory given (shared by the nodes). Returns the server and its metrics port."""
-    port, metrics_port = harness.free_port(), harness.free_port()
-    rules = workdir / "rules"
-    rules.mkdir(parents=True, exist_ok=True)
-    (rules / "DEST.toml").write_text(
-        "[destination]\n"
-        f'ae_title = "STORESCP"\nhost = "127.0.0.1"\nport = {dest_port}\n'
-        "max_associations = 2\n"
-        "retry = { max_attempts = 5, backoff_s = 0.2, max_backoff_s = 1 }\n\n"
-        + rule.toml()
-    )
+    """`dicom-router serve` as harness.start_router starts it, with [queue] for PostgreSQL and the
+    spool directory given (shared by the nodes). Returns the server and its metrics port."""
+    metrics_port = harness.free_port()
     queue = f'[queue]\nurl = "{queue_url}"\nnode = "{node}"\nlease_s = 30\n' if queue_url else ""
-    (workdir / "router.toml").write_text(
-        "[listen]\n"
-        f'ae_title = "ROUTER"\nhost = "127.0.0.1"\nport = {port}\n'
-        f'[storage]\nspool_dir = "{spool}"\nmin_free_mb = 0\n'
-        f'[metrics]\nhost = "127.0.0.1"\nport = {metrics_port}\n'
-        '[rules]\ndir = "rules"\n'
-        "[transcode]\nworkers = 0\n"
-        + queue
-    )
-    server = harness.launch(f"router-{node}", [harness.PYTHON, "-m", "router", "serve", "--config",
-                                               str(workdir / "router.toml")], workdir, port)
-    harness.wait_listening(server, timeout=60)
+    server = harness.start_router(workdir, dest_port, rule, workers=0, metrics_port=metrics_port, spool=spool,
+                                  extra=queue, name=f"router-{node}")
     return server, metrics_port
 
 

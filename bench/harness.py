@@ -223,8 +223,10 @@ class RouterRule:
 
 
 def start_router(workdir: Path, dest_port: int, rule: RouterRule, dest_aet: str = "STORESCP",
-                 workers: int = 0, metrics_port: int = 0) -> Server:
-    """`dicom-router serve` with one destination and one rule; config written like tests/peers.py."""
+                 workers: int = 0, metrics_port: int = 0, spool: Path | None = None, extra: str = "",
+                 name: str = "router") -> Server:
+    """`dicom-router serve` with one destination and one rule; config written like tests/peers.py.
+    `spool`: its spool directory (default: in `workdir`); `extra`: more router.toml tables."""
     port = free_port()
     rules = workdir / "rules"
     rules.mkdir(parents=True, exist_ok=True)
@@ -242,7 +244,7 @@ def start_router(workdir: Path, dest_port: int, rule: RouterRule, dest_aet: str 
         host = "127.0.0.1"
         port = {port}
         [storage]
-        spool_dir = "{workdir / 'spool'}"
+        spool_dir = "{spool or workdir / 'spool'}"
         min_free_mb = 0
         [metrics]
         host = "127.0.0.1"
@@ -251,8 +253,8 @@ def start_router(workdir: Path, dest_port: int, rule: RouterRule, dest_aet: str 
         dir = "rules"
         [transcode]
         workers = {workers}
-        """))
-    server = launch("router", [PYTHON, "-m", "router", "serve", "--config", str(config)], workdir, port)
+        """) + extra)
+    server = launch(name, [PYTHON, "-m", "router", "serve", "--config", str(config)], workdir, port)
     wait_listening(server, timeout=60)
     return server
 

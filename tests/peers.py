@@ -482,3 +482,21 @@ def metric_value(text: str, name: str, **labels: str) -> float:
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 __all__ = ["build_context"]
+
+
+# -- DICOM TLS: certificates made by the tests ---------------------------------------------------------
+def make_pki(directory: Path, certificates: dict[str, str]) -> Path:
+    """A CA (`ca.pem`, `ca.key`) and, for each name, `NAME.pem` and `NAME.key` signed by it with
+    the subjectAltName given (e.g. "IP:127.0.0.1,DNS:localhost"), made with openssl in `directory`."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=Test DICOM CA")
+    for name, alt in certificates.items():
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        (directory / f"{name}.ext").write_text(f"subjectAltName={alt}\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return directory

@@ -14,7 +14,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from tests.peers import Destination, data, metric_value, send, wait_until
+from tests.peers import Destination, data, make_pki, metric_value, send, wait_until
 
 RULE = '[[rule]]\nsyntax = "original"\n'
 
@@ -83,23 +83,10 @@ def test_spool_is_owner_only(router_factory, pacs):
 
 
 # -- DICOM TLS -------------------------------------------------------------------------------------
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """A CA, a certificate for 127.0.0.1/localhost and one for a modality, all made here."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=Test DICOM CA", cwd=d)
-    for name, san in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "subjectAltName=DNS:ct1")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        (d / f"{name}.ext").write_text(san + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), {"server": "IP:127.0.0.1,DNS:localhost", "client": "DNS:ct1"})
 
 
 def _client(pki: Path, with_cert: bool) -> tuple[ssl.SSLContext, str]:

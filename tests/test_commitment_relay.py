@@ -27,7 +27,7 @@ from router.relay import Relayer, parse_report, record_report
 from router.request import Request
 from router.scp import Receiver
 from router.spool import Spool
-from tests.peers import free_port, wait_until
+from tests.peers import free_port, make_pki, wait_until
 from tests.queues import backend  # noqa: F401 - the fixture: queue tests run on SQLite and on PostgreSQL
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -537,25 +537,10 @@ def test_relay_settings_load_with_tls_files_relative_to_their_file(tmp_path):
 
 
 # -- DICOM TLS: the report to a modality, the N-ACTION to a destination ------------------------------------------
-def _openssl(*args: str, cwd: Path) -> None:
-    import subprocess
-
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     """A CA and a certificate for 127.0.0.1 (peers) and one for the router, all made here."""
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
-             "-subj", "/CN=Test DICOM CA", cwd=d)
-    for name, san in (("peer", "subjectAltName=IP:127.0.0.1"), ("router", "subjectAltName=DNS:router")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                 "-subj", f"/CN={name}", cwd=d)
-        (d / f"{name}.ext").write_text(san + "\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                 "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    return d
+    return make_pki(tmp_path_factory.mktemp("pki"), {"peer": "IP:127.0.0.1", "router": "DNS:router"})
 
 
 def _server_context(pki: Path):  # noqa: ANN202

@@ -36,7 +36,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from router.queue import (
-    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, Holding, Instance, Job, NewJob, Node,
+    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, Delivery, Holding, Instance, Job, NewJob, Node,
     NodeNameInUse, Queue, Slot,
 )
 from router.queue.commitments import CommitmentStore
@@ -187,7 +187,6 @@ class SchemaTooNew(RuntimeError):
 _DB_NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
 UNREACHABLE_WAIT_S = 0.5
 CHECK_IDLE_S = 5.0
-PRUNE_EVERY_S = 3600.0
 
 
 # a history row from a job and its instance; the parameters: outcome, syntax, transfer syntax UID,
@@ -470,13 +469,7 @@ class PostgresQueue(ReadingStore, CommitmentStore, Queue):
         with self._one() as db:
             self._prune(db, now)
             if not jobs:
-                db.execute(
-                    f"INSERT INTO history ({HISTORY_COLUMNS}) VALUES (%s, %s, '', '', %s, NULL, NULL, 0, '', %s, "
-                    "%s, %s, %s, %s, '', %s, %s)",
-                    ("", NOT_FORWARDED, instance.size, instance.received_at, now, instance.study_instance_uid,
-                     instance.series_instance_uid, instance.sop_instance_uid, instance.sop_class_uid,
-                     instance.calling_ae),
-                )
+                self._not_forwarded(db, instance, now)
                 return
             # the instance and its jobs in one statement: one round trip, one commit
             db.execute(
@@ -707,13 +700,6 @@ class PostgresQueue(ReadingStore, CommitmentStore, Queue):
         return purged
 
     # -- history ----------------------------------------------------------------------------
-    def _prune(self, db: psycopg.Connection, now: float) -> None:
-        if now - self._pruned_at < PRUNE_EVERY_S:
-            return
-        self._pruned_at = now
-        cutoff = now - self.history_s
-        db.execute("DELETE FROM history WHERE finished_at < %s", (cutoff,))
-        db.execute("DELETE FROM commitments WHERE state = 'reported' AND reported_at < %s", (cutoff,))
 
     # -- the dialect of the verbs both backends share (router.queue.dialect) ---------------------
     _FOR_UPDATE = " FOR UPDATE"

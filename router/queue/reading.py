@@ -1,13 +1,14 @@
-"""What both queue backends read the same way: the jobs and their counts, the history, and where
-an instance is (`whereabouts`). The rows' columns are defined here once, for the backends' own
-statements too."""
+"""What both queue backends do the same way with the jobs and the history: read the jobs and
+their counts, the history, and where an instance is (`whereabouts`); record an instance no
+destination wants, and prune the history. The rows' columns are defined here once, for the
+backends' own statements too."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable
 
-from router.queue import HistoryEntry, Instance, Job, Whereabouts
+from router.queue import NOT_FORWARDED, HistoryEntry, Instance, Job, Whereabouts
 from router.queue.dialect import CHUNK, SqlDialect, marks
 from router.request import Outcome, Request
 
@@ -24,6 +25,9 @@ JOB_COLUMNS = (
 )
 
 
+PRUNE_EVERY_S = 3600.0
+
+
 def job_from_row(row: tuple, taken_over_from: str = "") -> Job:
     """A `Job` from a row of JOB_COLUMNS."""
     request = Request.from_json(row[6]) if row[6] else None
@@ -32,7 +36,30 @@ def job_from_row(row: tuple, taken_over_from: str = "") -> Job:
 
 
 class ReadingStore(SqlDialect):
-    """The reading verbs of `router.queue.Queue`, for a backend that gives its dialect."""
+    """The reading verbs of `router.queue.Queue`, and the history rows written the same way, for
+    a backend that gives its dialect (and sets `history_s` and `_pruned_at`)."""
+
+    history_s: float
+    _pruned_at: float
+
+    def _not_forwarded(self, db, instance: Instance, now: float) -> None:  # noqa: ANN001 - the backend's connection
+        """The history row of an instance no destination wants."""
+        db.execute(self._sql(
+            f"INSERT INTO history ({HISTORY_COLUMNS}) VALUES (?, ?, '', '', ?, NULL, NULL, 0, '', ?, ?, ?, ?, ?, '', "
+            "?, ?)"),
+            ("", NOT_FORWARDED, instance.size, instance.received_at, now, instance.study_instance_uid,
+             instance.series_instance_uid, instance.sop_instance_uid, instance.sop_class_uid, instance.calling_ae),
+        )
+
+    def _prune(self, db, now: float) -> None:  # noqa: ANN001 - the backend's connection
+        """Drop history and reported commitment requests older than history_days, at most once
+        an hour per process."""
+        if now - self._pruned_at < PRUNE_EVERY_S:
+            return
+        self._pruned_at = now
+        cutoff = now - self.history_s
+        db.execute(self._sql("DELETE FROM history WHERE finished_at < ?"), (cutoff,))
+        db.execute(self._sql("DELETE FROM commitments WHERE state = 'reported' AND reported_at < ?"), (cutoff,))
 
     def paths(self) -> list[str]:
         with self._reading() as db:

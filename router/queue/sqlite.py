@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from router.queue import (
-    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, NOT_FORWARDED, Delivery, Holding, Instance, Job, NewJob, Queue,
+    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, Delivery, Holding, Instance, Job, NewJob, Queue,
 )
 from router.queue.commitments import CommitmentStore
 from router.queue.reading import HISTORY_COLUMNS, JOB_COLUMNS, ReadingStore, job_from_row
@@ -140,7 +140,6 @@ _ADDED_COLUMNS = (
 )
 # indexes on added columns, made once the columns exist
 _ADDED_INDEXES = "CREATE INDEX IF NOT EXISTS jobs_by_priority ON jobs (destination, state, priority, next_attempt_at);"
-PRUNE_EVERY_S = 3600.0
 
 
 # a history row from a job and its instance; the parameters: outcome, syntax, transfer syntax UID,
@@ -279,13 +278,7 @@ class SqliteQueue(ReadingStore, CommitmentStore, Queue):
         with self._tx() as db:
             self._prune(db, now)
             if not jobs:
-                db.execute(
-                    f"INSERT INTO history ({HISTORY_COLUMNS}) VALUES (?, ?, '', '', ?, NULL, NULL, 0, '', ?, ?, ?, ?, "
-                    "?, '', ?, ?)",
-                    ("", NOT_FORWARDED, instance.size, instance.received_at, now, instance.study_instance_uid,
-                     instance.series_instance_uid, instance.sop_instance_uid, instance.sop_class_uid,
-                     instance.calling_ae),
-                )
+                self._not_forwarded(db, instance, now)
                 return
             cur = db.execute(
                 "INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
@@ -486,15 +479,6 @@ class SqliteQueue(ReadingStore, CommitmentStore, Queue):
         return purged
 
     # -- history ----------------------------------------------------------------------------
-    def _prune(self, db: sqlite3.Connection, now: float) -> None:
-        """Drop history and reported commitment requests older than history_days, at most once
-        an hour per process."""
-        if now - self._pruned_at < PRUNE_EVERY_S:
-            return
-        self._pruned_at = now
-        cutoff = now - self.history_s
-        db.execute("DELETE FROM history WHERE finished_at < ?", (cutoff,))
-        db.execute("DELETE FROM commitments WHERE state = 'reported' AND reported_at < ?", (cutoff,))
 
     # -- the dialect of the verbs both backends share (router.queue.dialect) ---------------------
     def _reading(self) -> AbstractContextManager[sqlite3.Connection]:
