@@ -212,3 +212,52 @@ def test_an_instance_two_nodes_finished_at_once_is_swept_with_its_file(cluster, 
     assert b.sweep_orphans() == ["/spool/both.dcm"] and a.paths() == []
     a.add(instance("/spool/new.dcm", "2.25.6"), jobs("PACS"))
     assert a.sweep_orphans() == [] and a.paths() == ["/spool/new.dcm"]  # an instance with its jobs stays
+
+
+def test_a_job_taken_over_is_sent_again_and_counted_as_a_possible_duplicate(cluster, postgres_url, tmp_path,
+                                                                            pacs):
+    """Node a claimed two instances and died; node b's forwarder sends them once a's lease expired,
+    and counts each in dicom_router_duplicate_sends_total (a may have sent them already); an
+    instance nobody had claimed is not counted."""
+    import shutil
+
+    from pydicom import dcmread
+
+    from router import metrics
+    from router.config import load_rule_file
+    from router.forwarder import Forwarder
+    from router.intake import SUCCESS, Intake, Received
+    from router.rules import Context
+    from router.spool import Spool
+    from router.workers import CodecPool
+    from tests.peers import data, make_series, wait_until
+
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    (rules_dir / "PACS.toml").write_text(
+        f'[destination]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs.port}\n[[rule]]\nsyntax = "original"\n')
+    rules = load_rule_file(rules_dir / "PACS.toml")
+    a, b = cluster("a"), cluster("b")
+    spool_a, spool_b = Spool(tmp_path / "spool", node="a"), Spool(tmp_path / "spool", node="b")
+    intake = Intake(spool_a, a, lambda: [rules])
+    series = make_series(data("693_UNCR.dcm"), 3, tmp_path / "series")
+    for index, source in enumerate(series):
+        path = spool_a.incoming / f"rx{index}.dcm"
+        shutil.copyfile(source, path)
+        ds = dcmread(source, stop_before_pixels=True)
+        assert intake.accept(Received(path, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                      Context("CT1", "ROUTER", "::1"))) == SUCCESS
+    assert len(a.claim("PACS", 2)) == 2  # then node a dies with them in flight
+    expire_leases(postgres_url, "a")
+    counted = metrics.DUPLICATE_SENDS.labels(destination="PACS")._value.get()  # noqa: SLF001
+    pool = CodecPool(workers=1)
+    forwarder = Forwarder("PACS", lambda name: rules, b, spool_b, pool, "ROUTER")
+    try:
+        forwarder.start()
+        wait_until(lambda: pacs.count() == 3, 30, what="the three instances at the PACS")
+        wait_until(lambda: b.counts() == {}, 10, what="the queue drained")
+    finally:
+        forwarder.stop(timeout=10)
+        pool.shutdown()
+    assert metrics.DUPLICATE_SENDS.labels(destination="PACS")._value.get() - counted == 2  # noqa: SLF001
+    assert not list((tmp_path / "spool" / "instances").iterdir())  # node b removed node a's files once delivered
