@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from router import codecs  # noqa: E402
 from router.codecs.frames import to_pattern  # noqa: E402
 from router.request import Params  # noqa: E402
-from router.transcode import decoded_frames  # noqa: E402
+from router.codecs import pixeldata  # noqa: E402
+from router.codecs.write import guess_ts  # noqa: E402
 
 IMAGES = {
     "CR 15-bit": "RG1_UNCR.dcm",
@@ -42,6 +43,15 @@ def _timed(fn, seconds: float) -> tuple[float, object]:
         dt = time.perf_counter() - t0
         best, spent = min(best, dt), spent + dt
     return best, result
+
+
+def decoded_frames(ds: pydicom.Dataset) -> tuple[list[np.ndarray], codecs.ImageInfo] | None:
+    """The frames of ``ds`` as the transcoder hands them to an encoder, and what a codec needs to
+    know of them; None for pixels no codec takes (1-bit)."""
+    ts = str(ds.file_meta.get("TransferSyntaxUID", "") or guess_ts(ds))
+    pixeldata.check(ds, ts not in codecs.NATIVE_TRANSFER_SYNTAXES)
+    pixels = pixeldata.decode(ds, ts)
+    return None if pixels is None else (pixels.frames, pixels.image)
 
 
 def measure(syntax: codecs.Syntax, path: Path, seconds: float) -> str:

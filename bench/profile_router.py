@@ -58,7 +58,7 @@ HANDLER_STEPS = [
     ("logging (structlog)", ("structlog", "router/log.py")),
     ("metrics (prometheus_client)", ("prometheus_client",)),
     ("free-space check", ("has_room", "disk_usage")),
-    ("on_enqueued: wake forwarder", ("_wake", "on_enqueued")),
+    ("notify: wake forwarder", ("_wake", "notify")),
 ]
 INBOUND_STEPS = [
     ("C-STORE handler (intake)", ("Receiver._on_store", "Intake.accept")),
@@ -72,15 +72,15 @@ FORWARDER_STEPS = [
     ("record delivered: queue.complete + spool.remove", ("Forwarder._delivered",)),
     ("record retry / dead", ("Forwarder.record",)),
     ("logging (structlog)", ("structlog", "router/log.py")),
-    ("send_c_store: read file + DIMSE encode", ("send_c_store",)),
+    ("send_c_store: read file + DIMSE encode", ("send_c_store", "DimseSender._store")),
     ("associate / release", ("Association.open", "Association.release")),
     ("queue.next_due", ("SqliteQueue.next_due",)),
 ]
 WORKER_STEPS = [
-    ("verify: decode again + compare", ("_Transcoding.check",)),
-    ("encode (codec)", ("_Transcoding.encode",)),  # after check: encode's own frames minus verify
-    ("decode input pixels", ("_decode", "_Transcoding.pixels")),
-    ("write output: dcmwrite", ("_Transcoding.write", "dcmwrite")),
+    ("verify: decode again + compare", ("encode.py\", line", "check")),
+    ("encode (codec)", ("encode_frames", "_Transcoding.encode")),  # after check: encode's own frames minus verify
+    ("decode input pixels", ("pixeldata.py", "_Transcoding.pixels")),
+    ("write output: dcmwrite", ("write_file", "dcmwrite")),
     ("read input: dcmread", ("transcode_file",)),
     ("pool IPC / idle", ("multiprocessing", "concurrent/futures")),
 ]
@@ -149,7 +149,7 @@ def parse(raw: Path, router_pid: int) -> dict:
             step = _step(stack, steps)
             if "inbound association" in role and step == "C-STORE handler":
                 step = "handler: " + _step(stack, HANDLER_STEPS)
-            if role.startswith("codec worker") and step == "encode (codec)" and "_Transcoding.check" in stack:
+            if role.startswith("codec worker") and step == "encode (codec)" and "encode.py\", line" in stack and "check" in stack:
                 step = "verify: decode again + compare"
             if role.startswith("forwarder") and step == "waiting for codec workers (run_many)":
                 state = "wait"
@@ -188,7 +188,7 @@ def worker_breakdown(src: Path, syntax: str, repeat: int = 30) -> str:
     import pstats
 
     from router.request import Request
-    from router.transcode import transcode_file
+    from router.codecs.transcode import transcode_file
 
     request = Request(syntax=syntax)
     with tempfile.TemporaryDirectory() as tmp:
@@ -211,13 +211,13 @@ def worker_breakdown(src: Path, syntax: str, repeat: int = 30) -> str:
 
     parts = [
         ("read input: pydicom.dcmread (whole file)", cumulative("dcmread", "pydicom")),
-        ("decode input pixels (_decode)", cumulative("_decode", "router/transcode.py")),
-        ("encode (registry encode function)", cumulative("encode", "router/transcode.py")
-         - cumulative("check", "router/transcode.py") - cumulative("write", "router/transcode.py")
-         - cumulative("lossy_bookkeeping", "router/transcode.py") - cumulative("_set_encapsulated", "router/transcode.py")),
-        ("verify: decode + compare (_Transcoding.check)", cumulative("check", "router/transcode.py")),
-        ("encapsulate (_set_encapsulated)", cumulative("_set_encapsulated", "router/transcode.py")),
-        ("write output: dcmwrite (_Transcoding.write)", cumulative("write", "router/transcode.py")),
+        ("decode input pixels (pixeldata.decode)", cumulative("decode", "router/codecs/pixeldata.py")),
+        ("encode (encode_frames, less verify)", cumulative("encode_frames", "router/codecs/encode.py")
+         - cumulative("check", "router/codecs/encode.py")),
+        ("verify: decode + compare (encode.check)", cumulative("check", "router/codecs/encode.py")),
+        ("label lossy output (label.lossy_bookkeeping)", cumulative("lossy_bookkeeping", "router/codecs/label.py")),
+        ("encapsulate (write.set_encapsulated)", cumulative("set_encapsulated", "router/codecs/write.py")),
+        ("write output (write.write_file)", cumulative("write_file", "router/codecs/write.py")),
     ]
     lines = [f"transcode_file({src.name}, {syntax}): {plain * 1000:.1f} ms per image unprofiled "
              f"({profiled_total * 1000:.1f} ms under cProfile; shares below are of the profiled time)", "",

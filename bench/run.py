@@ -322,7 +322,7 @@ def _tail(path: Path, lines: int = 10) -> str:
 def codec_limits(studies: dict[str, corpus.Study], scenarios: list[Scenario], seconds: float) -> list[dict]:
     """Single-core transcode_file speed (read, decode, encode, verify, write) of each codec used, x cores."""
     from router.request import Request
-    from router.transcode import transcode_file
+    from router.codecs.transcode import transcode_file
 
     wanted: dict[tuple[str, str], dict] = {}
     for s in scenarios:
@@ -452,7 +452,7 @@ def stage_markdown(runs: list[dict], order: list[str]) -> str:
 
 
 def codec_markdown(rows: list[dict]) -> str:
-    lines = ["| codec (router.transcode.transcode_file) | corpus | ms/inst, 1 core | MB/s, 1 core "
+    lines = ["| codec (router.codecs.transcode.transcode_file) | corpus | ms/inst, 1 core | MB/s, 1 core "
              "| limit inst/s (× cores) | limit MB/s | output |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("check_only"):

@@ -6,15 +6,16 @@ validated objects. Every error names the file, the rule and the field.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from router.codecs import registry
 from router.rules import COMPARISON, CONTEXT_KEYS, PRIORITIES, SKIP
@@ -38,6 +39,9 @@ def _ae_title(value: str) -> str:
     if not is_valid_ae_title(value):
         raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no backslash)")
     return value
+
+
+AeTitle = Annotated[str, AfterValidator(_ae_title)]  # an AE title, checked where the configuration loads
 
 
 class AllowedCaller(_Strict):
@@ -69,7 +73,7 @@ class Tls(_Strict):
 
 
 class Listen(_Strict):
-    ae_title: str = "ROUTER"
+    ae_title: AeTitle = "ROUTER"
     host: str = "0.0.0.0"
     port: int = Field(11112, ge=0, le=65535)
     allowed_callers: list[str | AllowedCaller] = Field(default_factory=list)
@@ -90,10 +94,6 @@ class Listen(_Strict):
     # UnknownSopClassAccepted); false: only the storage classes pynetdicom knows
     accept_unknown_sop_classes: bool = True
 
-    @field_validator("ae_title")
-    @classmethod
-    def _check_ae(cls, value: str) -> str:
-        return _ae_title(value)
 
 
 class Storage(_Strict):
@@ -154,13 +154,9 @@ class ReplyAddress(_Strict):
 
     host: str
     port: int = Field(ge=1, le=65535)
-    ae_title: str | None = Field(None, description="the modality's AE title there; default: its calling AE title")
+    ae_title: AeTitle | None = Field(None, description="the modality's AE title there; default: its calling AE title")
     tls: Tls | None = Field(None, description="DICOM TLS to the modality: ca verifies it, cert/key are the router's")
 
-    @field_validator("ae_title")
-    @classmethod
-    def _check_ae(cls, value: str | None) -> str | None:
-        return value if value is None else _ae_title(value)
 
 
 class Commitment(_Strict):
@@ -228,22 +224,18 @@ class CommitmentScp(_Strict):
 
     host: str | None = None
     port: int | None = Field(None, ge=1, le=65535)
-    ae_title: str | None = None
+    ae_title: AeTitle | None = None
     tls: Tls | None = None
     keep_open_s: float = Field(5, ge=0, le=600, description="the N-ACTION's association stays open this long for "
                                                             "a report on it; 0: released at once")
 
-    @field_validator("ae_title")
-    @classmethod
-    def _check_ae(cls, value: str | None) -> str | None:
-        return value if value is None else _ae_title(value)
 
 
 class Destination(_Strict):
-    ae_title: str
+    ae_title: AeTitle
     host: str
     port: int = Field(ge=1, le=65535)
-    calling_ae_title: str | None = None
+    calling_ae_title: AeTitle | None = None
     forward_calling_ae_title: bool = False  # associate with the calling AE title of the modality that sent it
     max_associations: int = Field(1, ge=1, le=16)
     batch_size: int = Field(32, ge=1, le=1000)
@@ -267,10 +259,6 @@ class Destination(_Strict):
     # after delivery; false: its C-STORE success is the commitment (as in delivered mode)
     commitment: bool | CommitmentScp = False
 
-    @field_validator("ae_title", "calling_ae_title")
-    @classmethod
-    def _check_ae(cls, value: str | None) -> str | None:
-        return value if value is None else _ae_title(value)
 
     @field_validator("schedule")
     @classmethod
@@ -320,6 +308,14 @@ class Destination(_Strict):
         for key in statuses:
             parse_status_range(key)
         return statuses
+
+    @functools.cached_property
+    def status_ranges(self) -> list[tuple[int, int, str]]:
+        """`statuses` as (low, high, outcome), parsed once where the rule file loads."""
+        return [(*parse_status_range(key), outcome) for key, outcome in self.statuses.items()]
+
+    def model_post_init(self, context: Any) -> None:  # noqa: ANN401 - pydantic's signature
+        self.status_ranges  # noqa: B018 - parsed now, not at the first response
 
 
 def parse_status_range(text: str) -> tuple[int, int]:

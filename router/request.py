@@ -40,7 +40,7 @@ class Reason(str, Enum):
     CODEC_ERROR = "codec_error"
     CODEC_CRASH = "codec_crash"
     CODEC_TIMEOUT = "codec_timeout"
-    # why a due-looking job is held back (router.waiting)
+    # why a due-looking job is held back (router.forward.waiting)
     WINDOW = "window"
     DELAY = "delay"
     STUDY_STABLE = "study_stable"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,15 @@ class Backend:
         return queue
 
     def execute(self, queue: Queue, sql: str, *args) -> None:
-        """Write a row as another router version would (SQL with ? placeholders)."""
+        """Write a row as another router version would, on a connection of its own (SQL with ?
+        placeholders)."""
         if self.kind == "sqlite":
-            queue._db().execute(sql, args)  # noqa: SLF001
+            with sqlite3.connect(self.tmp_path / "queue.sqlite", isolation_level=None, timeout=30) as db:
+                db.execute(sql, args)
         else:
-            with queue._conn() as db:  # noqa: SLF001
+            import psycopg
+
+            with psycopg.connect(self.url, autocommit=True) as db:
                 db.execute(sql.replace("?", "%s"), args)
 
     def close(self) -> None:

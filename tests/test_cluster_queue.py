@@ -225,11 +225,11 @@ def test_a_job_taken_over_is_sent_again_and_counted_as_a_possible_duplicate(clus
 
     from router import metrics
     from router.config import load_rule_file
-    from router.forwarder import Forwarder
-    from router.intake import SUCCESS, Intake, Received
+    from router.forward.forwarder import Forwarder
+    from router.receive.intake import SUCCESS, Intake, Received
     from router.rules import Context
-    from router.spool import Spool
-    from router.workers import CodecPool
+    from router.queue.spool import Spool
+    from router.codecs.workers import CodecPool
     from tests.peers import data, make_series, wait_until
 
     rules_dir = tmp_path / "rules"

@@ -10,18 +10,21 @@ import time
 import pytest
 from pydicom.dataset import Dataset
 
-from router.commitment import (
+from router.commitment.accept import accept_request
+from router.commitment.decide import decide
+from router.commitment.messages import (
     CLASS_INSTANCE_CONFLICT, DUPLICATE_TRANSACTION_UID, FAILURES_EXIST, MISSING_ATTRIBUTE, NO_SUCH_ACTION,
-    NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE, AssociationReports, MalformedRequest, Reporter, Transaction,
-    accept_request, decide, event_information, parse_request,
+    NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE, MalformedRequest, Transaction, event_information, parse_request,
 )
+from router.commitment.reporter import Reporter
+from router.commitment.reports import AssociationReports
 from router.config import Commitment, Listen, ReplyAddress
-from router.intake import Intake
+from router.receive.intake import Intake
 from router.queue import Delivery, Instance, NewJob
 from router.queue.sqlite import SqliteQueue
 from router.request import Request
-from router.scp import Receiver
-from router.spool import Spool
+from router.receive.scp import Receiver
+from router.queue.spool import Spool
 from tests.peers import (
     CommittingModality, Destination, Pacs, data, free_port, make_series, metric_value, references, send, wait_until,
 )
@@ -238,7 +241,7 @@ def test_a_report_that_cannot_be_delivered_is_retried_with_backoff(queue):
     reporter = Reporter(queue, config, "ROUTER", clock=lambda: clock[0])
     assert reporter.once() == 0
     [waiting] = queue.pending_commitments(now=clock[0] + 31)
-    assert waiting.attempts == 1 and "cannot associate" in waiting.last_error
+    assert waiting.attempts == 1 and "cannot connect" in waiting.last_error
     modality.listen()
     try:
         assert reporter.once() == 0  # not due yet

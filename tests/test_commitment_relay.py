@@ -14,19 +14,24 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from router.commitment import (
+from router.commitment.accept import accept_request
+from router.commitment.decide import decide, relaying
+from router.commitment.messages import (
     ALL_COMMITTED, CLASS_INSTANCE_CONFLICT, FAILURES_EXIST, NO_SUCH_OBJECT_INSTANCE, PROCESSING_FAILURE,
-    STORAGE_COMMITMENT, AssociationReports, Transaction, accept_request, decide, event_information, relaying,
-    send_on_new_association, send_report,
+    STORAGE_COMMITMENT, Transaction, event_information,
 )
+from router.commitment.reporter import send_on_new_association
+from router.commitment.reports import AssociationReports, send_report
 from router.config import Commitment, CommitmentScp, Destination, DestinationRules, Listen, ReplyAddress, Rule
-from router.intake import Intake
+from router.receive.intake import Intake
 from router.metrics import StateCollector
 from router.queue import Delivery, Instance, NewJob, RelayedInstance
-from router.relay import Relayer, parse_report, record_report
+from router.commitment.accept import record_report
+from router.commitment.messages import parse_report
+from router.commitment.relay import Relayer
 from router.request import Request
-from router.scp import Receiver
-from router.spool import Spool
+from router.receive.scp import Receiver
+from router.queue.spool import Spool
 from tests.peers import free_port, make_pki, wait_until
 from tests.queues import backend  # noqa: F401 - the fixture: queue tests run on SQLite and on PostgreSQL
 
@@ -295,7 +300,7 @@ class Archive:
         return self.status, None
 
     def _send(self, assoc, transaction_uid: str, refs: list[tuple[str, str]]) -> None:  # noqa: ANN001
-        from router.commitment import Answer
+        from router.commitment.messages import Answer
 
         time.sleep(0.2)
         result = Answer(tuple(r for r in refs if r[1] not in self.failures),
@@ -559,7 +564,7 @@ def _router_tls(pki: Path):  # noqa: ANN202
 
 
 def test_a_modality_listening_with_tls_gets_its_report_over_tls(tmp_path, pki):
-    from router.commitment import Reporter
+    from router.commitment.reporter import Reporter
     from router.queue.sqlite import SqliteQueue
 
     reports: list[str] = []

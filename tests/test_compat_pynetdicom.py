@@ -24,6 +24,7 @@ from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from router.compat import listener
 from router.compat import pynetdicom as compat
 from tests.peers import REPO, data, free_port
 from tests.test_network_limits import closed_by_peer, store_request
@@ -270,26 +271,26 @@ def test_upstream_request_handler_makes_its_own_association_socket():
 
 class _Recorded:
     def __init__(self) -> None:
-        self.closed: list[compat.Cut] = []
+        self.closed: list[listener.Cut] = []
         self.unwritable: list[Exception] = []
 
-    def hooks(self, receiving_status: int | None = None) -> compat.Hooks:
-        return compat.Hooks(
+    def hooks(self, receiving_status: int | None = None) -> listener.Hooks:
+        return listener.Hooks(
             closed=lambda cut, detail, address: self.closed.append(cut),
             receiving=lambda assoc, uid, received: receiving_status,
             unwritable=lambda assoc, exc: self.unwritable.append(exc) or 0xC000,
         )
 
 
-def _guarded(recorded: _Recorded, **limits) -> tuple[AE, compat.GuardedAssociationServer, int]:  # noqa: ANN003
+def _guarded(recorded: _Recorded, **limits) -> tuple[AE, listener.GuardedAssociationServer, int]:  # noqa: ANN003
     ae = AE()
     ae.add_supported_context(Verification)
     ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
     port = free_port()
     given = {"request_timeout": 1.0, "pdu_timeout": 1.0, "max_pdu": 16384, "tls_handshake_timeout": 1.0,
              "pending": 4, **limits}
-    server = ae.make_server(("127.0.0.1", port), server_class=compat.GuardedAssociationServer,
-                            limits=compat.Limits(**given), hooks=recorded.hooks())
+    server = ae.make_server(("127.0.0.1", port), server_class=listener.GuardedAssociationServer,
+                            limits=listener.Limits(**given), hooks=recorded.hooks())
     compat.register_server(ae, server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return ae, server, port
@@ -319,8 +320,8 @@ def test_a_guarded_server_closes_slow_silent_and_oversized_callers_and_still_ass
         for sock in idle:
             sock.close()
         server.shutdown()
-    assert recorded.closed[0] == compat.Cut.PDU_TOO_LARGE
-    assert sorted(recorded.closed[1:]) == [compat.Cut.CROWDED, compat.Cut.CROWDED, compat.Cut.REQUEST_TIMEOUT]
+    assert recorded.closed[0] == listener.Cut.PDU_TOO_LARGE
+    assert sorted(recorded.closed[1:]) == [listener.Cut.CROWDED, listener.Cut.CROWDED, listener.Cut.REQUEST_TIMEOUT]
 
 
 def _upstream_storage_server(directory: Path) -> tuple[ThreadedAssociationServer, int]:

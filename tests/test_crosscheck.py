@@ -16,7 +16,7 @@ from pydicom.encaps import generate_frames
 
 from router import codecs
 from router.request import Request
-from router.transcode import transcode_file
+from router.codecs.transcode import transcode_file
 from tests import transcode_images as img
 
 pytestmark = [

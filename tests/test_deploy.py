@@ -75,7 +75,7 @@ def test_unit_runs_hardened_as_a_dedicated_user_with_its_own_state_directory():
 
 def test_unit_options_match_the_command_line():
     service = unit()["Service"]
-    from router.cli import build_parser
+    from router.operate.cli import build_parser
 
     for key in ("ExecStartPre", "ExecStart"):
         argv = shlex.split(service[key])[1:]
@@ -99,7 +99,7 @@ MDWE_CHILD = textwrap.dedent("""
         pass
     from router import codecs
     from router.request import Request
-    from router.transcode import transcode_file
+    from router.codecs.transcode import transcode_file
     results = []
     out = Path(tempfile.mkdtemp()) / "out.dcm"
     images, jpeg = sys.argv[1:-1], sys.argv[-1]

@@ -14,12 +14,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLo
 
 from router import metrics
 from router.config import load_rule_file
-from router.forwarder import Forwarder
-from router.intake import SUCCESS, Intake, Received
+from router.forward.forwarder import Forwarder
+from router.receive.intake import SUCCESS, Intake, Received
 from router.queue.sqlite import SqliteQueue
 from router.rules import Context
-from router.spool import Spool
-from router.workers import CodecPool
+from router.queue.spool import Spool
+from router.codecs.workers import CodecPool
 from tests.peers import data, make_series, wait_until
 
 CT = data("693_UNCR.dcm")

@@ -20,12 +20,12 @@ from hypothesis import strategies as st
 
 from router import metrics
 from router.config import load_rule_file
-from router.intake import Intake, Received
+from router.receive.intake import Intake, Received
 from router.queue.sqlite import SqliteQueue
 from router.request import Request
 from router.rules import Context
-from router.spool import Spool
-from router.transcode import Transcoded, TranscodeError, transcode_file
+from router.queue.spool import Spool
+from router.codecs.transcode import Transcoded, TranscodeError, transcode_file
 from tests import malformed
 from tests.malformed import CATALOGUE, ENCAPSULATED_SEEDS, HUGE, PIXEL_DATA, SEEDS, UNDEFINED, seed
 

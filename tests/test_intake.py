@@ -12,11 +12,11 @@ from pydicom import dcmread
 
 from router import metrics
 from router.config import load_rule_file
-from router.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake, Received
+from router.receive.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake, Received
 from router.queue.sqlite import SqliteQueue
 from router.request import Request
 from router.rules import Context
-from router.spool import Spool
+from router.queue.spool import Spool
 from tests.peers import data
 
 CT = data("693_UNCR.dcm")
@@ -160,8 +160,8 @@ def test_an_unavailable_queue_answers_out_of_resources_and_keeps_nothing(parts):
 def test_the_receiving_side_loads_neither_numpy_nor_the_service_wiring():
     code = ("import sys, router.rules, router.config, router.request; "
             "assert 'numpy' not in sys.modules, 'numpy'; "
-            "import router.intake, router.scp; "
-            "assert 'router.service' not in sys.modules and 'router.forwarder' not in sys.modules, 'wiring'; "
-            "assert 'router.transcode' not in sys.modules, 'transcoder'")
+            "import router.receive.intake, router.receive.scp; "
+            "assert 'router.operate.service' not in sys.modules and 'router.forward.forwarder' not in sys.modules, 'wiring'; "
+            "assert 'router.codecs.transcode' not in sys.modules, 'transcoder'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -30,10 +30,10 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from router.compat.pynetdicom import park_reactor, stream_datasets_to_files
 from router.config import Listen
-from router.intake import Intake
+from router.receive.intake import Intake
 from router.queue.sqlite import SqliteQueue
-from router.scp import Receiver
-from router.spool import Spool
+from router.receive.scp import Receiver
+from router.queue.spool import Spool
 from tests.peers import Destination, data, echo, free_port, metric_value, send, wait_until
 
 RULE = '[[rule]]\nsyntax = "original"\n'

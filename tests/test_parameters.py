@@ -18,7 +18,7 @@ from router import codecs
 from router.codecs import Param, ParameterError, Syntax, check_params
 from router.config import ConfigError, load_rule_file
 from router.request import PARAMETER_NAMES, Params, Reason, Request, fallback
-from router.transcode import transcode_file
+from router.codecs.transcode import transcode_file
 from tests import transcode_images as img
 from tests.peers import REPO
 

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from router.cli import parse_duration as cli_duration
+from router.operate.cli import parse_duration as cli_duration
 from router.schedule import Schedule, parse_days, parse_duration, parse_window
 from tests.test_check import DEST, write
 

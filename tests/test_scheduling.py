@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydicom import dcmread
 
-from router.intake import SUCCESS, Received
+from router.receive.intake import SUCCESS, Received
 from router.queue import HIGH, LOW, NORMAL, Holding, Instance, NewJob
 from router.queue.sqlite import SqliteQueue
 from router.request import Request
@@ -273,13 +273,11 @@ def test_the_forwarder_sends_a_study_once_stable_whole_and_in_instance_order(sch
 def test_a_batch_keeps_its_claimed_order_across_sop_classes():
     from types import SimpleNamespace
 
-    from router.association import contexts_for
-    from router.forwarder import _groups
+    from router.forward.dimse import groups as _groups
 
     def item(uid: str, sop_class: str):  # noqa: ANN202
         instance = SimpleNamespace(sop_class_uid=sop_class, calling_ae="CT1", sop_instance_uid=uid)
-        return SimpleNamespace(job=SimpleNamespace(instance=instance),
-                               contexts=contexts_for(sop_class, {"1.2.840.10008.1.2.4.80"}))
+        return SimpleNamespace(job=SimpleNamespace(instance=instance), possible={"1.2.840.10008.1.2.4.80"})
 
     ct, sr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.88.67"
     batch = [item("1", ct), item("2", sr), item("3", ct)]

@@ -11,7 +11,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from router.compat.pynetdicom import throttle_sends
-from router.throttle import CHUNK, TokenBucket, bytes_per_second
+from router.forward.throttle import CHUNK, TokenBucket, bytes_per_second
 from tests.peers import data, make_series, wait_until
 from tests.test_forwarder import Site, codec_pool  # noqa: F401 - the module's codec pool fixture
 

@@ -9,7 +9,7 @@ from pydicom.encaps import generate_fragments
 from router import codecs
 from router.codecs import registry
 from router.request import Params, Reason, Request
-from router.transcode import Transcoded, TranscodeError, transcode_file
+from router.codecs.transcode import Transcoded, TranscodeError, transcode_file
 from tests import transcode_images as img
 
 pytestmark = pytest.mark.skipif(not img.CT.exists(), reason="pydicom-data is not installed")

@@ -21,7 +21,7 @@ from router import codecs
 from router.codecs import registry
 from router.codecs.codestream import Declared, declared
 from router.request import Request
-from router.transcode import Transcoded, TranscodeError, UnknownSyntax, transcode_file
+from router.codecs.transcode import Transcoded, TranscodeError, UnknownSyntax, transcode_file
 from tests import transcode_images as img
 from tests.peers import REPO
 
@@ -328,7 +328,7 @@ _MEASURE = """
 import resource, sys, warnings
 warnings.simplefilter("ignore")
 from router.request import Request
-from router.transcode import TranscodeError, transcode_file
+from router.codecs.transcode import TranscodeError, transcode_file
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     transcode_file(sys.argv[1], sys.argv[2], Request("explicit-le"))
@@ -425,13 +425,14 @@ def test_a_file_that_is_not_dicom_is_a_transcode_error_and_a_missing_one_is_not(
         run(tmp_path / "gone.dcm", tmp_path, "rle")
 
 
-def test_decoded_frames_raises_transcode_error_for_a_header_mismatch(tmp_path):
-    from router.transcode import decoded_frames
+def test_pixel_data_that_disagrees_with_its_header_is_refused_before_decoding(tmp_path):
+    from router.codecs import pixeldata
 
-    with pytest.raises(TranscodeError):
-        decoded_frames(pydicom.dcmread(_native_with(tmp_path, 256)))
-    frames, image = decoded_frames(pydicom.dcmread(img.MR))
-    assert len(frames) == 1 and (image.rows, image.columns) == frames[0].shape
+    with pytest.raises(pixeldata.PixelDataError):
+        pixeldata.check(pydicom.dcmread(_native_with(tmp_path, 256)), False)
+    mr = pydicom.dcmread(img.MR)
+    pixels = pixeldata.decode(mr, str(mr.file_meta.TransferSyntaxUID))
+    assert len(pixels.frames) == 1 and (pixels.image.rows, pixels.image.columns) == pixels.frames[0].shape
 
 
 def test_written_files_read_back_in_pydicom_without_warnings(tmp_path, recwarn):

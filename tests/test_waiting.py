@@ -9,12 +9,13 @@ from datetime import datetime, timezone
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from router import cli, metrics
+from router import metrics
+from router.operate import cli
 from router.config import Destination
 from router.queue import Instance, NewJob
 from router.queue.sqlite import SqliteQueue
 from router.request import Request
-from router.waiting import waiting, when
+from router.forward.waiting import waiting, when
 from tests.peers import data, wait_until
 from tests.test_forwarder import Site, codec_pool  # noqa: F401 - the module's codec pool fixture
 from tests.test_scheduling import brussels

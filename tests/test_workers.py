@@ -12,9 +12,9 @@ from pydicom.uid import JPEGLSLossless
 
 from router import codecs
 from router.request import Request
-from router.transcode import Transcoded
+from router.codecs.transcode import Transcoded
 from router.compat.futures import worker_processes
-from router.workers import CodecCrash, CodecPool, CodecTimeout
+from router.codecs.workers import CodecCrash, CodecPool, CodecTimeout
 from tests.peers import REPO, data
 
 PLUGIN = str(REPO / "tests" / "plugins" / "aborting_codec.py")

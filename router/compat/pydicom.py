@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from router.codecs.registry import JPEGXL, JPEGXL_JPEG, JPEGXL_LOSSLESS
+from router.uids import JPEGXL, JPEGXL_JPEG, JPEGXL_LOSSLESS
 
 # Other-word VRs and the size of one word: the values pydicom keeps as raw bytes
 _WORD_SIZES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}
@@ -44,6 +43,8 @@ def swap_other_words_to_little_endian(ds: Dataset) -> None:
     def swap(dataset: Dataset, elem: DataElement) -> None:
         size = _WORD_SIZES.get(elem.VR)
         if size and elem.tag != 0x7FE00010 and isinstance(elem.value, (bytes, bytearray)) and elem.value:
+            import numpy as np  # the codec side only: the receiving processes never swap words
+
             arr = np.frombuffer(elem.value, dtype=f">u{size}")
             elem.value = arr.astype(f"<u{size}").tobytes()
 

@@ -18,7 +18,9 @@ the router's own requests to the destinations (`relay`): each with its instances
 per instance, the destination's answer; one N-ACTION per relay request, claimed in one
 transaction; an instance is asked about once per modality request and destination.
 
-Backends implement `Queue`: `sqlite.SqliteQueue` (the embedded default, in the spool, one
+The interface is split by concern: `JobQueue` (receiving and forwarding), `HistoryQueue`,
+`CommitmentQueue` and `ClusterQueue`; a caller names the part it uses. Backends implement all
+of them (`Queue`): `sqlite.SqliteQueue` (the embedded default, in the spool, one
 node) and `postgres.PostgresQueue` (several nodes sharing one database and one spool: claims
 are leases the owning node renews, and any node takes over a job whose lease expired). The
 forwarder and the receiving side know only this interface; `open_queue` picks the backend from
@@ -33,12 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from router.request import Outcome, Reason, Request
+from router.request import Outcome, Request
 
 if TYPE_CHECKING:
     from router.config import Loaded
 
-STATES = ("pending", "in_flight", "dead")
 NOT_FORWARDED = "not forwarded"  # the history outcome of an instance no destination wants
 
 
@@ -86,7 +87,6 @@ class Holding:
     study_stable_s: float = 0.0
 
 
-HELD_BY_DELAY, HELD_FOR_STABLE_STUDY = Reason.DELAY.value, Reason.STUDY_STABLE.value
 
 
 @dataclass(frozen=True)
@@ -214,9 +214,6 @@ class RelayedInstance:
     sent_sop_instance_uid: str
 
 
-RELAY_STATES = ("pending", "sending", "sent", "answered", "refused")
-
-
 @dataclass(frozen=True)
 class StoredRelay:
     """The router's storage commitment request to one destination, on behalf of one modality
@@ -234,13 +231,13 @@ class StoredRelay:
     last_error: str
 
 
-class Queue(ABC):
-    """The verbs every backend offers; all are safe to call from several threads."""
+class ClusterQueue(ABC):
+    """What several nodes sharing one queue need; the embedded backend is one node, and its
+    verbs say so (they do nothing, or report no cluster)."""
 
     node: str = ""  # this node's name in a cluster; "" for the embedded backend (one node)
     shared = False  # whether several nodes share this queue (and the spool)
 
-    # -- the cluster (the embedded backend is one node: these do nothing)
     def register(self) -> None:
         """Announce this node (at start-up, before `recover`); raises NodeNameInUse when another
         live node has its name."""
@@ -253,10 +250,6 @@ class Queue(ABC):
     def leave(self) -> None:
         """This node stops: its heartbeat ends (its jobs were given back by the forwarders)."""
 
-    def shutdown(self) -> None:
-        """Close every connection: the process is ending."""
-        self.close()
-
     def sweep_orphans(self) -> list[str]:
         """Delete instances no job needs that concurrent finishes on several nodes left behind;
         returns their spool paths (the caller removes the files). Nothing to do on one node."""
@@ -266,10 +259,24 @@ class Queue(ABC):
         """The nodes sharing the queue, with their heartbeats; empty for one node."""
         return []
 
+    def owners(self, job_ids: Iterable[int]) -> dict[int, str]:
+        """Which node holds each of these jobs in flight; empty for one node (this one holds them all)."""
+        return {}
+
     def take_slot(self, destination: str, ceiling: int) -> Slot | None:
         """One of `ceiling` association slots of `destination` across the cluster, or None when
-        every one is taken. The embedded backend has no cluster: never called there."""
-        raise NotImplementedError
+        every one is taken. One node needs no slots: it always has one."""
+        return _OneNodeSlot()
+
+
+class _OneNodeSlot(Slot):
+    def give(self) -> None:
+        pass
+
+
+class JobQueue(ABC):
+    """The jobs: what the receiving side records and the forwarders claim and finish. Every
+    verb is safe to call from several threads."""
 
     # -- receiving
     @abstractmethod
@@ -298,7 +305,7 @@ class Queue(ABC):
     @abstractmethod
     def held(self, destination: str, now: float | None = None, holding: Holding = Holding()) -> dict[str, int]:
         """Pending jobs of `destination` past their retry time that `holding` holds, by reason
-        (HELD_BY_DELAY, HELD_FOR_STABLE_STUDY; a job held by both counts as delayed)."""
+        (Reason.DELAY, Reason.STUDY_STABLE; a job held by both counts as delayed)."""
 
     @abstractmethod
     def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
@@ -355,7 +362,23 @@ class Queue(ABC):
         the instances no job needs any more; returns the jobs deleted (their instances' spool
         files are the caller's to remove when `paths()` no longer lists them)."""
 
-    # -- history
+    @abstractmethod
+    def close(self) -> None:
+        """Release this thread's connection."""
+
+    def shutdown(self) -> None:
+        """Close every connection: the process is ending."""
+        self.close()
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the queue lives, for logs."""
+
+
+class HistoryQueue(ABC):
+    """What became of the instances: the history of finished jobs, and where an instance is."""
+
     @abstractmethod
     def history(self, study: str | None = None, series: str | None = None, sop: str | None = None,
                 limit: int = 10000) -> list[HistoryEntry]:
@@ -366,7 +389,18 @@ class Queue(ABC):
     def whereabouts(self, sop_instance_uids: Iterable[str]) -> dict[str, Whereabouts]:
         """For each received SOP Instance UID the queue or the history knows, where it is."""
 
-    # -- storage commitment
+    @abstractmethod
+    def deliveries(self, sop_instance_uids: Iterable[str]) -> dict[str, dict[str, Stored]]:
+        """For each received SOP Instance UID, by destination, its latest delivery there (when
+        the destination's latest outcome for it in the history is delivered)."""
+
+
+class CommitmentQueue(HistoryQueue):
+    """Storage commitment: the modalities' requests and their reports, and (relay mode) the
+    router's own requests to the destinations; what is committed is decided on the history."""
+
+    node: str = ""
+
     @abstractmethod
     def add_commitment(self, transaction_uid: str, calling_ae: str, references: Iterable[tuple[str, str]],
                        received_at: float, deadline: float, holder: str = "", held_until: float = 0.0) -> str:
@@ -407,12 +441,7 @@ class Queue(ABC):
         """Requests not reported yet, by state: "waiting" (never failed to report), "retrying"
         (a report could not be delivered and is tried again)."""
 
-    # -- storage commitment relayed to the destinations
-    @abstractmethod
-    def deliveries(self, sop_instance_uids: Iterable[str]) -> dict[str, dict[str, Stored]]:
-        """For each received SOP Instance UID, by destination, its latest delivery there (when
-        the destination's latest outcome for it in the history is delivered)."""
-
+    # -- relayed to the destinations
     @abstractmethod
     def add_relay(self, commitment_id: int, destination: str, transaction_uid: str,
                   instances: Iterable[RelayedInstance], now: float) -> int | None:
@@ -461,14 +490,11 @@ class Queue(ABC):
         """Relay requests of open commitment requests not answered yet, by (destination,
         "sending" (pending or sending) | "awaiting_report" (sent))."""
 
-    @abstractmethod
-    def close(self) -> None:
-        """Release this thread's connection."""
 
-    @property
-    @abstractmethod
-    def location(self) -> str:
-        """Where the queue lives, for logs."""
+
+class Queue(JobQueue, CommitmentQueue, ClusterQueue):
+    """A backend: every verb of every concern. Callers name the part they use (`JobQueue`,
+    `HistoryQueue`, `CommitmentQueue`, `ClusterQueue`)."""
 
 
 QUEUE_FILE = "queue.sqlite"

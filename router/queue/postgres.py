@@ -29,153 +29,25 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from router.queue import (
-    HELD_BY_DELAY, HELD_FOR_STABLE_STUDY, Delivery, Holding, Instance, Job, NewJob, Node,
+    Delivery, Holding, Instance, Job, NewJob, Node,
     NodeNameInUse, Queue, Slot,
 )
+from router.queue import schema
 from router.queue.commitments import CommitmentStore
+from router.queue.jobs import JobStore
 from router.queue.reading import HISTORY_COLUMNS, JOB_COLUMNS, ReadingStore, job_from_row
 from router.request import Outcome
 
 SCHEMA_VERSION = 2
 
-# each entry brings the schema from version (index) to version (index + 1)
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE instances (
-        id BIGSERIAL PRIMARY KEY,
-        path TEXT NOT NULL,
-        sop_class_uid TEXT NOT NULL,
-        sop_instance_uid TEXT NOT NULL,
-        study_instance_uid TEXT NOT NULL DEFAULT '',
-        transfer_syntax_uid TEXT NOT NULL,
-        calling_ae TEXT NOT NULL DEFAULT '',
-        called_ae TEXT NOT NULL DEFAULT '',
-        source_ip TEXT NOT NULL DEFAULT '',
-        size BIGINT NOT NULL,
-        received_at DOUBLE PRECISION NOT NULL,
-        series_instance_uid TEXT NOT NULL DEFAULT '',
-        series_number INTEGER,
-        instance_number INTEGER,
-        node TEXT NOT NULL DEFAULT ''
-    );
-    CREATE TABLE jobs (
-        id BIGSERIAL PRIMARY KEY,
-        instance_id BIGINT NOT NULL REFERENCES instances(id),
-        destination TEXT NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'in_flight', 'dead')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at DOUBLE PRECISION NOT NULL,
-        last_error TEXT NOT NULL DEFAULT '',
-        updated_at DOUBLE PRECISION NOT NULL,
-        request TEXT NOT NULL DEFAULT '',
-        rules_tag TEXT NOT NULL DEFAULT '',
-        priority INTEGER NOT NULL DEFAULT 1,
-        owner TEXT NOT NULL DEFAULT '',
-        lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
-    );
-    CREATE INDEX jobs_due ON jobs (destination, state, priority, next_attempt_at);
-    CREATE INDEX jobs_instance ON jobs (instance_id);
-    CREATE INDEX jobs_owner ON jobs (owner) WHERE state = 'in_flight';
-    CREATE INDEX instances_sop ON instances (sop_instance_uid);
-    CREATE INDEX instances_study ON instances (study_instance_uid);
-    CREATE TABLE history (
-        id BIGSERIAL PRIMARY KEY,
-        destination TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        syntax TEXT NOT NULL DEFAULT '',
-        transfer_syntax_uid TEXT NOT NULL DEFAULT '',
-        received_size BIGINT NOT NULL,
-        sent_size BIGINT,
-        ratio DOUBLE PRECISION,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT '',
-        received_at DOUBLE PRECISION NOT NULL,
-        finished_at DOUBLE PRECISION NOT NULL,
-        study_instance_uid TEXT NOT NULL DEFAULT '',
-        series_instance_uid TEXT NOT NULL DEFAULT '',
-        sop_instance_uid TEXT NOT NULL,
-        sent_sop_instance_uid TEXT NOT NULL DEFAULT '',
-        sop_class_uid TEXT NOT NULL,
-        calling_ae TEXT NOT NULL DEFAULT ''
-    );
-    CREATE INDEX history_sop ON history (sop_instance_uid);
-    CREATE INDEX history_sent_sop ON history (sent_sop_instance_uid);
-    CREATE INDEX history_study ON history (study_instance_uid);
-    CREATE INDEX history_series ON history (series_instance_uid);
-    CREATE INDEX history_finished ON history (finished_at);
-    CREATE TABLE commitments (
-        id BIGSERIAL PRIMARY KEY,
-        transaction_uid TEXT NOT NULL,
-        calling_ae TEXT NOT NULL,
-        received_at DOUBLE PRECISION NOT NULL,
-        deadline DOUBLE PRECISION NOT NULL,
-        duplicate BOOLEAN NOT NULL DEFAULT FALSE,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'reporting', 'reported')),
-        holder TEXT NOT NULL DEFAULT '',
-        held_until DOUBLE PRECISION NOT NULL DEFAULT 0,
-        claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT '',
-        event_type INTEGER,
-        reported_at DOUBLE PRECISION
-    );
-    CREATE INDEX commitments_state ON commitments (state, next_attempt_at);
-    CREATE INDEX commitments_transaction ON commitments (transaction_uid);
-    CREATE TABLE commitment_instances (
-        commitment_id BIGINT NOT NULL REFERENCES commitments(id) ON DELETE CASCADE,
-        position INTEGER NOT NULL,
-        sop_class_uid TEXT NOT NULL,
-        sop_instance_uid TEXT NOT NULL,
-        PRIMARY KEY (commitment_id, position)
-    );
-    CREATE TABLE nodes (
-        name TEXT PRIMARY KEY,
-        host TEXT NOT NULL,
-        pid INTEGER NOT NULL,
-        started_at DOUBLE PRECISION NOT NULL,
-        heartbeat_at DOUBLE PRECISION NOT NULL
-    );
-    """,
-    # 2: storage commitment relayed to the destinations ([commitment] mode = "relay")
-    """
-    CREATE TABLE relays (
-        id BIGSERIAL PRIMARY KEY,
-        commitment_id BIGINT NOT NULL REFERENCES commitments(id) ON DELETE CASCADE,
-        destination TEXT NOT NULL,
-        transaction_uid TEXT NOT NULL UNIQUE,
-        state TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'sent', 'answered', 'refused')),
-        created_at DOUBLE PRECISION NOT NULL,
-        claimer TEXT NOT NULL DEFAULT '',
-        claimed_until DOUBLE PRECISION NOT NULL DEFAULT 0,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_attempt_at DOUBLE PRECISION NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT '',
-        answered_at DOUBLE PRECISION
-    );
-    CREATE INDEX relays_state ON relays (state, next_attempt_at);
-    CREATE INDEX relays_commitment ON relays (commitment_id);
-    CREATE TABLE relay_instances (
-        id BIGSERIAL PRIMARY KEY,
-        relay_id BIGINT NOT NULL REFERENCES relays(id) ON DELETE CASCADE,
-        commitment_id BIGINT NOT NULL,
-        destination TEXT NOT NULL,
-        sop_instance_uid TEXT NOT NULL,
-        sop_class_uid TEXT NOT NULL,
-        sent_sop_instance_uid TEXT NOT NULL,
-        result INTEGER,
-        UNIQUE (commitment_id, destination, sop_instance_uid)
-    );
-    CREATE INDEX relay_instances_relay ON relay_instances (relay_id);
-    """,
-)
+MIGRATIONS: tuple[str, ...] = schema.POSTGRES_MIGRATIONS
 # a fixed advisory lock key serialising schema changes between nodes starting together
 _SCHEMA_LOCK = 0x0D1C0
 
@@ -189,21 +61,6 @@ UNREACHABLE_WAIT_S = 0.5
 CHECK_IDLE_S = 5.0
 
 
-# a history row from a job and its instance; the parameters: outcome, syntax, transfer syntax UID,
-# sent size, ratio, attempts added to the job's, last error (NULL: the job's), finished at, sent UID, job id
-_HISTORY_FROM_JOB = (
-    f"INSERT INTO history ({HISTORY_COLUMNS}) "
-    "SELECT j.destination, %s, %s, %s, i.size, %s, %s, j.attempts + %s, COALESCE(%s, j.last_error), i.received_at, "
-    "%s, i.study_instance_uid, i.series_instance_uid, i.sop_instance_uid, %s, i.sop_class_uid, i.calling_ae "
-    "FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.id = %s"
-)
-
-# as in the embedded backend: versions of an image go to a destination in the order received
-_IN_ORDER = (
-    "NOT EXISTS (SELECT 1 FROM instances e JOIN jobs k ON k.instance_id = e.id "
-    "WHERE e.sop_instance_uid = i.sop_instance_uid AND e.id < i.id AND k.destination = j.destination "
-    "AND k.state IN ('pending', 'in_flight'))"
-)
 # finished jobs: deleted, each with its history row, and their instances once no job needs them;
 # returns those instances' spool paths
 _COMPLETE = (
@@ -220,35 +77,6 @@ _COMPLETE = (
     "DELETE FROM instances i WHERE i.id IN (SELECT instance_id FROM gone) AND NOT EXISTS "
     "(SELECT 1 FROM jobs k WHERE k.instance_id = i.id AND k.id NOT IN (SELECT id FROM gone)) RETURNING i.path"
 )
-
-
-_STUDIES = (
-    "LEFT JOIN (SELECT e.study_instance_uid AS uid, MAX(e.received_at) AS last, MIN(e.id) AS first "
-    "FROM jobs k JOIN instances e ON e.id = k.instance_id WHERE k.destination = %s "
-    "AND k.state IN ('pending', 'in_flight') AND e.study_instance_uid != '' GROUP BY e.study_instance_uid) s "
-    "ON s.uid = i.study_instance_uid"
-)
-
-
-def _studies(holding: Holding, destination: str) -> tuple[str, list]:
-    return (_STUDIES, [destination]) if holding.study_stable_s > 0 else ("", [])
-
-
-def _due_at(holding: Holding) -> tuple[str, list[float]]:
-    if holding.study_stable_s > 0:
-        return ("GREATEST(j.next_attempt_at, i.received_at + %s, COALESCE(s.last, i.received_at) + %s)",
-                [holding.delay_s, holding.study_stable_s])
-    if holding.delay_s > 0:
-        return "GREATEST(j.next_attempt_at, i.received_at + %s)", [holding.delay_s]
-    return "j.next_attempt_at", []
-
-
-def _order_keys(holding: Holding) -> list[str]:
-    """High priority first; a stable study whole, in series and instance number order."""
-    if holding.study_stable_s > 0:
-        return ["j.priority", "COALESCE(s.first, i.id)", "i.series_number", "i.series_instance_uid",
-                "i.instance_number", "j.id"]
-    return ["j.priority", "j.next_attempt_at", "j.id"]
 
 
 def _slot_key(destination: str) -> int:
@@ -300,7 +128,7 @@ class _AdvisorySlot(Slot):
                 pass
 
 
-class PostgresQueue(ReadingStore, CommitmentStore, Queue):
+class PostgresQueue(JobStore, ReadingStore, CommitmentStore, Queue):
     shared = True
 
     def __init__(self, url: str, node: str, lease_s: float = 30.0, history_days: float = 7, pool_size: int = 10,
@@ -496,21 +324,20 @@ class PostgresQueue(ReadingStore, CommitmentStore, Queue):
     def claim(self, destination: str, limit: int, now: float | None = None,
               holding: Holding = Holding()) -> list[Job]:
         now = time.time() if now is None else now
-        studies, study_args = _studies(holding, destination)
-        due_at, args = _due_at(holding)
-        order = _order_keys(holding)
+        # pending, or in flight under a lease that expired (its node is gone)
+        where, args = self._due_jobs(holding, destination, now, pending=(
+            f"(j.state = 'pending' OR (j.state = 'in_flight' AND j.lease_until < {_DB_NOW}))"))
+        order = self._order_keys(holding)
         keys = ", ".join(f"{expression} AS k{n}" for n, expression in enumerate(order))
         # one statement (one round trip, one commit): pick and lock, lease, and return the jobs
         with self._one() as db:
-            rows = db.execute(
-                f"WITH picked AS (SELECT j.id, j.state AS was, j.owner AS was_owner, {keys} "
-                f"FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
-                f"WHERE j.destination = %s AND {self._claimable()} AND j.next_attempt_at <= %s AND {due_at} <= %s "
-                f"AND {_IN_ORDER} ORDER BY {', '.join(order)} LIMIT %s FOR UPDATE OF j SKIP LOCKED) "
-                f"UPDATE jobs j SET state = 'in_flight', owner = %s, lease_until = {_DB_NOW} + %s, updated_at = %s "
+            rows = db.execute(self._sql(
+                f"WITH picked AS (SELECT j.id, j.state AS was, j.owner AS was_owner, {keys} {where} "
+                f"ORDER BY {', '.join(order)} LIMIT ? FOR UPDATE OF j SKIP LOCKED) "
+                f"UPDATE jobs j SET state = 'in_flight', owner = ?, lease_until = {_DB_NOW} + ?, updated_at = ? "
                 f"FROM picked p, instances i WHERE j.id = p.id AND i.id = j.instance_id "
-                f"RETURNING {JOB_COLUMNS}, p.was, p.was_owner, {', '.join(f'p.k{n}' for n in range(len(order)))}",
-                (*study_args, destination, now, *args, now, limit, self.node, self.lease_s, now),
+                f"RETURNING {JOB_COLUMNS}, p.was, p.was_owner, {', '.join(f'p.k{n}' for n in range(len(order)))}"),
+                (*args, limit, self.node, self.lease_s, now),
             ).fetchall()
         width = len(JOB_COLUMNS.split(", "))
         # the claim order (RETURNING keeps none); NULLs last, as PostgreSQL orders them
@@ -519,52 +346,17 @@ class PostgresQueue(ReadingStore, CommitmentStore, Queue):
         return [job_from_row((*r[:2], r[width], *r[3:width]), r[width + 1] if r[width] == "in_flight" else "") for r in rows]
 
     def next_due(self, destination: str, holding: Holding = Holding()) -> float | None:
-        studies, study_args = _studies(holding, destination)
-        due_at, args = _due_at(holding)
+        """As on one node, and a job in flight on another node is due for takeover when its lease
+        ends (database time, expressed on this node's clock)."""
+        pending = super().next_due(destination, holding)
         with self._one() as db:
-            # and a job in flight on another node is due for takeover when its lease ends (database
-            # time, expressed on this node's clock)
-            pending, expires = db.execute(
-                f"SELECT (SELECT MIN({due_at}) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
-                f"WHERE j.destination = %s AND j.state = 'pending' AND {_IN_ORDER}), "
-                f"(SELECT MIN(lease_until) - {_DB_NOW} FROM jobs WHERE destination = %s AND state = 'in_flight' "
-                "AND owner != %s)",
-                (*args, *study_args, destination, destination, self.node),
-            ).fetchone()
+            expires = db.execute(
+                f"SELECT MIN(lease_until) - {_DB_NOW} FROM jobs WHERE destination = %s AND state = 'in_flight' "
+                "AND owner != %s", (destination, self.node)).fetchone()[0]
         if expires is not None:
             takeover = time.time() + max(0.0, expires)
             pending = takeover if pending is None else min(pending, takeover)
         return pending
-
-    def due_count(self, destination: str, now: float | None = None, holding: Holding = Holding(),
-                  priority: int | None = None) -> int:
-        now = time.time() if now is None else now
-        studies, study_args = _studies(holding, destination)
-        due_at, args = _due_at(holding)
-        with self._one() as db:
-            return db.execute(
-                f"SELECT COUNT(*) FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
-                f"WHERE j.destination = %s AND j.state = 'pending' AND j.next_attempt_at <= %s AND {due_at} <= %s "
-                f"AND j.priority <= %s AND {_IN_ORDER}",
-                (*study_args, destination, now, *args, now, 2 if priority is None else priority),
-            ).fetchone()[0]
-
-    def held(self, destination: str, now: float | None = None, holding: Holding = Holding()) -> dict[str, int]:
-        now = time.time() if now is None else now
-        if holding.delay_s <= 0 and holding.study_stable_s <= 0:
-            return {}
-        stable_only = Holding(0.0, holding.study_stable_s)
-        studies, study_args = _studies(stable_only, destination)
-        stable, stable_args = _due_at(stable_only)
-        with self._one() as db:
-            delayed, in_study = db.execute(
-                "SELECT COUNT(*) FILTER (WHERE i.received_at + %s > %s), "
-                f"COUNT(*) FILTER (WHERE i.received_at + %s <= %s AND {stable} > %s) "
-                f"FROM jobs j JOIN instances i ON i.id = j.instance_id {studies} "
-                "WHERE j.destination = %s AND j.state = 'pending' AND j.next_attempt_at <= %s",
-                (holding.delay_s, now, holding.delay_s, now, *stable_args, now, *study_args, destination, now),
-            ).fetchone()
-        return {reason: n for reason, n in ((HELD_BY_DELAY, delayed), (HELD_FOR_STABLE_STUDY, in_study)) if n}
 
     def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
         """Delivered is delivered, whoever holds the lease now (a node that took the job over
@@ -597,37 +389,6 @@ class PostgresQueue(ReadingStore, CommitmentStore, Queue):
                 "DELETE FROM instances i WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.instance_id = i.id) "
                 "RETURNING i.path")]
 
-    def release(self, job_ids: Iterable[int]) -> None:
-        ids = list(job_ids)
-        if not ids:
-            return
-        with self._one() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'pending', owner = '', lease_until = 0, updated_at = %s "
-                "WHERE id = ANY(%s) AND state = 'in_flight' AND owner = %s", (time.time(), ids, self.node),
-            )
-
-    def retry(self, job_id: int, error: str, next_attempt_at: float) -> None:
-        with self._one() as db:
-            db.execute(
-                "UPDATE jobs SET state = 'pending', owner = '', lease_until = 0, attempts = attempts + 1, "
-                "next_attempt_at = %s, last_error = %s, updated_at = %s WHERE id = %s AND owner = %s",
-                (next_attempt_at, error, time.time(), job_id, self.node),
-            )
-
-    def dead(self, job_id: int, error: str) -> None:
-        now = time.time()
-        with self._conn() as db:
-            if db.execute(
-                "UPDATE jobs SET state = 'dead', owner = '', lease_until = 0, attempts = attempts + 1, "
-                "last_error = %s, updated_at = %s WHERE id = %s AND owner = %s", (error, now, job_id, self.node),
-            ).rowcount:
-                self._dead_history(db, job_id, now)
-
-    @staticmethod
-    def _dead_history(db: psycopg.Connection, job_id: int, now: float) -> None:
-        db.execute(_HISTORY_FROM_JOB, (Outcome.DEAD.value, "", "", None, None, 0, None, now, "", job_id))
-
     # -- start-up and operation -------------------------------------------------------------
     def recover(self) -> int:
         """This node's own jobs left in flight go back to pending; other nodes' are theirs until
@@ -641,69 +402,28 @@ class PostgresQueue(ReadingStore, CommitmentStore, Queue):
                 "LEAST(next_attempt_at, %s) WHERE state = 'in_flight' AND owner = %s", (time.time(), self.node),
             ).rowcount
 
-    def fail_missing_files(self, exists: Callable[[str], bool]) -> int:
-        """Only this node's receipts: a file that another node's view of the shared spool lacks is
-        that node's to judge (and the forwarder's, when it comes to send it)."""
-        with self._conn() as db:
-            rows = db.execute("SELECT id, path FROM instances WHERE node = %s", (self.node,)).fetchall()
-        missing = [(i, p) for i, p in rows if not exists(p)]
-        now = time.time()
-        with self._conn() as db:
-            for instance_id, path in missing:
-                fresh = [r[0] for r in db.execute(
-                    "SELECT id FROM jobs WHERE instance_id = %s AND state != 'dead'", (instance_id,))]
-                db.execute(
-                    "UPDATE jobs SET state = 'dead', owner = '', last_error = %s, updated_at = %s "
-                    "WHERE instance_id = %s", (f"spool file missing: {path}", now, instance_id),
-                )
-                for job_id in fresh:
-                    self._dead_history(db, job_id, now)
-        return len(missing)
-
     def owners(self, job_ids: Iterable[int]) -> dict[int, str]:
         """Which node holds each of these jobs in flight (for `dicom-router queue`)."""
         with self._one() as db:
             return dict(db.execute("SELECT id, owner FROM jobs WHERE id = ANY(%s) AND state = 'in_flight'",
                                    (list(job_ids),)).fetchall())
 
-    def retry_dead(self, destination: str | None = None, job_ids: Iterable[int] | None = None) -> int:
-        now = time.time()
-        sql = "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = %s, updated_at = %s " \
-              "WHERE state = 'dead'"
-        args: list = [now, now]
-        if destination:
-            sql += " AND destination = %s"
-            args.append(destination)
-        ids = list(job_ids or [])
-        if ids:
-            sql += " AND id = ANY(%s)"
-            args.append(ids)
-        with self._one() as db:
-            return db.execute(sql, args).rowcount
-
-    def purge_dead(self, destination: str | None = None, older_than: float | None = None) -> list[Job]:
-        sql = f"SELECT {JOB_COLUMNS} FROM jobs j JOIN instances i ON i.id = j.instance_id WHERE j.state = 'dead'"
-        args: list = []
-        if destination:
-            sql += " AND j.destination = %s"
-            args.append(destination)
-        if older_than is not None:
-            sql += " AND j.updated_at < %s"
-            args.append(older_than)
-        sql += " FOR UPDATE OF j"
-        with self._conn() as db:
-            purged = [job_from_row(r) for r in db.execute(sql, args).fetchall()]
-            ids = [job.id for job in purged]
-            if ids:
-                db.execute("DELETE FROM jobs WHERE id = ANY(%s)", (ids,))
-                db.execute("DELETE FROM instances i WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.instance_id = i.id)")
-        return purged
-
-    # -- history ----------------------------------------------------------------------------
-
     # -- the dialect of the verbs both backends share (router.queue.dialect) ---------------------
     _FOR_UPDATE = " FOR UPDATE"
+    _LOCK_JOBS = " FOR UPDATE OF j"
     _INSERTION_ORDER = "id"
+    _GREATEST = "GREATEST"
+    _UNLEASE = ", owner = '', lease_until = 0"
+
+    def _mine(self, alias: str) -> tuple[str, list]:
+        """A stale owner's late word (retry, dead letter, release) on a job taken over is ignored."""
+        return f" AND {alias}owner = ?", [self.node]
+
+    def _received_here(self) -> tuple[str, list]:
+        return " WHERE node = ?", [self.node]
+
+    def _statement(self) -> AbstractContextManager[psycopg.Connection]:
+        return self._one()
 
     def _reading(self) -> AbstractContextManager[psycopg.Connection]:
         return self._one()

@@ -27,14 +27,14 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from router import log, metrics
-from router.commitment import STORAGE_COMMITMENT, AssociationReports
+from router.commitment.messages import STORAGE_COMMITMENT
+from router.commitment.reports import AssociationReports
 from router.compat.pydicom import teach_jpeg_xl
-from router.compat.pynetdicom import (
-    Cut, GuardedAssociationServer, Hooks, Limits, register_server, reject_association,
-)
+from router.compat.listener import Cut, GuardedAssociationServer, Hooks, Limits
+from router.compat.pynetdicom import register_server, reject_association
 from router.config import AllowedCaller, Listen
-from router.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake, Received
-from router.relay import record_report
+from router.receive.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake, Received
+from router.commitment.accept import record_report
 from router.request import Reason
 from router.rules import Context
 from router.tls import server_context

@@ -27,7 +27,7 @@ from router import codecs, log
 from router.compat.futures import worker_processes
 from router.lifetime import exit_with_parent
 from router.request import Request
-from router.transcode import Transcoded, transcode_file
+from router.codecs.transcode import Transcoded, transcode_file
 
 _log = log.get("workers")
 _POLL_S = 0.5

@@ -37,7 +37,6 @@ report goes out as in every mode (`commitment.Reporter`, `commitment.Association
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 import uuid
@@ -45,29 +44,28 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, evt
+from pydicom.uid import generate_uid
+from pynetdicom import evt
 from pynetdicom.association import Association
 
 from router import log, metrics
-from router.commitment import (
-    ALL_COMMITTED, FAILURES_EXIST, INVALID_ATTRIBUTE_VALUE, MISSING_ATTRIBUTE, PROCESSING_FAILURE,
-    REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, SUCCESS, MalformedRequest, Periodic,
-    read_uid,
+from router.commitment.accept import record_report
+from router.commitment.messages import (
+    PROCESSING_FAILURE, REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, SUCCESS,
+    action_information,
 )
-from router.association import VERIFICATION
+from router.commitment.reports import Periodic
 from router.compat.pynetdicom import park_reactor
 from router.config import Commitment, CommitmentScp, Destination, DestinationRules, Timeouts
-from router.queue import Queue, RelayedInstance, StoredRelay
-from router.tls import client_context
+from router.forward.outbound import NotAssociated, Peer, associate, backoff_delay, context, release
+from router.queue import CommitmentQueue, RelayedInstance, StoredRelay
+from router.uids import IMPLICIT_LE, UNCOMPRESSED, VERIFICATION
 
 GATHER_S = 10.0  # a relay request waits this long after its last delivery while other instances are on their way
 MAX_REFERENCES = 1000  # instances per N-ACTION
 CLAIM_S = 120.0  # a claimed relay request not recorded within this (or its N-ACTION's timeouts) can be claimed again
 MAX_RETRY_S = 600.0
 MAX_THREADS = 8  # destinations asked at once
-NO_SUCH_EVENT_TYPE = 0x0113
 # N-ACTION statuses that sending again cannot change (PS3.7 C.4, PS3.4 J.3.2): the destination
 # cannot take this request at all
 PERMANENT_STATUSES = frozenset({0x0105, 0x0106, 0x0112, 0x0117, 0x0118, 0x0119, 0x0120, 0x0122, 0x0123, 0x0124})
@@ -77,84 +75,7 @@ WARNING_STATUSES = frozenset({0x0001, 0x0107, 0x0116})
 _log = log.get("commitment")
 
 
-# -- the destination's report ---------------------------------------------------------------------
-def parse_report(event_type_id: int | None, information: Dataset | None) -> tuple[str, dict[str, int]]:
-    """The Transaction UID of a Storage Commitment N-EVENT-REPORT and, by SOP Instance UID, 0 for
-    committed or the Failure Reason; raises MalformedRequest with the status to answer."""
-    if event_type_id not in (ALL_COMMITTED, FAILURES_EXIST):
-        raise MalformedRequest(NO_SUCH_EVENT_TYPE, f"event type {event_type_id} is not 1 or 2")
-    if information is None:
-        raise MalformedRequest(MISSING_ATTRIBUTE, "no Event Information")
-    try:
-        transaction_uid = read_uid(information.get("TransactionUID"), "Transaction UID")
-        results: dict[str, int] = {}
-        for index, item in enumerate(information.get("ReferencedSOPSequence") or []):
-            uid = read_uid(item.get("ReferencedSOPInstanceUID"), f"Referenced SOP Instance UID of item {index + 1}")
-            results[uid] = 0
-        for index, item in enumerate(information.get("FailedSOPSequence") or []):
-            uid = read_uid(item.get("ReferencedSOPInstanceUID"), f"Failed SOP Instance UID of item {index + 1}")
-            reason = item.get("FailureReason")
-            results[uid] = int(reason) if reason else PROCESSING_FAILURE
-    except MalformedRequest:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever pydicom raises decoding a broken value
-        raise MalformedRequest(INVALID_ATTRIBUTE_VALUE, f"Event Information cannot be read: {exc}") from None
-    return transaction_uid, results
-
-
-def record_report(queue: Queue, event_type_id: int | None, information: Dataset | None, calling_ae: str,
-                  association: str) -> int:
-    """Record a destination's N-EVENT-REPORT (on the N-ACTION's association: "same", or on one
-    it opened to the router: "new"); returns the status to answer it with, 0x0000 once recorded.
-    A report of a Transaction UID no relay request has is answered 0x0000 and logged."""
-    bound = _log.bind(calling_ae=calling_ae, association=association)
-    try:
-        transaction_uid, results = parse_report(event_type_id, information)
-    except MalformedRequest as exc:
-        bound.error("commitment_relay_report_refused", reason=str(exc), status=f"0x{exc.status:04X}")
-        return exc.status
-    try:
-        relay = queue.relay_answered(transaction_uid, results, PROCESSING_FAILURE)
-    except Exception as exc:  # noqa: BLE001 - the queue is unavailable: the destination may send it again
-        bound.exception("commitment_relay_report_refused", transaction_uid=transaction_uid,
-                        reason=f"cannot record the report: {exc}", status=f"0x{PROCESSING_FAILURE:04X}")
-        return PROCESSING_FAILURE
-    if relay is None:
-        bound.warning("commitment_relay_report_unknown", transaction_uid=transaction_uid,
-                      reason="no relay request has this Transaction UID")
-        return SUCCESS
-    committed = sum(1 for item in relay.instances if results.get(item.sent_sop_instance_uid) == 0)
-    reasons: dict[str, int] = {}
-    for item in relay.instances:
-        reason = results.get(item.sent_sop_instance_uid, PROCESSING_FAILURE)
-        if reason:
-            reasons[f"0x{reason:04X}"] = reasons.get(f"0x{reason:04X}", 0) + 1
-    failed = len(relay.instances) - committed
-    metrics.COMMITMENT_RELAYED_INSTANCES.labels(destination=relay.destination, result="committed").inc(committed)
-    metrics.COMMITMENT_RELAYED_INSTANCES.labels(destination=relay.destination, result="failed").inc(failed)
-    listed = sum(1 for item in relay.instances if item.sent_sop_instance_uid in results)
-    bound.info("commitment_relay_answered", destination=relay.destination, transaction_uid=transaction_uid,
-               event_type=event_type_id, committed=committed, failed=failed, failure_reasons=reasons or None,
-               not_in_report=(len(relay.instances) - listed) or None,
-               waited_s=round(time.time() - relay.created_at, 2))
-    return SUCCESS
-
-
 # -- asking the destination -----------------------------------------------------------------------
-def action_information(relay: StoredRelay) -> Dataset:
-    """The N-ACTION's Action Information (PS3.4 J.3.2.1): the instances as the destination has them."""
-    ds = Dataset()
-    ds.TransactionUID = relay.transaction_uid
-    items = []
-    for item in relay.instances:
-        entry = Dataset()
-        entry.ReferencedSOPClassUID = item.sop_class_uid
-        entry.ReferencedSOPInstanceUID = item.sent_sop_instance_uid
-        items.append(entry)
-    ds.ReferencedSOPSequence = items
-    return ds
-
-
 @dataclass
 class Asked:
     """How an N-ACTION went: an error (and whether sending again could change it), or the
@@ -172,32 +93,15 @@ def ask(scp: CommitmentScp, calling_ae: str, relay: StoredRelay, timeouts: Timeo
         on_report: ReportHandler | None = None) -> Asked:
     """Send one relay request's N-ACTION to the destination's storage commitment SCP. A report
     that comes on the association goes to `on_report`; the caller releases the association."""
-    ae = AE(ae_title=calling_ae)
-    ae.connection_timeout = timeouts.connect_s
-    ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = timeouts.acse_s, timeouts.dimse_s, timeouts.network_s
-    ae.add_requested_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    peer = Peer(scp.host, scp.port, scp.ae_title, scp.tls)
+    where = peer.where
     # Verification too: a destination without the SOP class still associates and says it refuses it
-    ae.add_requested_context(VERIFICATION, [ImplicitVRLittleEndian])
-    connected = threading.Event()
-    handlers = [(evt.EVT_CONN_OPEN, lambda event: connected.set())]
-    if on_report is not None:
-        handlers.append((evt.EVT_N_EVENT_REPORT, on_report))
-    tls_args = (client_context(scp.tls), scp.host) if scp.tls is not None else None
-    where = f"{scp.ae_title}@{scp.host}:{scp.port}"
-    assoc = ae.associate(scp.host, scp.port, ae_title=scp.ae_title, tls_args=tls_args, evt_handlers=handlers)
-    if not assoc.is_established:
-        if not connected.is_set():
-            return Asked(f"cannot connect to {where}")
-        if assoc.is_rejected:
-            result = assoc.acceptor.primitive
-            detail = f" (result {result.result}, source {result.result_source}, reason {result.diagnostic})" \
-                if result is not None else ""
-            return Asked(f"association rejected by {where}{detail}")
-        return Asked(f"association with {where} aborted" if assoc.is_aborted else
-                     f"association with {where} not established (ACSE timeout)")
-    sock = getattr(assoc.dul.socket, "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    contexts = [context(STORAGE_COMMITMENT, UNCOMPRESSED), context(VERIFICATION, [IMPLICIT_LE])]
+    handlers = [(evt.EVT_N_EVENT_REPORT, on_report)] if on_report is not None else []
+    try:
+        assoc = associate(peer, calling_ae, contexts, timeouts, evt_handlers=handlers)
+    except NotAssociated as exc:
+        return Asked(str(exc))
     if not any(cx.abstract_syntax == STORAGE_COMMITMENT for cx in assoc.accepted_contexts):
         assoc.release()
         return Asked(f"{where} accepts no Storage Commitment Push Model presentation context: it has no storage "
@@ -237,7 +141,7 @@ class Relayer(Periodic):
 
     thread_name = "commitment-relay"
 
-    def __init__(self, queue: Queue, config: Commitment, destinations: Callable[[], list[DestinationRules]],
+    def __init__(self, queue: CommitmentQueue, config: Commitment, destinations: Callable[[], list[DestinationRules]],
                  ae_title: str, interval: float = 0.5, clock: Callable[[], float] = time.time) -> None:
         super().__init__(interval)
         self.queue = queue
@@ -348,7 +252,7 @@ class Relayer(Periodic):
                 bound.error("commitment_relay_refused", error=asked.error, instances=instances,
                             failure_reason=f"0x{PROCESSING_FAILURE:04X}")
             else:
-                delay = min(MAX_RETRY_S, self.config.relay_retry_s * 2 ** relay.attempts)
+                delay = backoff_delay(relay.attempts + 1, self.config.relay_retry_s, MAX_RETRY_S, jitter=False)
                 self.queue.relay_not_sent(relay.id, self.claimer, asked.error, time.time() + delay)
                 bound.warning("commitment_relay_failed", error=asked.error, instances=instances,
                               attempts=relay.attempts + 1, retry_in_s=round(delay, 1))
@@ -361,7 +265,7 @@ class Relayer(Periodic):
             with self._open_lock:
                 self._open.append(_Open(asked.association, time.monotonic() + scp.keep_open_s, reported))
         else:
-            _release(asked.association)
+            release(asked.association)
         return 1
 
     def _release(self, everything: bool = False) -> None:
@@ -372,12 +276,5 @@ class Relayer(Periodic):
                     if everything or held.reported.is_set() or now >= held.until or not held.association.is_established]
             self._open = [held for held in self._open if held not in done]
         for held in done:
-            _release(held.association)
+            release(held.association)
 
-
-def _release(assoc: Association) -> None:
-    try:
-        if assoc.is_established:
-            assoc.release()
-    except Exception:  # noqa: BLE001 - the peer may already be gone
-        assoc.abort()

@@ -59,7 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     cfg.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     _metrics_across_processes(cfg.spool_dir, cfg.router.queue.node if cfg.router.queue.url else "")
-    from router.service import Router
+    from router.operate.service import Router
 
     try:
         Router(cfg, args.log_format, args.log_level).serve_forever()
@@ -70,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from router.waiting import pacing
+    from router.forward.waiting import pacing
 
     cfg = _load_or_say_why(args.config)
     if cfg is None:
@@ -110,7 +110,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from router.intake import decide_for
+    from router.receive.intake import decide_for
     from router.rules import Context
 
     cfg = _load_or_say_why(args.config)
@@ -139,7 +139,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def _when(destination, priority: str, now: float) -> str:  # noqa: ANN001
     """When an instance received now would be sent to `destination`, and why then."""
-    from router.waiting import when
+    from router.forward.waiting import when
 
     at, why = when(destination, now)
     said = "now" if at <= now else (
@@ -155,7 +155,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
 
     from router import codecs
     from router.request import Request
-    from router.transcode import transcode_file
+    from router.codecs.transcode import transcode_file
 
     request = Request(syntax=args.syntax, quality=args.quality, near=args.near, ratio=args.ratio,
                       fallback=args.fallback, verify=args.verify, max_error=args.max_error,
@@ -189,7 +189,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
 
 def _one_line(path: str, exc: BaseException) -> str:
     """``exc`` said on one line that names ``path`` once."""
-    from router.transcode import TranscodeError
+    from router.codecs.transcode import TranscodeError
 
     if isinstance(exc, OSError) and exc.strerror:
         text = exc.strerror if exc.filename in (None, path) else f"{exc.filename}: {exc.strerror}"
@@ -205,7 +205,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     import json
 
     from router.queue import open_queue
-    from router.trace import summary, trace
+    from router.operate.trace import summary, trace
 
     cfg = _load_or_say_why(args.config)
     if cfg is None:
@@ -223,7 +223,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_hold(args: argparse.Namespace) -> int:
     """pause / resume a destination; persisted in the spool, seen by a running router within a second."""
     from router import log
-    from router.holds import Holds
+    from router.queue.holds import Holds
 
     cfg = _load_or_say_why(args.config)
     if cfg is None:
@@ -257,9 +257,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
         print(f"{count} dead letter(s) put back to pending")
         print("a running router picks them up within a second")
         return EXIT_OK
-    from router.holds import Holds
+    from router.queue.holds import Holds
 
-    from router.waiting import waiting
+    from router.forward.waiting import waiting
 
     counts = queue.counts()
     oldest = queue.oldest_pending()
@@ -323,7 +323,7 @@ def _purge(cfg, queue, args: argparse.Namespace) -> int:  # noqa: ANN001
         return EXIT_FAILURE
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(cfg.spool_dir / "metrics"))
     from router import metrics
-    from router.spool import Spool
+    from router.queue.spool import Spool
 
     purged = queue.purge_dead(args.destination, older_than)
     still = set(queue.paths())

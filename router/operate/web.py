@@ -19,9 +19,9 @@ from urllib.parse import parse_qs, urlencode
 
 from router import __version__
 from router.config import DestinationRules
-from router.holds import Holds
+from router.queue.holds import Holds
 from router.queue import Queue
-from router.trace import summary, trace
+from router.operate.trace import summary, trace
 
 SAMPLE_EVERY_S = 10.0
 CHART_MINUTES = 30

@@ -3,90 +3,40 @@
     claim      due jobs of the destination, a batch at a time (`queue.claim`)
     prepare    the request of each job (decided at receipt, or again if the rules changed) and
                its transcode, started on the codec pool
-    send       over an association from the destination's pool (`association.AssociationPool`),
-               each instance as soon as its transcode is done
+    send       by the destination's sender (`forward.sender.Sender`: DIMSE C-STORE over the
+               association pool, ...), each instance as soon as its transcode is done; the
+               forwarder never knows the protocol
     record     the outcome of each job: queue, metric and log together (`Forwarder.record`)
 
 Sender threads, at most `max_associations` of them, each run this pipeline; they share the
-destination's association pool, so an idle open association is used before another is opened.
-When a job cannot go out in its rule's syntax, `request.fallback` alone says what is tried next.
+destination's sender. When a job cannot go out in its rule's syntax (the codec cannot carry it,
+failed, or the destination refused the syntax), `Forwarder._fall_back` alone applies what
+`request.fallback` says is tried next.
 """
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from router import codecs, log, metrics
-from router.association import MAX_CONTEXTS, UNCOMPRESSED, Association, AssociationPool, Contexts, contexts_for, \
-    count, merge
-from router.config import Destination, DestinationRules, is_valid_ae_title, parse_status_range
-from router.holds import Holds
-from router.intake import decide_for
-from router.queue import HIGH, Delivery, Job, Queue
+from router.codecs.transcode import TranscodeError, Transcoded
+from router.codecs.workers import CodecCrash, CodecPool, CodecTimeout, PoolClosed
+from router.config import Destination, DestinationRules
+from router.forward.outbound import backoff_delay
+from router.forward.sender import Outgoing, Ready, Sender, Sent
+from router.forward.senders import sender_for
+from router.forward.waiting import holding_of
+from router.queue import HIGH, Delivery, Job, JobQueue
+from router.queue.holds import Holds
+from router.queue.spool import Spool
+from router.receive.intake import decide_for
 from router.request import ORIGINAL, Outcome, Reason, Request, fallback
 from router.rules import Context, Decision
-from router.spool import Spool
-from router.transcode import TranscodeError, Transcoded
-from router.waiting import holding_of
-from router.workers import CodecCrash, CodecPool, CodecTimeout, PoolClosed, Submitted
-
-# PS3.7 Annex C: the warning statuses (0001, 0107, 0116, Bxxx) all mean "stored"
-WARNINGS: list[tuple[int, int]] = [(0x0001, 0x0001), (0x0107, 0x0107), (0x0116, 0x0116), (0xB000, 0xBFFF)]
-DEFAULT_STATUSES: list[tuple[int, int, str]] = [
-    (0x0000, 0x0000, "success"),
-    *((low, high, "success") for low, high in WARNINGS),
-    (0xA700, 0xA7FF, "retry"),
-    (0xA900, 0xA9FF, "permanent"),
-    (0xC000, 0xCFFF, "permanent"),
-    (0x0122, 0x0122, "permanent"),
-    (0x0124, 0x0124, "permanent"),
-]
-
 
 OVERTAKE_CHECK_S = 0.25
-SHARED_IDLE_RELEASE_S = 1.0  # with several nodes: an idle association's slot is another node's after this
-
-
-def classify_status(code: int, overrides: dict[str, str] | None = None) -> str:
-    """C-STORE status -> 'success' | 'retry' | 'permanent'. Overrides win; unknown codes retry."""
-    for key, outcome in (overrides or {}).items():
-        low, high = parse_status_range(key)
-        if low <= code <= high:
-            return outcome
-    for low, high, outcome in DEFAULT_STATUSES:
-        if low <= code <= high:
-            return outcome
-    return "retry"
-
-
-def backoff_delay(attempts: int, backoff_s: float, max_backoff_s: float) -> float:
-    """Exponential backoff with jitter: the n-th retry waits about backoff_s * 2**(n-1), capped."""
-    base = min(max_backoff_s, backoff_s * (2 ** max(0, attempts - 1)))
-    return base / 2 + random.uniform(0, base / 2)
-
-
-@dataclass
-class _Outgoing:
-    """One claimed job on its way: the file to send and what it is."""
-
-    job: Job
-    log: object
-    request: Request
-    path: Path
-    transfer_syntax_uid: str
-    syntax: str = ORIGINAL  # the syntax name it goes out in, for metrics and logs
-    transcoded: Transcoded | None = None
-    submitted: Submitted | None = None
-    contexts: Contexts = field(default_factory=dict)
-
-    @property
-    def source(self) -> Path:
-        return Path(self.job.instance.path)
 
 
 class Forwarder:
@@ -96,11 +46,12 @@ class Forwarder:
         self,
         name: str,
         rule_file: Callable[[str], DestinationRules | None],
-        queue: Queue,
+        queue: JobQueue,
         spool: Spool,
         pool: CodecPool,
         calling_ae_title: str,
         clock: Callable[[], float] = time.time,
+        sender: Sender | None = None,
     ) -> None:
         self.name = name
         self.clock = clock  # epoch seconds: what the schedule, delay and study_stable are read against
@@ -119,14 +70,8 @@ class Forwarder:
         self._held_back_lock = threading.Lock()
         self.log = log.get("forwarder").bind(destination=name)
         self.holds = Holds(spool.root)  # `dicom-router pause` puts a destination on hold
-        in_force = rule_file(name)
-        ceiling = in_force.destination.max_associations if in_force else 1
-        # with several nodes, max_associations holds for the cluster: each association takes a slot
-        # and an idle association gives its slot back sooner, so that another node with work
-        # does not wait for it
-        slots = (lambda n: queue.take_slot(name, n)) if queue.shared else None
-        self.associations = AssociationPool(self._destination, calling_ae_title, ceiling, slots=slots,
-                                            idle_release_s=SHARED_IDLE_RELEASE_S if queue.shared else 5.0)
+        # how the destination is reached (DIMSE C-STORE, ...): the forwarder does not know
+        self.sender = sender or sender_for(name, self._destination, queue, calling_ae_title)
 
     def _destination(self) -> Destination:
         rule_file = self.rule_file(self.name)
@@ -134,8 +79,13 @@ class Forwarder:
             raise LookupError(f"destination {self.name} has no rule file any more")
         return rule_file.destination
 
+    @property
+    def ceiling(self) -> int:
+        in_force = self.rule_file(self.name)
+        return in_force.destination.max_associations if in_force else 1
+
     def start(self) -> None:
-        for index in range(self.associations.ceiling):
+        for index in range(self.ceiling):
             thread = threading.Thread(target=self._run, name=f"forward-{self.name}-{index}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -157,7 +107,7 @@ class Forwarder:
     def stop(self, timeout: float = 10.0) -> None:
         self.signal_stop()
         self.join(timeout)
-        self.associations.close()
+        self.sender.close()
 
     # -- the pipeline -----------------------------------------------------------------------
     def alive(self) -> bool:
@@ -181,14 +131,14 @@ class Forwarder:
         if rule_file is None:
             return False
         if self.holds.is_paused(self.name):
-            self.associations.release_idle()
+            self.sender.idle()
             self._wake.wait(1.0)
             self._wake.clear()
             return True
         destination, now = rule_file.destination, self.clock()
         opens = destination.sending_schedule.next_open(now)
         if opens != now:  # outside every window: nothing is claimed until the next one opens
-            self.associations.release_idle()
+            self.sender.idle()
             self._wake.wait(1.0 if opens is None else min(1.0, max(0.02, opens - now)))
             self._wake.clear()
             return True
@@ -206,7 +156,7 @@ class Forwarder:
                                  sop_instance_uid=job.instance.sop_instance_uid,
                                  action="sent again: the node whose lease expired may have sent it already")
         if not jobs:
-            self.associations.release_idle()
+            self.sender.idle()
             due = self.queue.next_due(self.name, holding)
             self._wake.wait(1.0 if due is None else min(1.0, max(0.02, due - now)))
             self._wake.clear()
@@ -242,25 +192,21 @@ class Forwarder:
         """Prepare, send and record one claimed batch; whatever is left unresolved (shutdown,
         lost association, an error) goes back to pending without counting an attempt."""
         unresolved = {job.id: job for job in jobs}
-        outgoing: list[_Outgoing] = []
+        outgoing: list[Outgoing] = []
         try:
             for job in jobs:
                 item = self._prepare(rule_file, job, unresolved)
                 if item is not None:
                     outgoing.append(item)
-            by_caller = rule_file.destination.forward_calling_ae_title
-            for group in _groups(outgoing, by_caller):
-                if self._stop.is_set():
-                    break
-                self._send_group(rule_file.destination, group, unresolved)
+            if outgoing and not self._stop.is_set():
+                self._send(rule_file.destination, outgoing, unresolved)
         except PoolClosed:
             self.log.info("batch_interrupted", reason="stopping", action="jobs back to pending")
         except Exception as exc:  # noqa: BLE001 - one batch never kills the sender
             self.log.exception("batch_failed", error=str(exc), action="jobs back to pending")
         finally:
             for item in outgoing:
-                if item.submitted is not None:
-                    item.submitted.cancel()
+                _cancel(item)
                 if item.job.id in unresolved:
                     self._discard_output(item)
             if unresolved:
@@ -271,7 +217,8 @@ class Forwarder:
                         self._held_back.extend(unresolved)
                     raise
 
-    def _prepare(self, rule_file: DestinationRules, job: Job, unresolved: dict[int, Job]) -> _Outgoing | None:
+    # -- prepare ----------------------------------------------------------------------------------
+    def _prepare(self, rule_file: DestinationRules, job: Job, unresolved: dict[int, Job]) -> Outgoing | None:
         inst = job.instance
         item_log = self.log.bind(sop_instance_uid=inst.sop_instance_uid, study_instance_uid=inst.study_instance_uid)
         source = Path(inst.path)
@@ -284,15 +231,14 @@ class Forwarder:
             self.record(rule_file.destination, job, Outcome.SKIPPED, decision.reason)
             unresolved.pop(job.id)
             return None
-        item = _Outgoing(job, item_log, decision.request, source, inst.transfer_syntax_uid)
+        item = Outgoing(job, item_log, decision.request, source, inst.transfer_syntax_uid)
         syntax = codecs.get(item.request.syntax)
-        possible = {inst.transfer_syntax_uid}
+        item.possible = {inst.transfer_syntax_uid}
         if syntax.name != ORIGINAL and inst.transfer_syntax_uid not in syntax.uids:
-            possible.update(syntax.uids)
+            item.possible.update(syntax.uids)
             if item.request.fallback:
-                possible.update(codecs.get(item.request.fallback).uids)
+                item.possible.update(codecs.get(item.request.fallback).uids)
             item.submitted = self.codecs.submit(source, self.spool.out_path(job.id), item.request)
-        item.contexts = contexts_for(inst.sop_class_uid, possible)
         return item
 
     def _decision(self, rule_file: DestinationRules, job: Job, item_log) -> Decision:  # noqa: ANN001
@@ -307,42 +253,40 @@ class Forwarder:
             item_log.warning("header_unreadable", error=str(exc), action="forwarded as received")
             return Decision("", Request(syntax=ORIGINAL), f"header unreadable: {exc}")
 
-    def _send_group(self, destination: Destination, group: list[_Outgoing], unresolved: dict[int, Job]) -> None:
-        wanted = merge(*(item.contexts for item in group))
-        calling = self._calling_ae_title(destination, group[0])
-        association = self.associations.acquire(wanted, calling)
-        try:
-            error = association.open(wanted, calling)
-            if error:
-                self.log.warning("association_failed", error=error, host=destination.host, port=destination.port)
-                for item in group:
-                    if item.submitted is not None:
-                        item.submitted.cancel()
-                        item.submitted = None
-                    self.record(destination, item.job, Outcome.RETRY, error)
-                    unresolved.pop(item.job.id)
-                return
-            delivered: list[tuple[_Outgoing, int]] = []
-            try:
-                for item in group:
-                    if self._stop.is_set() or not association.is_open or self._sends_later(destination, item):
-                        break
-                    if not self._finish_transcode(destination, item):
-                        unresolved.pop(item.job.id)
-                        continue
-                    size = self._send(destination, association, item)
-                    if size is None:
-                        unresolved.pop(item.job.id)  # recorded as retry or dead
-                    else:
-                        delivered.append((item, size))
-            finally:
-                self._delivered(delivered)
-                for item, _ in delivered:  # recorded: no longer the batch's to give back
-                    unresolved.pop(item.job.id)
-        finally:
-            self.associations.give_back(association)
+    # -- send -------------------------------------------------------------------------------------
+    def _send(self, destination: Destination, items: list[Outgoing], unresolved: dict[int, Job]) -> None:
+        """Hand the batch to the sender and record what became of each item; what it delivered
+        is recorded together, whatever happens to the rest."""
+        delivered: list[Sent] = []
 
-    def _sends_later(self, destination: Destination, item: _Outgoing) -> bool:
+        def ready(item: Outgoing, refused: tuple[str, ...] | None = None) -> Ready:
+            if refused is not None:
+                go = self._fall_back(destination, item, Reason.REFUSED_BY_DESTINATION, accepted=refused)
+            elif self._stop.is_set() or self._sends_later(destination, item):
+                return Ready.STOP
+            else:
+                go = self._finish_transcode(destination, item)
+            if go is Ready.SKIP:
+                unresolved.pop(item.job.id)  # recorded as a retry or a dead letter
+            return go
+
+        try:
+            for sent in self.sender.send(items, ready):
+                if sent.seconds:
+                    metrics.FORWARD_SECONDS.labels(destination=self.name).observe(sent.seconds)
+                if sent.outcome is Outcome.DELIVERED:
+                    delivered.append(sent)
+                    continue
+                _cancel(sent.item)
+                self._discard_output(sent.item)
+                self.record(destination, sent.item.job, sent.outcome, sent.why)
+                unresolved.pop(sent.item.job.id)
+        finally:
+            self._delivered(delivered)
+            for sent in delivered:  # recorded: no longer the batch's to give back
+                unresolved.pop(sent.item.job.id)
+
+    def _sends_later(self, destination: Destination, item: Outgoing) -> bool:
         """Whether the rest of the batch goes back to the queue before `item`: its window closed,
         or a job of higher priority became due (it overtakes the batch at the next claim)."""
         now = self.clock()
@@ -365,130 +309,94 @@ class Forwarder:
             return True
         return False
 
-    def _calling_ae_title(self, destination: Destination, item: _Outgoing) -> str:
-        """The calling AE title of the association: the modality's own with
-        `forward_calling_ae_title` (when it is a valid one), else the configured one."""
-        if destination.forward_calling_ae_title and is_valid_ae_title(item.job.instance.calling_ae):
-            return item.job.instance.calling_ae
-        return destination.calling_ae_title or self.associations.calling_ae_title
-
-    def _finish_transcode(self, destination: Destination, item: _Outgoing) -> bool:
-        """Wait for the item's transcode. A codec failure (the data, a crash, a hang) goes to the
-        fallback at once, else the instance is sent as received; a failure of the machine (no
-        disk space, no memory) is a retry later. False when the job was recorded as a retry."""
+    # -- transcode and fall back --------------------------------------------------------------------
+    def _finish_transcode(self, destination: Destination, item: Outgoing) -> Ready:
+        """Wait for the item's transcode, and use what it made."""
         if item.submitted is None:
-            return True
+            return Ready.SEND
         result = self.codecs.result(item.submitted)
         item.submitted = None
-        while isinstance(result, BaseException):
-            if isinstance(result, (OSError, MemoryError)):
-                self._discard_output(item)
-                self.record(destination, item.job, Outcome.RETRY, f"cannot transcode now: {result}")
-                return False
+        return self._transcoded(destination, item, result)
+
+    def _transcoded(self, destination: Destination, item: Outgoing, result: Transcoded | BaseException) -> Ready:
+        """A failure of the machine (no disk space, no memory) is a retry later; a codec failure
+        (the data, a crash, a hang) falls back; else the output is what goes out."""
+        if isinstance(result, (OSError, MemoryError)):
+            self._discard_output(item)
+            self.record(destination, item.job, Outcome.RETRY, f"cannot transcode now: {result}")
+            return Ready.SKIP
+        if isinstance(result, BaseException):
             reason = (Reason.CODEC_TIMEOUT if isinstance(result, CodecTimeout)
                       else Reason.CODEC_CRASH if isinstance(result, CodecCrash) else Reason.CODEC_ERROR)
-            metrics.FALLBACKS.labels(destination=self.name, reason=reason.value).inc()
-            failed, item.request = item.request, fallback(item.request, reason)
-            error = str(result) or type(result).__name__
-            if item.request is None:
-                item.log.error("transcode_failed", syntax=failed.syntax, error=error, action="forwarded as received")
-                item.request = Request(syntax=ORIGINAL)
-                return True
-            item.log.error("transcode_failed", syntax=failed.syntax, error=error, action=f"fallback {item.request.syntax}")
-            result = self.codecs.run(item.source, self.spool.out_path(item.job.id), item.request)
+            return self._fall_back(destination, item, reason, error=str(result) or type(result).__name__)
         self._use(item, result)
-        return True
+        return Ready.SEND
 
-    def _use(self, item: _Outgoing, result: Transcoded) -> None:
+    def _fall_back(self, destination: Destination, item: Outgoing, reason: Reason, error: str = "",
+                   accepted: tuple[str, ...] = ()) -> Ready:
+        """The one place a fallback is applied, whatever its reason: the codec failed, crashed
+        or hung (`error`), or the destination refused the syntax (`accepted`: the uncompressed
+        syntaxes it takes). `request.fallback` decides what is tried instead; a codec that
+        cannot carry the image or whose output does not verify is fallen back from in the
+        worker (`_use` counts it). SEND, or SKIP once the job is recorded."""
+        failed = item.request
+        instead = fallback(failed, reason, accepted)
+        refused = reason is Reason.REFUSED_BY_DESTINATION
+        if refused and instead is None:
+            self.record(destination, item.job, Outcome.DEAD,
+                        f"destination accepts no presentation context for SOP class {item.job.instance.sop_class_uid}")
+            return Ready.SKIP
+        if not refused:
+            _counted(self.name, reason)
+            item.log.error("transcode_failed", syntax=failed.syntax, error=error,
+                           action="forwarded as received" if instead is None else f"fallback {instead.syntax}")
+            if instead is None:
+                item.request = Request(syntax=ORIGINAL, keep_sop_instance_uid=failed.keep_sop_instance_uid)
+                return Ready.SEND
+        result = self.codecs.run(item.source, self.spool.out_path(item.job.id, "-" + instead.syntax), instead)
+        if not refused:
+            item.request = instead
+            return self._transcoded(destination, item, result)
+        sent_as = item.transfer_syntax_uid
+        if isinstance(result, BaseException):
+            # a transcode error is in the data: it will not change, so no retries
+            outcome = Outcome.DEAD if isinstance(result, TranscodeError) else Outcome.RETRY
+            self.record(destination, item.job, outcome,
+                        f"cannot decompress for a destination that refused {sent_as}: {result}")
+            return Ready.SKIP
+        self._discard_output(item)
+        item.request = instead
+        self._use(item, result)
+        item.syntax = instead.syntax
+        _counted(self.name, reason)
+        item.log.warning("syntax_refused", refused=sent_as, sent_as=result.transfer_syntax_uid,
+                         action="decompressed and sent")
+        return Ready.SEND
+
+    def _use(self, item: Outgoing, result: Transcoded) -> None:
         item.transcoded = result
         item.path, item.transfer_syntax_uid, item.syntax = result.path, result.transfer_syntax_uid, result.syntax
         for stage, seconds in result.cpu.items():  # spent in a codec worker
             metrics.CPU_SECONDS.labels(stage=stage).inc(seconds)
         if result.changed:
             metrics.TRANSCODE_SECONDS.labels(syntax=result.syntax).observe(result.seconds)
-        if result.fallback_reason:
-            metrics.FALLBACKS.labels(destination=self.name, reason=str(result.fallback_reason)).inc()
+        if result.fallback_reason:  # fallen back in the worker: the codec cannot carry it, or it did not verify
+            _counted(self.name, result.fallback_reason)
             item.log.warning("fallback", reason=str(result.fallback_reason), note=result.note, syntax=result.syntax)
 
-    def _refused_syntax(self, destination: Destination, association: Association, item: _Outgoing) -> bool:
-        """The destination accepted no context for the item's syntax: decompress for one it did
-        accept. False when the job was recorded (dead or retry) instead."""
-        sop = item.job.instance.sop_class_uid
-        accepted = [codecs.get(ts).name for ts in UNCOMPRESSED if association.accepts(sop, ts)]
-        instead = fallback(item.request, Reason.REFUSED_BY_DESTINATION, accepted)
-        if instead is None:
-            self.record(destination, item.job, Outcome.DEAD,
-                        f"destination accepts no presentation context for SOP class {sop}")
-            return False
-        refused = item.transfer_syntax_uid
-        result = self.codecs.run(item.source, self.spool.out_path(item.job.id, "-" + instead.syntax), instead)
-        if isinstance(result, BaseException):
-            # a transcode error is in the data: it will not change, so no retries
-            outcome = Outcome.DEAD if isinstance(result, TranscodeError) else Outcome.RETRY
-            self.record(destination, item.job, outcome,
-                        f"cannot decompress for a destination that refused {refused}: {result}")
-            return False
-        self._discard_output(item)
-        item.request, item.transcoded = instead, result
-        item.path, item.transfer_syntax_uid, item.syntax = result.path, result.transfer_syntax_uid, instead.syntax
-        metrics.FALLBACKS.labels(destination=self.name, reason=Reason.REFUSED_BY_DESTINATION.value).inc()
-        item.log.warning("syntax_refused", refused=refused, sent_as=result.transfer_syntax_uid,
-                         action="decompressed and sent")
-        return True
-
-    def _send(self, destination: Destination, association: Association, item: _Outgoing) -> int | None:
-        """C-STORE one item; returns its size when the destination stored it (recorded later, with
-        the rest of the group), None when the job was recorded otherwise."""
-        if not association.accepts(item.job.instance.sop_class_uid, item.transfer_syntax_uid):
-            if not self._refused_syntax(destination, association, item):
-                return None
-        size = item.path.stat().st_size
-        started = time.monotonic()
-        try:
-            status = association.store(item.path)
-        except Exception as exc:  # noqa: BLE001 - unreadable file, encoding problem, lost peer
-            association.abort()
-            self._discard_output(item)
-            self.record(destination, item.job, Outcome.RETRY, f"C-STORE failed: {exc}")
-            return None
-        elapsed = time.monotonic() - started
-        metrics.FORWARD_SECONDS.labels(destination=self.name).observe(elapsed)
-        if "Status" not in status:
-            association.abort()
-            self._discard_output(item)
-            self.record(destination, item.job, Outcome.RETRY, "no C-STORE response (DIMSE timeout or association aborted)")
-            return None
-        code = int(status.Status)
-        verdict = classify_status(code, destination.statuses)
-        if verdict == "success":
-            ratio = item.transcoded.ratio if item.transcoded else None
-            if any(low <= code <= high for low, high in WARNINGS):
-                item.log.warning("stored_with_warning", status=f"0x{code:04X}",
-                                 comment=str(status.get("ErrorComment", "") or ""))
-            item.log.info("forwarded", syntax=item.syntax, transfer_syntax=item.transfer_syntax_uid,
-                          status=f"0x{code:04X}", size=size, ratio=round(ratio, 2) if ratio else None,
-                          duration=round(elapsed, 4))
-            return size
-        self._discard_output(item)
-        if verdict == "retry":
-            self.record(destination, item.job, Outcome.RETRY, f"destination answered 0x{code:04X}")
-        else:
-            self.record(destination, item.job, Outcome.DEAD, f"destination answered 0x{code:04X} (permanent failure)")
-        return None
-
-    def _discard_output(self, item: _Outgoing) -> None:
+    def _discard_output(self, item: Outgoing) -> None:
         if item.path != item.source:
             self.spool.remove(item.path)
 
     # -- record: the one place an outcome reaches the queue, the metrics and the log ---------
-    def _delivered(self, delivered: list[tuple[_Outgoing, int]]) -> None:
+    def _delivered(self, delivered: list[Sent]) -> None:
         """Record what the destination stored, in one transaction for the whole group.
 
         A crash before this point sends those instances again: at least once, never lost.
         """
         if not delivered:
             return
-        deliveries = [_delivery(item, size) for item, size in delivered]
+        deliveries = [_delivery(sent.item, sent.size) for sent in delivered]
         try:
             for path in self.queue.complete(deliveries):
                 self.spool.remove(path)
@@ -498,7 +406,12 @@ class Forwarder:
             with self._held_back_lock:
                 self._unrecorded.extend(deliveries)
         now = time.time()
-        for item, size in delivered:
+        for sent in delivered:
+            item, size = sent.item, sent.size
+            ratio = item.transcoded.ratio if item.transcoded else None
+            item.log.info("forwarded", syntax=item.syntax, transfer_syntax=item.transfer_syntax_uid,
+                          status=sent.status, size=size, ratio=round(ratio, 2) if ratio else None,
+                          duration=round(sent.seconds, 4))
             if item.job.taken_over_from:
                 metrics.DUPLICATE_SENDS.labels(destination=self.name).inc()
             self._discard_output(item)
@@ -531,7 +444,18 @@ class Forwarder:
         metrics.FORWARD_FAILURES.labels(destination=self.name, outcome=outcome.value).inc()
 
 
-def _delivery(item: _Outgoing, size: int) -> Delivery:
+def _counted(destination: str, reason: Reason) -> None:
+    """An instance not sent in its rule's syntax, counted once, whatever the reason."""
+    metrics.FALLBACKS.labels(destination=destination, reason=str(reason)).inc()
+
+
+def _cancel(item: Outgoing) -> None:
+    if item.submitted is not None:
+        item.submitted.cancel()
+        item.submitted = None
+
+
+def _delivery(item: Outgoing, size: int) -> Delivery:
     """How a delivered item went out, for its history row."""
     received = item.job.instance
     sent_uid = item.transcoded.sop_instance_uid if item.transcoded is not None else ""
@@ -544,38 +468,3 @@ def _delivery(item: _Outgoing, size: int) -> Delivery:
         sent_size=size, ratio=round(ratio, 3) if ratio else None,
         sent_sop_instance_uid=sent_uid if sent_uid and sent_uid != received.sop_instance_uid else "",
     )
-
-
-def _groups(items: list[_Outgoing], by_caller: bool = False) -> list[list[_Outgoing]]:
-    """Split a batch so that no association needs more than 128 presentation contexts, and,
-    `by_caller`, so that each association carries the instances of one calling AE title.
-    Without `by_caller` the batch keeps the order it was claimed in (a stable study goes in
-    series and instance number order, whatever its SOP classes)."""
-    if not by_caller:
-        in_order: list[list[_Outgoing]] = []
-        wanted: Contexts = {}
-        for item in items:
-            with_item = merge(wanted, item.contexts)
-            if not in_order or count(with_item) > MAX_CONTEXTS:
-                in_order.append([])
-                with_item = merge(item.contexts)
-            in_order[-1].append(item)
-            wanted = with_item
-        return in_order
-    by_key: dict[tuple[str, str], list[_Outgoing]] = {}
-    for item in items:
-        caller = item.job.instance.calling_ae if by_caller else ""
-        by_key.setdefault((caller, item.job.instance.sop_class_uid), []).append(item)
-    groups: list[list[_Outgoing]] = []
-    group: list[_Outgoing] = []
-    keys = sorted(by_key, key=lambda key: key[0]) if by_caller else list(by_key)
-    for caller, sop_class in keys:
-        class_items = by_key[(caller, sop_class)]
-        if group and (count(merge(*(i.contexts for i in group + class_items))) > MAX_CONTEXTS
-                      or (by_caller and group[0].job.instance.calling_ae != caller)):
-            groups.append(group)
-            group = []
-        group.extend(class_items)
-    if group:
-        groups.append(group)
-    return groups

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.valuerep import VR
 
-from router.codecs.registry import DEFLATED
+from router.uids import DEFLATED
 
 _VALID_VRS = frozenset(v.value for v in VR)
 

@@ -16,36 +16,23 @@ PACS that allows two associations never sees more than two from all the nodes to
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
 
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom.presentation import PresentationContext
 
 from router.compat.pynetdicom import park_reactor, throttle_sends
 from router.config import Destination
-from router.throttle import CHUNK, TokenBucket, bytes_per_second
-from router.tls import client_context
+from router.forward.outbound import NotAssociated, Peer, associate, context, release
+from router.forward.throttle import CHUNK, TokenBucket, bytes_per_second
+from router.uids import IMPLICIT_LE, UNCOMPRESSED, VERIFICATION
 
 MAX_CONTEXTS = 127  # 128 per association, one of them Verification
-VERIFICATION = "1.2.840.10008.1.1"
-IMPLICIT_VR_LE = ImplicitVRLittleEndian
-UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 # a destination offered a lossy JPEG also gets the syntax the standard makes its default
 COMPANIONS = {"1.2.840.10008.1.2.4.51": "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.57": "1.2.840.10008.1.2.4.70"}
 
 Contexts = dict[str, set[str]]  # SOP class UID -> transfer syntax UIDs
-
-
-def _context(abstract_syntax: str, transfer_syntax: str) -> PresentationContext:
-    cx = PresentationContext()
-    cx.abstract_syntax = abstract_syntax
-    cx.transfer_syntax = [transfer_syntax]
-    return cx
 
 
 def contexts_for(sop_class_uid: str, transfer_syntaxes: set[str]) -> Contexts:
@@ -102,36 +89,17 @@ class Association:
         if calling_ae_title is not None:
             self.calling_ae_title = calling_ae_title
         dest = self.destination
-        ae = AE(ae_title=self.calling_ae_title)
-        ae.acse_timeout = dest.timeouts.acse_s
-        ae.dimse_timeout = dest.timeouts.dimse_s
-        ae.network_timeout = dest.timeouts.network_s
-        ae.connection_timeout = dest.timeouts.connect_s
         # Verification too: a destination that refuses every storage context still associates, and
         # says which SOP classes it refuses instead of aborting
-        contexts = [_context(VERIFICATION, IMPLICIT_VR_LE)]
+        contexts = [context(VERIFICATION, [IMPLICIT_LE])]
         for sop, uids in wanted.items():
             for ts in sorted(uids, key=lambda u: (u in UNCOMPRESSED, u)):
-                contexts.append(_context(sop, ts))
-        ae.requested_contexts = contexts
-        connected = threading.Event()
-        tls_args = (client_context(dest.tls), dest.host) if dest.tls is not None else None
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, max_pdu=dest.max_pdu, tls_args=tls_args,
-                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.set())])
-        if not assoc.is_established:
-            if not connected.is_set():
-                return f"cannot connect to {dest.host}:{dest.port}"
-            if assoc.is_rejected:
-                result = assoc.acceptor.primitive
-                detail = f" (result {result.result}, source {result.result_source}, reason {result.diagnostic})" \
-                    if result is not None else ""
-                return f"association rejected by the destination{detail}"
-            if assoc.is_aborted:
-                return "association aborted by the destination"
-            return "association not established (ACSE timeout)"
-        sock = getattr(assoc.dul.socket, "socket", None)
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                contexts.append(context(sop, [ts]))
+        peer = Peer(dest.host, dest.port, dest.ae_title, dest.tls, dest.max_pdu)
+        try:
+            assoc = associate(peer, self.calling_ae_title, contexts, dest.timeouts)
+        except NotAssociated as exc:
+            return str(exc)
         if self.bucket is not None and dest.max_mbps > 0:
             throttle_sends(assoc, self.bucket.take, CHUNK)
         self._assoc = assoc
@@ -156,11 +124,7 @@ class Association:
 
     def release(self) -> None:
         if self._assoc is not None:
-            try:
-                if self._assoc.is_established:
-                    self._assoc.release()
-            except Exception:  # noqa: BLE001 - the peer may already be gone
-                self._assoc.abort()
+            release(self._assoc)
             self._assoc = None
             self._proposed = set()
 

@@ -20,6 +20,10 @@ import uuid
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from router.config import Loaded
 
 
 class Spool:
@@ -129,3 +133,9 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def spool_for(cfg: Loaded) -> Spool:
+    """The spool: this node's part of a shared one when several nodes share the queue."""
+    node = cfg.router.queue.node if cfg.router.queue.url else ""
+    return Spool(cfg.spool_dir, cfg.router.storage.min_free_mb, node=node)

@@ -9,6 +9,7 @@ committed in the queue; 0xA700 when it cannot be stored now (the modality retrie
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,17 +18,17 @@ from typing import Any
 
 from router import log, metrics
 from router.config import DestinationRules
-from router.dicomfile import read_header
+from router.receive.dicomfile import read_header
 from router.queue import HIGH, Instance, NewJob, Queue
 from router.request import Reason
 from router.rules import CONTEXT_KEYS, PRIORITIES, Attributes, Context, Decision, decide
-from router.spool import Spool
+from router.queue.spool import Spool
 
 SUCCESS = 0x0000
 PRIORITY_HIGH = 0x0001  # the C-STORE request's Priority (PS3.7 9.1.1.1): 0 medium, 1 high, 2 low
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
-_DISK_FULL_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 _log = log.get("intake")
 

@@ -1,13 +1,11 @@
 """The running router: the only module that knows every process and wires them.
 
 - the supervising process (`Router`): recovery at start-up, the codec pool, one forwarder per
-  destination, the storage commitment reports sent on new associations (`commitment.Reporter`)
-  and, in relay mode, the requests to the destinations (`relay.Relayer`), metrics over HTTP, and
+  destination, the storage commitment reports sent on new associations (`commitment.reporter.Reporter`)
+  and, in relay mode, the requests to the destinations (`commitment.relay.Relayer`), metrics over HTTP, and
   the receiving processes it starts and restarts;
-- each receiving process (`run_receiver_process`): a `scp.Receiver` on the shared port feeding
-  an `intake.Intake`, which tells the supervisor which destinations have new work, and the
-  storage commitment requests with their reports on the requests' own associations
-  (`commitment.AssociationReports`).
+- the receiving processes (`operate.receiving`), each a `receive.scp.Receiver` on the shared
+  port, which tell the supervisor which destinations have new work.
 
 SIGTERM/SIGINT drain (stop accepting, finish the C-STORE in progress, put the rest back to
 pending) and exit; SIGHUP reloads the rule files, keeping the previous rules if any is broken.
@@ -27,25 +25,17 @@ from pathlib import Path
 
 from router import config as config_mod
 from router import log, metrics
-from router.commitment import AssociationReports, Reporter, Timeouts
-from router.relay import Relayer
-from router.compat.pynetdicom import (
-    accept_unknown_storage_classes,
-    send_datasets_from_files,
-    stream_datasets_to_files,
-    use_poll,
-)
-from router.config import ConfigError, DestinationRules, Loaded
-from router.forwarder import Forwarder
-from router.holds import Holds
-from router.intake import Intake
-from router.lifetime import die_with_parent
+from router.codecs.workers import CodecPool
+from router.commitment.relay import Relayer
+from router.commitment.reporter import Reporter
+from router.compat.pynetdicom import send_datasets_from_files, use_poll
+from router.config import ConfigError, DestinationRules, Loaded, Timeouts
+from router.forward.forwarder import Forwarder
+from router.forward.waiting import waiting
+from router.operate.web import StatusPage
 from router.queue import open_queue
-from router.scp import Receiver
-from router.spool import Spool
-from router.waiting import waiting
-from router.web import StatusPage
-from router.workers import CodecPool
+from router.queue.holds import Holds
+from router.queue.spool import spool_for
 
 _log = log.get("service")
 
@@ -165,7 +155,7 @@ class Router:
 
     def _spawn_receiver(self) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, "-m", "router.service", str(self.cfg.path), self._wake_name, self.log_format,
+            [sys.executable, "-m", "router.operate.receiving", str(self.cfg.path), self._wake_name, self.log_format,
              self.log_level],
         )
 
@@ -227,7 +217,7 @@ class Router:
         return (not problems, "; ".join(problems) or "ready")
 
     def _held(self) -> dict[tuple[str, str], int]:
-        """Pending jobs each destination holds back, by reason (router.waiting)."""
+        """Pending jobs each destination holds back, by reason (router.forward.waiting)."""
         found: dict[tuple[str, str], int] = {}
         for rule_file in self.destinations():
             for reason, count in waiting(rule_file.name, rule_file.destination, self.queue).held.items():
@@ -336,84 +326,3 @@ class Router:
         _log.info("stopping", reason="signal")
         self.stop()
         cpu.tick()
-
-
-def spool_for(cfg: Loaded) -> Spool:
-    """The spool: this node's part of a shared one when several nodes share the queue."""
-    node = cfg.router.queue.node if cfg.router.queue.url else ""
-    return Spool(cfg.spool_dir, cfg.router.storage.min_free_mb, node=node)
-
-
-def run_receiver_process(config_path: str, wake: str) -> int:
-    """One of the receiving processes `serve` starts: listens on the shared port until SIGTERM
-    or until its parent goes away; SIGHUP reloads the rule files. `wake` names the parent's
-    abstract Unix socket, told which destinations have new work (and, once, that we listen)."""
-    use_poll()
-    parent = os.getppid()
-    # a receiver that outlived the router would accept images no forwarder sends until the next start
-    die_with_parent()
-    if os.getppid() != parent:
-        return 1
-    cfg = config_mod.load(config_path)
-    lock = threading.Lock()
-    state = {"destinations": cfg.destinations}
-
-    def destinations() -> list[DestinationRules]:
-        with lock:
-            return state["destinations"]
-
-    address = "\0" + wake
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-
-    def notify(names: list[str]) -> None:
-        try:
-            sock.sendto(" ".join(names).encode(), address)
-        except OSError:
-            pass  # the forwarders also poll the queue
-
-    spool = spool_for(cfg)
-    # incoming data sets stream to files on the spool's filesystem, so accepting one is a rename
-    stream_datasets_to_files(spool.incoming)
-    accept_unknown_storage_classes(cfg.router.listen.accept_unknown_sop_classes)
-    queue = open_queue(cfg, pool_size=min(8, cfg.router.listen.max_associations))
-    intake = Intake(spool, queue, destinations, cfg.router.listen.max_instance_mb, notify)
-    commitments = AssociationReports(queue, cfg.router.commitment, destinations=destinations) \
-        if cfg.router.commitment.mode != "off" else None
-    receiver = Receiver(cfg.router.listen, intake, commitments)
-    stop = threading.Event()
-    reload_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGHUP, lambda *_: reload_requested.set())
-    # this process's CPU other than intake's is the network receive
-    cpu = metrics.ProcessCpu("receive", lambda: intake.cpu_seconds)
-    receiver.start(reuse_port=True)
-    if commitments is not None:
-        commitments.start()
-    sock.sendto(f"\0ready {os.getpid()}".encode(), address)
-    while not stop.wait(0.5):
-        cpu.tick()
-        if os.getppid() != parent:
-            _log.error("receiver_orphaned", action="stopping")
-            break
-        if reload_requested.is_set():
-            reload_requested.clear()
-            try:
-                fresh = config_mod.load_rules_dir(cfg.router.rules.dir)
-            except ConfigError as exc:
-                _log.error("reload_rejected", error=str(exc), action="previous rules stay in force")
-                continue
-            with lock:
-                state["destinations"] = fresh
-    receiver.stop()
-    if commitments is not None:
-        commitments.stop()
-    queue.shutdown()
-    cpu.tick()
-    return 0
-
-
-if __name__ == "__main__":  # a receiving process, started by Router._spawn_receiver
-    _, _config_path, _wake, _log_format, _log_level = sys.argv
-    log.configure(_log_format, _log_level)
-    sys.exit(run_receiver_process(_config_path, _wake))
