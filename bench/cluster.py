@@ -8,7 +8,7 @@ CPU per instance of the router and of PostgreSQL, and the database's load per in
 The same corpus and peers as bench/run.py: the `ct` study, DCMTK storescu as the modality, DCMTK
 storescp +xa as the destination (writing into a tmpfs), the router as received (or JPEG-LS lossless
 with --jls). PostgreSQL (fsync on, synchronous_commit on) and HAProxy (the shipped
-deploy/haproxy.cfg) are started by the benchmark through tests/cluster.py; every run gets a fresh
+deploy/haproxy.cfg) are started by the benchmark through tests/support/cluster.py; every run gets a fresh
 database, spool and destination; pg_stat_statements counts the router's statements. Scenarios run
 --repeat times, interleaved. Then the queue's own
 add/claim/complete loop (router.queue.postgres.PostgresQueue) and, when installed, pgbench measure
@@ -43,7 +43,7 @@ import harness  # noqa: E402
 from harness import RouterRule, Server  # noqa: E402
 from run import _read_through, _split, _spread, _syntax_tally, _tail  # noqa: E402 - the same run mechanics
 
-from tests.cluster import POSTGRES_BIN, Haproxy, PostgresServer, haproxy_config  # noqa: E402
+from tests.support.cluster import POSTGRES_BIN, Haproxy, PostgresServer, haproxy_config  # noqa: E402
 
 RESULTS = harness.BENCH / "results"
 CLK_TCK = harness.CLK_TCK
@@ -153,7 +153,7 @@ class Database:
         self.statements_on = statements
         if statements:
             # pg_stat_statements counts each statement as it ends (the cumulative statistics lag):
-            # a restart with the library loaded, every other setting as tests/cluster.py has it
+            # a restart with the library loaded, every other setting as tests/support/cluster.py has it
             self.server.stop()
             with open(self.server.data / "postgresql.auto.conf", "a") as conf:
                 conf.write("shared_preload_libraries = 'pg_stat_statements'\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 import data_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.peers import make_series  # noqa: E402 - the tests copy studies the same way
+from tests.support.peers import make_series  # noqa: E402 - the tests copy studies the same way
 
 DATA = Path(data_store.__file__).parent / "data"
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".corpus"

@@ -225,7 +225,7 @@ class RouterRule:
 def start_router(workdir: Path, dest_port: int, rule: RouterRule, dest_aet: str = "STORESCP",
                  workers: int = 0, metrics_port: int = 0, spool: Path | None = None, extra: str = "",
                  name: str = "router") -> Server:
-    """`dicom-router serve` with one destination and one rule; config written like tests/peers.py.
+    """`dicom-router serve` with one destination and one rule; config written like tests/support/peers.py.
     `spool`: its spool directory (default: in `workdir`); `extra`: more router.toml tables."""
     port = free_port()
     rules = workdir / "rules"

@@ -2,7 +2,7 @@
 
     python bench/slow_link.py [--mbps 5] [--rows 4090] [--columns 3300] [--skip-as-received]
 
-The study (tests/mammography.py: four views cut from a mirror-tiled real CR of pydicom-data,
+The study (tests/support/mammography.py: four views cut from a mirror-tiled real CR of pydicom-data,
 requantised to 12 bits, about 104 MB at 3300 x 4090) goes from a pynetdicom modality through
 `dicom-router serve` to a pynetdicom PACS, three ways:
 
@@ -10,7 +10,7 @@ requantised to 12 bits, about 104 MB at 3300 x 4090) goes from a pynetdicom moda
     jpeg-ls-lossless   the router sends JPEG-LS lossless over the same line
     jpeg-ls, capped    the router's own max_mbps = --mbps, the line unlimited: the cap alone
 
-The line is tests/slow_link.py's proxy (its own pacing). Printed per way: the bytes on the
+The line is tests/support/slow_link.py's proxy (its own pacing). Printed per way: the bytes on the
 line, the link time (first byte in to last byte out), the time from the modality's first
 C-STORE to the PACS having all four, the peak megabits in any second from the router, and
 whether every image arrived bit-exact in pixels.
@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from pydicom import dcmread  # noqa: E402
 
-from tests.mammography import mammography_study  # noqa: E402
-from tests.peers import Destination, Pacs, RouterProcess, send, wait_until  # noqa: E402
-from tests.slow_link import SlowLink  # noqa: E402
+from tests.support.mammography import mammography_study  # noqa: E402
+from tests.support.peers import Destination, Pacs, RouterProcess, send, wait_until  # noqa: E402
+from tests.support.slow_link import SlowLink  # noqa: E402
 
 
 def one_way(name: str, study: list[Path], work: Path, syntax: str, line_mbps: float, router_mbps: float) -> dict:

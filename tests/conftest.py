@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.peers import Pacs, RouterProcess
+from tests.support.peers import Pacs, RouterProcess
 
 
 @pytest.fixture
@@ -54,7 +54,7 @@ def postgres_server(tmp_path_factory):
     if os.environ.get("ROUTER_TEST_POSTGRES_URL"):
         yield SimpleNamespace(url=os.environ["ROUTER_TEST_POSTGRES_URL"])
         return
-    from tests.cluster import PostgresServer
+    from tests.support.cluster import PostgresServer
 
     server = PostgresServer(tmp_path_factory.mktemp("postgres"))
     server.start()

@@ -12,7 +12,7 @@ import pytest
 
 from router.operate.cli import parse_duration as cli_duration
 from router.schedule import Schedule, parse_days, parse_duration, parse_window
-from tests.test_check import DEST, write
+from tests.operate.test_check import DEST, write
 
 BRUSSELS = ZoneInfo("Europe/Brussels")
 

@@ -1,7 +1,7 @@
 """Every patch of pynetdicom or pydicom behaviour the router relies on, in one place.
 
 Each function names the upstream issue or missing feature it works around, and
-tests/test_compat_*.py hold a test per workaround that fails the day upstream changes what it
+tests/compat/test_*.py hold a test per workaround that fails the day upstream changes what it
 relies on (a private attribute renamed, a fix released), so that it can be removed or adapted.
 
 - `pynetdicom`: received data sets streamed to files in the spool, the reactor race before a

@@ -1,7 +1,7 @@
 """The receiving listener: pynetdicom 3.0's `ThreadedAssociationServer` made to bound what a
 caller may make it wait for (see the package docstring). pynetdicom has no such limits: each
 accepted connection is read on one thread with no deadline on the association request nor on a
-PDU, and any PDU size announced is read whole. tests/test_compat_pynetdicom.py fails when
+PDU, and any PDU size announced is read whole. tests/compat/test_compat_pynetdicom.py fails when
 upstream changes what this relies on.
 """
 

@@ -143,7 +143,7 @@ def throttle_sends(assoc: Association, take: Callable[[int], object], chunk: int
     pynetdicom has no send hook that can delay: its DUL writes each encoded PDU with
     `AssociationSocket.send` (dul.py, `_send`), which loops on `socket.send` and then triggers
     `EVT_DATA_SENT`. This replaces that method on the association's socket object with the same
-    loop, paced. tests/test_throttle.py fails if the DUL stops sending through it.
+    loop, paced. tests/forward/test_throttle.py fails if the DUL stops sending through it.
     """
     sock = assoc.dul.socket
     if sock is None:

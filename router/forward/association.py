@@ -214,11 +214,6 @@ class AssociationPool:
                 association.discard()
             self._cond.notify()
 
-    @property
-    def open_count(self) -> int:
-        with self._cond:
-            return self._busy + sum(1 for a in self._idle if a.is_open)
-
     def release_idle(self, now: float | None = None) -> None:
         """Release the associations idle for longer than `idle_release_s`."""
         now = time.monotonic() if now is None else now

@@ -28,7 +28,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.peers import free_port, wait_until
+from tests.support.peers import free_port, wait_until
 
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 PEER_ENV = dict(os.environ, TCP_NODELAY="1")

@@ -22,9 +22,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from tests.cluster import Haproxy, PostgresServer, haproxy_config, require
+from tests.support.cluster import Haproxy, PostgresServer, haproxy_config, require
 from tests.interop.conftest import storescu
-from tests.peers import Destination, RouterProcess, alive, descendants, make_series, metric_value, send, wait_until
+from tests.support.peers import Destination, RouterProcess, alive, descendants, make_series, metric_value, send, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.postgres, pytest.mark.slow]
 
@@ -82,7 +82,7 @@ class Cluster:
 
 
 def _free_port() -> int:
-    from tests.cluster import free_port
+    from tests.support.cluster import free_port
 
     return free_port()
 

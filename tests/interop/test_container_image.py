@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from tests.interop.conftest import require
-from tests.peers import REPO, data, echo, free_port, send, wait_until
+from tests.support.peers import REPO, data, echo, free_port, send, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ import pytest
 from router import codecs
 from router.codecs import DEFLATED
 from tests.interop.conftest import copy_as_series, require, storescu
-from tests.peers import Destination, data, wait_until
+from tests.support.peers import Destination, data, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from tests.interop.conftest import assert_pixels_equal, copy_as_series, storescu
-from tests.peers import Destination, data, metric_value, wait_until
+from tests.support.peers import Destination, data, metric_value, wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 

@@ -12,7 +12,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification  # type: ignore
 
 from tests.interop.conftest import copy_as_series, storescu
-from tests.peers import Destination, data, send, wait_until
+from tests.support.peers import Destination, data, send, wait_until
 
 pytestmark = pytest.mark.interop
 

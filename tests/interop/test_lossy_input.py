@@ -9,7 +9,7 @@ import pydicom
 import pytest
 
 from tests.interop.conftest import assert_pixels_equal, copy_as_series, storescu
-from tests.peers import Destination, data, wait_until
+from tests.support.peers import Destination, data, wait_until
 
 pytestmark = pytest.mark.interop
 

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from tests.interop.conftest import PEER_ENV, assert_pixels_equal, copy_as_series, echoscu, require, storescu
-from tests.peers import Destination, data, metric_value, wait_until
+from tests.support.peers import Destination, data, metric_value, wait_until
 
 pytestmark = pytest.mark.interop
 

@@ -19,7 +19,7 @@ import pytest
 from router import codecs
 from router.request import Request
 from router.codecs.transcode import transcode_file
-from tests import transcode_images as img
+from tests.support import transcode_images as img
 from tests.interop.conftest import PEER_ENV, require
 from tests.interop.test_dciodvfy import DCIODVFY, dciodvfy_errors
 

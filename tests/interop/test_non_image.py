@@ -15,7 +15,7 @@ from tests.interop.conftest import (
     grayscale_presentation_state,
     storescu,
 )
-from tests.peers import Destination, data, wait_until
+from tests.support.peers import Destination, data, wait_until
 
 pytestmark = pytest.mark.interop
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.interop.conftest import storescu
-from tests.peers import Destination, data, make_series, wait_until
+from tests.support.peers import Destination, data, make_series, wait_until
 
 pytestmark = pytest.mark.interop
 

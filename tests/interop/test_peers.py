@@ -6,7 +6,7 @@ import pydicom
 import pytest
 
 from tests.interop.conftest import assert_pixels_equal, copy_as_series, echoscu, storescu
-from tests.peers import data
+from tests.support.peers import data
 
 pytestmark = pytest.mark.interop
 

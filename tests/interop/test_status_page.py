@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from tests.interop.conftest import copy_as_series
-from tests.peers import Destination, data, free_port, metric_value, send, wait_until
+from tests.support.peers import Destination, data, free_port, metric_value, send, wait_until
 
 pytestmark = pytest.mark.interop
 

@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 from tests.interop.conftest import Orthanc, copy_as_series, require
-from tests.peers import (
+from tests.support.peers import (
     CommittingModality, Destination, Pacs, RouterProcess, data, free_port, make_series, metric_value, references, send,
     wait_until,
 )

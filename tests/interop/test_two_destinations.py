@@ -17,7 +17,7 @@ from tests.interop.conftest import (
     psnr,
     storescu,
 )
-from tests.peers import Destination, data, wait_until
+from tests.support.peers import Destination, data, wait_until
 
 pytestmark = pytest.mark.interop
 

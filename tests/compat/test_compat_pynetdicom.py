@@ -1,0 +1,426 @@
+"""Each pynetdicom workaround in router.compat.pynetdicom: a test that fails the day pynetdicom
+changes what it relies on or fixes what it works around (then adapt or remove it), and a test
+that it works."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, _config, evt, fsm
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from router.compat import listener
+from router.compat import pynetdicom as compat
+from tests.support.peers import REPO, data, free_port
+from tests.receive.test_network_limits import closed_by_peer, store_request
+
+
+@pytest.fixture
+def restore_pynetdicom_config():
+    saved = (_config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET, tempfile.tempdir)
+    yield
+    _config.STORE_RECV_CHUNKED_DATASET, _config.STORE_SEND_CHUNKED_DATASET, tempfile.tempdir = saved
+
+
+def test_upstream_receive_streaming_has_no_directory_option():
+    """stream_datasets_to_files points tempfile at the spool because pynetdicom offers no
+    directory for STORE_RECV_CHUNKED_DATASET; when it grows one, use it instead."""
+    assert hasattr(_config, "STORE_RECV_CHUNKED_DATASET")
+    assert not [name for name in dir(_config) if name.startswith("STORE_RECV_CHUNKED") and "DIR" in name.upper()]
+
+
+def test_received_data_sets_are_streamed_into_the_given_directory(tmp_path, restore_pynetdicom_config):
+    compat.stream_datasets_to_files(tmp_path)
+    assert _config.STORE_RECV_CHUNKED_DATASET is True
+    assert tempfile.NamedTemporaryFile(delete=False).name.startswith(str(tmp_path))
+
+
+def test_upstream_make_server_still_does_not_register_its_server():
+    """register_server exists because AE.make_server() leaves AE._servers alone while
+    ThreadedAssociationServer.shutdown() removes itself from it."""
+    ae = AE()
+    ae.add_supported_context(Verification)
+    server = ae.make_server(("127.0.0.1", free_port()))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    assert isinstance(ae._servers, list) and server not in ae._servers
+    with pytest.raises(ValueError):
+        server.shutdown()  # what the router's stop would meet without the workaround
+
+
+def test_a_registered_server_shuts_down_cleanly():
+    class SharedPort(ThreadedAssociationServer):
+        def server_bind(self) -> None:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
+
+    ae = AE()
+    ae.add_supported_context(Verification)
+    server = ae.make_server(("127.0.0.1", free_port()), server_class=SharedPort)
+    compat.register_server(ae, server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server.shutdown()
+    assert ae._servers == []
+
+
+def test_upstream_reactor_state_park_reactor_relies_on_is_still_there():
+    """park_reactor reads Association._reactor_checkpoint and _is_paused (pynetdicom #435,
+    #850); if these are renamed it silently does nothing and the response race is back."""
+    ae = AE()
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        scu = AE()
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port)
+        assert assoc.is_established
+        try:
+            assert hasattr(assoc, "_reactor_checkpoint") and hasattr(assoc, "_is_paused")
+            compat.park_reactor(assoc)
+            assert assoc._is_paused and not assoc._reactor_checkpoint.is_set()
+            assoc._reactor_checkpoint.set()  # as send_c_store does when it is done
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+
+
+
+# -- use_poll ---------------------------------------------------------------------------------------
+HIGH_FDS = """
+import os, resource, sys
+from pydicom import dcmread
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from router.compat import pynetdicom as compat
+from tests.support.peers import data, free_port
+
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+dummies = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]  # new sockets get numbers above 1023
+if sys.argv[1] == "poll":
+    compat.use_poll()
+fds = []
+
+def on_store(event):
+    fds.append(event.assoc.dul.socket.socket.fileno())
+    return 0x0000
+
+def storage_ae(title):
+    ae = AE(ae_title=title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax)
+        ae.add_requested_context(cx.abstract_syntax) if len(ae.requested_contexts) < 127 else None
+    ae.add_supported_context(Verification)
+    return ae
+
+ds = dcmread(data("693_UNCR.dcm"))
+results = []
+# each side stores to the other: both the accepting and the requesting sockets are above 1023
+a, b = storage_ae("A"), storage_ae("B")
+ports = [free_port(), free_port()]
+servers = [x.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+           for x, port in ((a, ports[0]), (b, ports[1]))]
+for scu, port in ((a, ports[1]), (b, ports[0])):
+    scu.requested_contexts = []
+    scu.add_requested_context(Verification)
+    scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = scu.associate("127.0.0.1", port)
+    if not assoc.is_established:
+        results.append("no association")
+        continue
+    fds.append(assoc.dul.socket.socket.fileno())
+    echo = assoc.send_c_echo()
+    store = assoc.send_c_store(ds)
+    results.append((echo.get("Status"), store.get("Status")))
+    assoc.release()
+for server in servers:
+    server.shutdown()
+print(results, min(fds or [0]))
+"""
+
+
+def _associate_with_high_fds(mode: str) -> str:
+    result = subprocess.run([sys.executable, "-c", HIGH_FDS, mode], capture_output=True, text=True, timeout=120,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout.strip().splitlines()[-1]
+
+
+def test_upstream_association_socket_still_asks_select():
+    """use_poll replaces the `select` module pynetdicom.transport uses; when AssociationSocket.ready
+    stops calling select.select(), it can go."""
+    assert "select.select(" in inspect.getsource(AssociationSocket.ready.fget)
+    assert _associate_with_high_fds("select").startswith("['no association', 'no association']")
+
+
+def test_associations_work_with_file_descriptors_above_1023():
+    out = _associate_with_high_fds("poll")
+    assert out.startswith("[(0, 0), (0, 0)]"), out
+    assert int(out.split()[-1]) > 1023, out
+
+
+# -- reject_association -------------------------------------------------------------------------------
+def _rejections(on_requested) -> list:  # noqa: ANN001
+    ae = AE()
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_REQUESTED, on_requested)])
+    try:
+        heard = []
+        for _ in range(3):
+            scu = AE(ae_title="NOBODY")
+            scu.add_requested_context(Verification)
+            scu.acse_timeout = 5
+            assoc = scu.associate("127.0.0.1", port)
+            rj = assoc.acceptor.primitive if assoc.is_rejected else None
+            heard.append(None if rj is None else (rj.result, rj.result_source, rj.diagnostic))
+        return heard
+    finally:
+        server.shutdown()
+
+
+def test_upstream_still_closes_before_a_reject_from_evt_requested_goes_out():
+    """reject_association waits for the A-ASSOCIATE-RJ to be sent; when send_reject() from an
+    EVT_REQUESTED handler reaches the peer by itself, it can go."""
+    assert None in _rejections(lambda event: event.assoc.acse.send_reject(0x01, 0x01, 0x03))
+
+
+def test_a_rejection_from_evt_requested_reaches_the_peer():
+    assert _rejections(lambda event: compat.reject_association(event.assoc, 0x01, 0x01, 0x03)) == [(1, 1, 3)] * 3
+
+
+# -- GuardedAssociationServer ---------------------------------------------------------------------------------
+def test_upstream_handshakes_tls_in_the_accept_loop():
+    """GuardedAssociationServer moves the handshake to the connection's thread; when
+    AssociationServer.get_request stops wrapping the socket itself, see whether it can go."""
+    assert "wrap_socket" in inspect.getsource(AssociationServer.get_request)
+
+
+def test_upstream_counts_connections_without_a_request_as_associations():
+    ae = AE()
+    ae.add_supported_context(Verification)
+    ae.maximum_associations = 1
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        time.sleep(0.2)
+        scu = AE()
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port)
+        assert assoc.is_rejected  # the idle connection took the only slot
+    finally:
+        idle.close()
+        server.shutdown()
+
+
+def test_upstream_reads_a_pdu_without_deadline_or_bound():
+    """A header declaring 512 MB, then silence: upstream waits for the body (ARTIM is not looked
+    at while the DUL reads), whatever the ACSE timeout and the maximum PDU size."""
+    ae = AE()
+    ae.add_supported_context(Verification)
+    ae.acse_timeout = 0.5
+    ae.maximum_pdu_size = 16384
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    try:
+        sock.sendall(struct.pack(">BxL", 0x01, 512 * 1024 * 1024))
+        assert not closed_by_peer(sock, 1.5)
+    finally:
+        sock.close()
+        server.shutdown()
+
+
+def test_upstream_request_handler_makes_its_own_association_socket():
+    """The guarded handler replaces the AssociationSocket `_create_association` made and the
+    "transport connection open" event it queued (Evt5); both must still be there."""
+    ae = AE()
+    ae.add_supported_context(Verification)
+    server = ae.make_server(("127.0.0.1", free_port()))
+    a, b = socket.socketpair()
+    try:
+        handler = RequestHandler.__new__(RequestHandler)
+        handler.request, handler.client_address, handler.server = a, ("127.0.0.1", 1), server
+        assoc = handler._create_association()
+        assert type(assoc.dul.socket) is AssociationSocket
+        assert list(assoc.dul.event_queue.queue) == ["Evt5"]
+    finally:
+        a.close()
+        b.close()
+        server.server_close()
+
+
+class _Recorded:
+    def __init__(self) -> None:
+        self.closed: list[listener.Cut] = []
+        self.unwritable: list[Exception] = []
+
+    def hooks(self, receiving_status: int | None = None) -> listener.Hooks:
+        return listener.Hooks(
+            closed=lambda cut, detail, address: self.closed.append(cut),
+            receiving=lambda assoc, uid, received: receiving_status,
+            unwritable=lambda assoc, exc: self.unwritable.append(exc) or 0xC000,
+        )
+
+
+def _guarded(recorded: _Recorded, **limits) -> tuple[AE, listener.GuardedAssociationServer, int]:  # noqa: ANN003
+    ae = AE()
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    given = {"request_timeout": 1.0, "pdu_timeout": 1.0, "max_pdu": 16384, "tls_handshake_timeout": 1.0,
+             "pending": 4, **limits}
+    server = ae.make_server(("127.0.0.1", port), server_class=listener.GuardedAssociationServer,
+                            limits=listener.Limits(**given), hooks=recorded.hooks())
+    compat.register_server(ae, server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return ae, server, port
+
+
+def test_a_guarded_server_closes_slow_silent_and_oversized_callers_and_still_associates():
+    recorded = _Recorded()
+    _, server, port = _guarded(recorded, pending=2)
+    oversized = socket.create_connection(("127.0.0.1", port), timeout=5)
+    idle: list[socket.socket] = []
+    try:
+        oversized.sendall(struct.pack(">BxL", 0x01, 512 * 1024 * 1024))
+        assert closed_by_peer(oversized, 3)
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        scu = AE()
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port)  # closes the idle connection waiting longest
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+        assoc.release()
+        assert all(closed_by_peer(sock, 3) for sock in idle)
+        deadline = time.monotonic() + 3
+        while len(recorded.closed) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        oversized.close()
+        for sock in idle:
+            sock.close()
+        server.shutdown()
+    assert recorded.closed[0] == listener.Cut.PDU_TOO_LARGE
+    assert sorted(recorded.closed[1:]) == [listener.Cut.CROWDED, listener.Cut.CROWDED, listener.Cut.REQUEST_TIMEOUT]
+
+
+def _upstream_storage_server(directory: Path) -> tuple[ThreadedAssociationServer, int]:
+    """pynetdicom's own server, its received data sets streamed to files in `directory`."""
+    compat.stream_datasets_to_files(directory)
+    ae = AE()
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    return ae.start_server(("127.0.0.1", port), block=False), port
+
+
+def _store_without_instance_uid(port: int) -> tuple[int | None, bool]:
+    """C-STORE-RQ with no Affected SOP Instance UID: (status or None, association still up)."""
+    ds = dcmread(data("693_UNCR.dcm"))
+    scu = AE()
+    scu.dimse_timeout = 3
+    scu.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", port)
+    assert assoc.is_established
+    compat.park_reactor(assoc)
+    context_id = assoc.accepted_contexts[0].context_id
+    for p_data in store_request(ds, "").encode_msg(context_id, assoc.acceptor.maximum_length):
+        assoc.dul.send_pdu(p_data)
+    _, rsp = assoc.dimse.get_msg(block=True)
+    assoc._reactor_checkpoint.set()
+    time.sleep(0.2)
+    up = assoc.is_established
+    if up:
+        assoc.release()
+    else:
+        assoc.abort()
+    return (None if rsp is None else int(rsp.Status)), up
+
+
+def test_upstream_dul_dies_on_a_c_store_without_affected_sop_instance_uid(tmp_path, restore_pynetdicom_config):
+    """The data set guard answers such a request itself; when upstream answers it (or refuses
+    it cleanly), see whether the guard can go."""
+    server, port = _upstream_storage_server(tmp_path)
+    try:
+        assert _store_without_instance_uid(port)[0] is None
+        assert list(tmp_path.iterdir()), "upstream no longer leaves the file behind"
+    finally:
+        server.shutdown()
+
+
+def test_a_guarded_server_answers_a_c_store_without_affected_sop_instance_uid(tmp_path, restore_pynetdicom_config):
+    compat.stream_datasets_to_files(tmp_path)
+    recorded = _Recorded()
+    _, server, port = _guarded(recorded)
+    try:
+        assert _store_without_instance_uid(port) == (0xC000, True)
+    finally:
+        server.shutdown()
+    assert len(recorded.unwritable) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_upstream_leaves_the_file_of_an_aborted_transfer(tmp_path, restore_pynetdicom_config):
+    """The data set guard removes it when the association ends; when upstream does, it can go."""
+    server, port = _upstream_storage_server(tmp_path)
+    try:
+        _abort_mid_transfer(port)
+        time.sleep(1)
+        assert list(tmp_path.iterdir())
+    finally:
+        server.shutdown()
+
+
+def test_a_guarded_server_removes_the_file_of_an_aborted_transfer(tmp_path, restore_pynetdicom_config):
+    compat.stream_datasets_to_files(tmp_path)
+    _, server, port = _guarded(_Recorded())
+    try:
+        _abort_mid_transfer(port)
+        deadline = time.monotonic() + 5
+        while list(tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not list(tmp_path.iterdir())
+    finally:
+        server.shutdown()
+
+
+def _abort_mid_transfer(port: int) -> None:
+    ds = dcmread(data("693_UNCR.dcm"))
+    scu = AE()
+    scu.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", port, max_pdu=16384)
+    assert assoc.is_established
+    for index, p_data in enumerate(store_request(ds).encode_msg(assoc.accepted_contexts[0].context_id, 16384)):
+        if index == 8:
+            break
+        assoc.dul.send_pdu(p_data)
+    time.sleep(0.3)
+    assoc.abort()
+
+
+def test_upstream_data_set_state_the_guard_reads_is_still_there():
+    """The guard reads DIMSEServiceProvider.message, DIMSEMessage._data_set_file and its
+    command_set / context_id, and replaces receive_primitive on the provider instance."""
+    message = DIMSEMessage()
+    assert hasattr(message, "_data_set_file") and hasattr(message, "command_set") and hasattr(message, "context_id")
+    assert "dimse.receive_primitive(" in inspect.getsource(fsm.DT_2)
+    assert "self.message" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
