@@ -8,7 +8,7 @@
                            history says so); an instance no rule sends anywhere once it is durable
                 relay      as delivered, and then each of those destinations that has a storage
                            commitment SCP (`[destination] commitment`) committed it when asked
-                           (`router.relay`); its Failure Reason is carried over
+                           (`commitment.relay`); its Failure Reason is carried over
                 spooled    durable in the router (its jobs or its history exist)
               A dead letter fails with 0x0110 (processing failure), an instance the router never
               received with 0x0112 (no such object instance), one received as another SOP class

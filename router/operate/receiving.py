@@ -16,8 +16,20 @@ import socket
 import sys
 import threading
 
+
+
+class _WithoutNumpy:
+    """Makes `import numpy` fail, so that pydicom runs without it. A finder rather than a None
+    in sys.modules: libraries that look for numpy there (psycopg) find nothing and go on."""
+
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> None:
+        if name == "numpy" or name.startswith("numpy."):
+            raise ModuleNotFoundError("numpy is not loaded in a receiving process", name=name)
+
+
 if __name__ == "__main__":  # before pydicom: a receiving process never needs numpy
-    sys.modules.setdefault("numpy", None)  # type: ignore[arg-type]
+    sys.meta_path.insert(0, _WithoutNumpy)  # type: ignore[arg-type]
 
 from router import config as config_mod  # noqa: E402
 from router import log, metrics  # noqa: E402
