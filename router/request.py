@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from enum import Enum
 
 
-class Reason(str, Enum):
+class _Word(str, Enum):
+    """A value that is its own word in metrics labels and logs."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Reason(_Word):
     """Every refusal, fallback and failure reason; the value is the metric label and log word."""
 
     # a C-STORE or an association refused by the router (dicom_router_rejected{reason})
@@ -46,9 +53,6 @@ class Reason(str, Enum):
     STUDY_STABLE = "study_stable"
     THROTTLED = "throttled"
 
-    def __str__(self) -> str:
-        return self.value
-
 
 REJECTION_REASONS: tuple[Reason, ...] = (
     Reason.DISK_FULL, Reason.NOT_ALLOWED, Reason.MALFORMED, Reason.TOO_LARGE, Reason.BUSY, Reason.TIMEOUT,
@@ -61,16 +65,13 @@ FALLBACK_REASONS: tuple[Reason, ...] = (
 HELD_REASONS: tuple[Reason, ...] = (Reason.WINDOW, Reason.DELAY, Reason.STUDY_STABLE, Reason.THROTTLED)
 
 
-class Outcome(str, Enum):
+class Outcome(_Word):
     """What happened to a job (dicom_router_forward_failures{outcome} counts retry and dead)."""
 
     DELIVERED = "delivered"
     RETRY = "retry"
     DEAD = "dead"
     SKIPPED = "skipped"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 ORIGINAL = "original"  # the syntax name meaning "as received"

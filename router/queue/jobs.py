@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from router.queue import Holding, Job
+from router.queue import Holding, Instance, Job, NewJob
 from router.queue.dialect import CHUNK, SqlDialect, marks
 from router.queue.reading import HISTORY_COLUMNS, JOB_COLUMNS, job_from_row
 from router.request import Outcome, Reason
@@ -32,10 +32,11 @@ IN_ORDER = (
     "AND k.state IN ('pending', 'in_flight'))"
 )
 
-# Each study's last receipt and first instance among the jobs still to go to one destination,
-# computed once per query, over `jobs j JOIN instances i`.
+# Each study's last and first receipt and first instance among the jobs still to go to one
+# destination, computed once per query, over `jobs j JOIN instances i`.
 _STUDIES = (
-    "LEFT JOIN (SELECT e.study_instance_uid AS uid, MAX(e.received_at) AS last, MIN(e.id) AS first "
+    "LEFT JOIN (SELECT e.study_instance_uid AS uid, MAX(e.received_at) AS last, MIN(e.received_at) AS began, "
+    "MIN(e.id) AS first "
     "FROM jobs k JOIN instances e ON e.id = k.instance_id WHERE k.destination = ? "
     "AND k.state IN ('pending', 'in_flight') AND e.study_instance_uid != '' GROUP BY e.study_instance_uid) s "
     "ON s.uid = i.study_instance_uid"
@@ -45,7 +46,23 @@ _FROM_JOBS = "FROM jobs j JOIN instances i ON i.id = j.instance_id"
 
 class JobStore(SqlDialect):
     """The job verbs of `router.queue.JobQueue` that read and write the same way on both
-    backends, for a backend that gives its dialect."""
+    backends, for a backend that gives its dialect (and `_prune`, `_not_forwarded`: the
+    history's, `router.queue.reading`)."""
+
+    # -- receiving
+    def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:
+        now = time.time()
+        jobs = list(jobs)
+        with self._statement() as db:
+            self._prune(db, now)
+            if not jobs:
+                self._not_forwarded(db, instance, now)
+                return
+            self._insert(db, instance, jobs, now)
+
+    def _insert(self, db, instance: Instance, jobs: list[NewJob], now: float) -> None:  # noqa: ANN001
+        """Record the instance and its jobs on `db`, in the transaction `add` holds."""
+        raise NotImplementedError
 
     # -- when a job is due
     def _studies(self, holding: Holding, destination: str) -> tuple[str, list]:
@@ -55,7 +72,14 @@ class JobStore(SqlDialect):
     def _due_at(self, holding: Holding) -> tuple[str, list[float]]:
         """The SQL expression of a job's due time under `holding`, and its parameters: its retry
         time, its instance's receipt plus the delay, and (study_stable) the last receipt of an
-        instance of its study still to go plus study_stable."""
+        instance of its study still to go plus study_stable, or the first such receipt plus
+        study_stable_max when that comes first (a study that never becomes stable goes then)."""
+        if holding.study_stable_s > 0 and holding.study_stable_max_s > 0:
+            stable, forced = "COALESCE(s.last, i.received_at) + ?", "COALESCE(s.began, i.received_at) + ?"
+            bounds = [holding.study_stable_s, holding.study_stable_max_s]
+            return (f"{self._GREATEST}(j.next_attempt_at, i.received_at + ?, "
+                    f"CASE WHEN {stable} <= {forced} THEN {stable} ELSE {forced} END)",
+                    [holding.delay_s, *bounds, *bounds])
         if holding.study_stable_s > 0:
             return (f"{self._GREATEST}(j.next_attempt_at, i.received_at + ?, COALESCE(s.last, i.received_at) + ?)",
                     [holding.delay_s, holding.study_stable_s])
@@ -100,7 +124,7 @@ class JobStore(SqlDialect):
         now = time.time() if now is None else now
         if holding.delay_s <= 0 and holding.study_stable_s <= 0:
             return {}
-        stable_only = Holding(0.0, holding.study_stable_s)
+        stable_only = Holding(0.0, holding.study_stable_s, holding.study_stable_max_s)
         studies, study_args = self._studies(stable_only, destination)
         stable, stable_args = self._due_at(stable_only)
         with self._reading() as db:

@@ -291,30 +291,23 @@ class PostgresQueue(JobStore, ReadingStore, CommitmentStore, Queue):
             return None
 
     # -- receiving -------------------------------------------------------------------------
-    def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:
-        now = time.time()
-        jobs = list(jobs)
-        with self._one() as db:
-            self._prune(db, now)
-            if not jobs:
-                self._not_forwarded(db, instance, now)
-                return
-            # the instance and its jobs in one statement: one round trip, one commit
-            db.execute(
-                "WITH i AS (INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
-                "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at, series_instance_uid, "
-                "series_number, instance_number, node) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
-                "%s) RETURNING id) "
-                "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, rules_tag, "
-                "priority) SELECT i.id, d.destination, 'pending', %s, %s, d.request, d.rules_tag, d.priority FROM i, "
-                "unnest(%s::text[], %s::text[], %s::text[], %s::int[]) AS d(destination, request, rules_tag, priority)",
-                (instance.path, instance.sop_class_uid, instance.sop_instance_uid, instance.study_instance_uid,
-                 instance.transfer_syntax_uid, instance.calling_ae, instance.called_ae, instance.source_ip,
-                 instance.size, instance.received_at, instance.series_instance_uid, instance.series_number,
-                 instance.instance_number, self.node, now, now,
-                 [j.destination for j in jobs], [j.request.to_json() for j in jobs], [j.rules_tag for j in jobs],
-                 [j.priority for j in jobs]),
-            )
+    def _insert(self, db: psycopg.Connection, instance: Instance, jobs: list[NewJob], now: float) -> None:
+        """The instance and its jobs in one statement: one round trip, one commit."""
+        db.execute(
+            "WITH i AS (INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
+            "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at, series_instance_uid, "
+            "series_number, instance_number, node) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+            "%s) RETURNING id) "
+            "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, rules_tag, "
+            "priority) SELECT i.id, d.destination, 'pending', %s, %s, d.request, d.rules_tag, d.priority FROM i, "
+            "unnest(%s::text[], %s::text[], %s::text[], %s::int[]) AS d(destination, request, rules_tag, priority)",
+            (instance.path, instance.sop_class_uid, instance.sop_instance_uid, instance.study_instance_uid,
+             instance.transfer_syntax_uid, instance.calling_ae, instance.called_ae, instance.source_ip,
+             instance.size, instance.received_at, instance.series_instance_uid, instance.series_number,
+             instance.instance_number, self.node, now, now,
+             [j.destination for j in jobs], [j.request.to_json() for j in jobs], [j.rules_tag for j in jobs],
+             [j.priority for j in jobs]),
+        )
 
     # -- forwarding ------------------------------------------------------------------------
     def _claimable(self) -> str:

@@ -72,11 +72,7 @@ CREATE TABLE IF NOT EXISTS commitments (
     duplicate {false},
     state TEXT NOT NULL CHECK (state IN ('pending', 'reporting', 'reported')),
     holder TEXT NOT NULL DEFAULT '',
-    held_until {real} NOT NULL DEFAULT 0,
-    claimed_until {real} NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at {real} NOT NULL DEFAULT 0,
-    last_error TEXT NOT NULL DEFAULT '',
+    held_until {real} NOT NULL DEFAULT 0,{claimed}
     event_type INTEGER,
     reported_at {real}
 );
@@ -100,11 +96,7 @@ CREATE TABLE IF NOT EXISTS relays (
     transaction_uid TEXT NOT NULL UNIQUE,
     state TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'sent', 'answered', 'refused')),
     created_at {real} NOT NULL,
-    claimer TEXT NOT NULL DEFAULT '',
-    claimed_until {real} NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at {real} NOT NULL DEFAULT 0,
-    last_error TEXT NOT NULL DEFAULT '',
+    claimer TEXT NOT NULL DEFAULT '',{claimed}
     answered_at {real}
 );
 CREATE INDEX IF NOT EXISTS relays_state ON relays (state, next_attempt_at);
@@ -121,6 +113,13 @@ CREATE TABLE IF NOT EXISTS relay_instances ({row_id}
 );
 CREATE INDEX IF NOT EXISTS relay_instances_relay ON relay_instances (relay_id);
 """
+
+# a row claimed by one process at a time and retried: until when, how often, when next, why not
+_CLAIMED = """
+    claimed_until {real} NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at {real} NOT NULL DEFAULT 0,
+    last_error TEXT NOT NULL DEFAULT '',"""
 
 _SQLITE = {
     "id": "INTEGER PRIMARY KEY", "big": "INTEGER", "real": "REAL", "false": "INTEGER NOT NULL DEFAULT 0",
@@ -144,6 +143,12 @@ CREATE TABLE IF NOT EXISTS nodes (
     "jobs_due": "destination, state, priority, next_attempt_at",
 }
 
-SQLITE = _JOBS.format(**_SQLITE) + _RELAYS.format(**_SQLITE)
+
+
+def _spelt(template: str, tokens: dict[str, str]) -> str:
+    return template.format(**tokens, claimed=_CLAIMED.format(**tokens))
+
+
+SQLITE = _spelt(_JOBS, _SQLITE) + _spelt(_RELAYS, _SQLITE)
 # PostgreSQL's schema versions: each entry brings it from version (index) to version (index + 1)
-POSTGRES_MIGRATIONS: tuple[str, ...] = (_JOBS.format(**_POSTGRES), _RELAYS.format(**_POSTGRES))
+POSTGRES_MIGRATIONS: tuple[str, ...] = (_spelt(_JOBS, _POSTGRES), _spelt(_RELAYS, _POSTGRES))

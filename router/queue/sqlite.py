@@ -109,40 +109,34 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
     def location(self) -> str:
         return str(self.path)
 
-    def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:
-        now = time.time()
-        jobs = list(jobs)
-        with self._tx() as db:
-            self._prune(db, now)
-            if not jobs:
-                self._not_forwarded(db, instance, now)
-                return
-            cur = db.execute(
-                "INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
-                "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at, series_instance_uid, "
-                "series_number, instance_number) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    instance.path,
-                    instance.sop_class_uid,
-                    instance.sop_instance_uid,
-                    instance.study_instance_uid,
-                    instance.transfer_syntax_uid,
-                    instance.calling_ae,
-                    instance.called_ae,
-                    instance.source_ip,
-                    instance.size,
-                    instance.received_at,
-                    instance.series_instance_uid,
-                    instance.series_number,
-                    instance.instance_number,
-                ),
-            )
-            instance_id = int(cur.lastrowid)
-            db.executemany(
-                "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, rules_tag, "
-                "priority) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
-                [(instance_id, j.destination, now, now, j.request.to_json(), j.rules_tag, j.priority) for j in jobs],
-            )
+    def _insert(self, db: sqlite3.Connection, instance: Instance, jobs: list[NewJob], now: float) -> None:
+        """The instance and its jobs (see `JobStore.add`)."""
+        cur = db.execute(
+            "INSERT INTO instances (path, sop_class_uid, sop_instance_uid, study_instance_uid, "
+            "transfer_syntax_uid, calling_ae, called_ae, source_ip, size, received_at, series_instance_uid, "
+            "series_number, instance_number) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                instance.path,
+                instance.sop_class_uid,
+                instance.sop_instance_uid,
+                instance.study_instance_uid,
+                instance.transfer_syntax_uid,
+                instance.calling_ae,
+                instance.called_ae,
+                instance.source_ip,
+                instance.size,
+                instance.received_at,
+                instance.series_instance_uid,
+                instance.series_number,
+                instance.instance_number,
+            ),
+        )
+        instance_id = int(cur.lastrowid)
+        db.executemany(
+            "INSERT INTO jobs (instance_id, destination, state, next_attempt_at, updated_at, request, rules_tag, "
+            "priority) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
+            [(instance_id, j.destination, now, now, j.request.to_json(), j.rules_tag, j.priority) for j in jobs],
+        )
 
     # -- forwarding ------------------------------------------------------------------------
     def claim(self, destination: str, limit: int, now: float | None = None,
