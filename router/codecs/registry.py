@@ -346,6 +346,37 @@ def _ratio(lossless: str) -> Param:
                  hint=f"for so little compression use syntax = '{lossless}'")
 
 
+def _jpeg_2000(name: str, lossless_uid: str, lossy_uid: str, title: str, method: str,
+               other_lossless_uids: tuple[str, ...] = ()) -> tuple[Syntax, Syntax]:
+    """A JPEG 2000 family's reversible and irreversible syntaxes (`router.codecs.<name>`)."""
+    module = f"router.codecs.{name}"
+    return (
+        Syntax(
+            f"{name}-lossless",
+            lossless_uid,
+            lossy=False,
+            title=f"{title} Lossless",
+            photometrics=_MONO | {"PALETTE COLOR", "RGB"},
+            other_uids=other_lossless_uids,
+            encoder=f"{module}:encode_lossless",
+            decoder=f"{module}:decode_frame",
+            photometric_out="router.codecs.j2k:photometric_reversible",
+        ),
+        Syntax(
+            name,
+            lossy_uid,
+            lossy=True,
+            method=method,
+            title=f"{title} (irreversible)",
+            photometrics=_LOSSY_PI,
+            params=(_ratio(f"{name}-lossless"), _quality()),
+            encoder=f"{module}:encode_lossy",
+            decoder=f"{module}:decode_frame",
+            photometric_out="router.codecs.j2k:photometric_irreversible",
+        ),
+    )
+
+
 def _entries() -> list[Syntax]:
     native = dict(encapsulated=False, photometrics=None, bits_allocated=frozenset({1, 8, 16, 32, 64}))
     return [
@@ -418,51 +449,9 @@ def _entries() -> list[Syntax]:
             decoder="router.codecs.jpegls:decode_frame",
             check="router.codecs.jpegls:cannot_carry_near",
         ),
-        Syntax(
-            "j2k-lossless",
-            J2K_LOSSLESS,
-            lossy=False,
-            title="JPEG 2000 Lossless",
-            photometrics=_MONO | {"PALETTE COLOR", "RGB"},
-            encoder="router.codecs.j2k:encode_lossless",
-            decoder="router.codecs.j2k:decode_frame",
-            photometric_out="router.codecs.j2k:photometric_reversible",
-        ),
-        Syntax(
-            "j2k",
-            J2K,
-            lossy=True,
-            method="ISO_15444_1",
-            title="JPEG 2000 (irreversible)",
-            photometrics=_LOSSY_PI,
-            params=(_ratio("j2k-lossless"), _quality()),
-            encoder="router.codecs.j2k:encode_lossy",
-            decoder="router.codecs.j2k:decode_frame",
-            photometric_out="router.codecs.j2k:photometric_irreversible",
-        ),
-        Syntax(
-            "htj2k-lossless",
-            HTJ2K_LOSSLESS,
-            lossy=False,
-            title="High-Throughput JPEG 2000 Lossless",
-            photometrics=_MONO | {"PALETTE COLOR", "RGB"},
-            other_uids=(HTJ2K_LOSSLESS_RPCL,),
-            encoder="router.codecs.htj2k:encode_lossless",
-            decoder="router.codecs.htj2k:decode_frame",
-            photometric_out="router.codecs.j2k:photometric_reversible",
-        ),
-        Syntax(
-            "htj2k",
-            HTJ2K,
-            lossy=True,
-            method="ISO_15444_15",
-            title="High-Throughput JPEG 2000 (irreversible)",
-            photometrics=_LOSSY_PI,
-            params=(_ratio("htj2k-lossless"), _quality()),
-            encoder="router.codecs.htj2k:encode_lossy",
-            decoder="router.codecs.htj2k:decode_frame",
-            photometric_out="router.codecs.j2k:photometric_irreversible",
-        ),
+        *_jpeg_2000("j2k", J2K_LOSSLESS, J2K, "JPEG 2000", "ISO_15444_1"),
+        *_jpeg_2000("htj2k", HTJ2K_LOSSLESS, HTJ2K, "High-Throughput JPEG 2000", "ISO_15444_15",
+                    other_lossless_uids=(HTJ2K_LOSSLESS_RPCL,)),
         Syntax(
             "jpegxl-lossless",
             JPEGXL_LOSSLESS,
