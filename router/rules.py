@@ -10,12 +10,9 @@ import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from router.request import Request
-
-if TYPE_CHECKING:
-    from router.config import Rule
 
 CONTEXT_KEYS = ("CallingAE", "CalledAE", "SourceIP")
 SKIP = "skip"
@@ -23,6 +20,21 @@ SKIP = "skip"
 PRIORITIES = ("high", "normal", "low")
 # a match value such as ">12" or "!=0"
 COMPARISON = re.compile(r"^\s*(>=|<=|!=|>|<|=)\s*(-?\d+(?:\.\d+)?)\s*$")
+
+
+class Rule(Protocol):
+    """What matching reads of a rule (`config.Rule`, validated where the rule file loads)."""
+
+    name: str
+    match: Mapping[str, Any]
+    syntax: str
+    quality: int | None
+    near: int | None
+    ratio: float | None
+    fallback: str | None
+    verify: bool | None
+    max_error: int | None
+    priority: str
 
 
 @dataclass(frozen=True)
