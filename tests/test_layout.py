@@ -22,12 +22,11 @@ def _module(path: Path) -> str:
 
 
 def _imports_at_load(path: Path, known: set[str]) -> set[str]:
-    """The router modules `path` imports when it is loaded (not under TYPE_CHECKING, not in a function)."""
+    """The router modules `path` imports at module level (those for type checking too; not the
+    ones a function imports when it runs)."""
     found: set[str] = set()
     tree = ast.parse(path.read_text())
     for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            continue
         for child in [node] if not isinstance(node, ast.If) else node.body:
             if isinstance(child, ast.Import):
                 found.update(alias.name for alias in child.names if alias.name.startswith("router"))
