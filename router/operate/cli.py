@@ -1,7 +1,9 @@
 """The `dicom-router` command: serve, check, explain, transcode, queue, trace, pause, resume.
 
 A thin shell over functions the tests also call. Exit codes: 0 ok, 1 runtime failure,
-2 invalid configuration or usage.
+2 invalid configuration or usage. Every value that may have come from the network (UIDs, AE
+titles, destinations' and pydicom's messages, attribute values) is printed through
+`router.text` (`escape`, `field`): no control character reaches the terminal raw.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from pathlib import Path
 
 from router import __version__
+from router.text import escape, field
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -79,8 +82,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     for dest in cfg.destinations:
         d = dest.destination
         paced = pacing(d)
-        print(f"{dest.path}: ok: destination {dest.name} -> {d.ae_title}@{d.host}:{d.port}, {len(dest.rules)} rule(s)"
-              + (f"; {paced}" if paced else ""))
+        print(escape(f"{dest.path}: ok: destination {dest.name} -> {d.ae_title}@{d.host}:{d.port}, "
+                     f"{len(dest.rules)} rule(s)" + (f"; {paced}" if paced else "")))
         last = dest.rules[-1]
         if last.match:
             print(f"{dest.path}: note: the last rule has a match table; instances matching no rule are not "
@@ -104,7 +107,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         try:
             print(f"queue: node {queue.node} on {probe(queue.url)}")
         except Exception as exc:  # noqa: BLE001 - say why, in one line
-            print(f"queue: cannot use {queue.url.split('@')[-1]}: {str(exc).strip().splitlines()[0]}")
+            print(escape(f"queue: cannot use {queue.url.split('@')[-1]}: {str(exc).strip().splitlines()[0]}"))
             return EXIT_FAILURE
     return EXIT_OK
 
@@ -123,15 +126,15 @@ def cmd_explain(args: argparse.Namespace) -> int:
         try:
             header, decisions = decide_for(Path(name), context, cfg.destinations)
         except Exception as exc:  # noqa: BLE001 - the router would refuse it with the same words
-            print(f"{name}: cannot read: {exc}")
+            print(escape(f"{name}: cannot read: {exc}"))
             status = EXIT_FAILURE
             continue
         ts = header.file_meta.get("TransferSyntaxUID", "?")
-        print(f"{name}: {header.get('Modality', '?')} {header.get('SOPClassUID', '?')} in {ts}")
+        print(escape(f"{name}: {header.get('Modality', '?')} {header.get('SOPClassUID', '?')} in {ts}"))
         now = time.time()
         for rule_file, decision in decisions:
             target = decision.syntax if decision.forward else "not forwarded"
-            print(f"  {rule_file.name}: {target}  ({decision.reason})")
+            print(escape(f"  {rule_file.name}: {target}  ({decision.reason})"))
             if decision.forward:
                 print(f"  {' ' * len(rule_file.name)}  {_when(rule_file.destination, decision.priority, now)}")
     return status
@@ -169,7 +172,7 @@ def cmd_transcode(args: argparse.Namespace) -> int:
         print(f"dicom-router transcode: --{exc.field}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except KeyError as exc:
-        print(f"{args.input}: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        print(escape(f"{args.input}: {exc.args[0] if exc.args else exc}"), file=sys.stderr)
         return EXIT_FAILURE
     try:
         # what pydicom warns about a damaged input is said, if it matters, in the one line below
@@ -180,10 +183,10 @@ def cmd_transcode(args: argparse.Namespace) -> int:
             if not transcoded.changed:
                 shutil.copyfile(args.input, args.output)
     except Exception as exc:  # noqa: BLE001 - any input it cannot take: one line, no traceback
-        print(_one_line(args.input, exc), file=sys.stderr)
+        print(escape(_one_line(args.input, exc)), file=sys.stderr)
         return EXIT_FAILURE
     ratio = f", ratio {transcoded.ratio:.2f}" if transcoded.ratio else ""
-    print(f"{args.output}: {transcoded.syntax} ({transcoded.transfer_syntax_uid}){ratio}: {transcoded.note}")
+    print(escape(f"{args.output}: {transcoded.syntax} ({transcoded.transfer_syntax_uid}){ratio}: {transcoded.note}"))
     return EXIT_OK
 
 
@@ -215,8 +218,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
         print(json.dumps({"summary": summary(found), "instances": [w.as_dict() for w in found]}, indent=2))
     else:
         for where in found:
-            print(where.line())
-        print(summary(found))
+            print(escape(where.line()))
+        print(escape(summary(found)))
     return EXIT_OK
 
 
@@ -276,25 +279,25 @@ def cmd_queue(args: argparse.Namespace) -> int:
                  if name in paused else "-")
         if name not in paused and name in rule_files:
             state = waiting(name, rule_files[name].destination, queue, now).describe(now)
-        print(f"{name:20} {counts.get((name, 'pending'), 0):>8} {counts.get((name, 'in_flight'), 0):>9} "
-              f"{counts.get((name, 'dead'), 0):>6} {(f'{age:.0f}s' if age is not None else '-'):>15}  {state}")
+        print(f"{escape(name):20} {counts.get((name, 'pending'), 0):>8} {counts.get((name, 'in_flight'), 0):>9} "
+              f"{counts.get((name, 'dead'), 0):>6} {(f'{age:.0f}s' if age is not None else '-'):>15}  {escape(state)}")
     nodes = queue.nodes()
     if nodes:
         print()
         print(f"{'node':20} {'host':20} {'pid':>7} {'heartbeat':>10} {'in_flight':>9}  state")
         for node in nodes:
             state = "alive" if node.alive else "gone: its jobs are taken over once their leases expire"
-            print(f"{node.name:20} {node.host:20} {node.pid:>7} {f'{node.heartbeat_age_s:.0f}s ago':>10} "
-                  f"{node.jobs_held:>9}  {state}")
+            age = f"{node.heartbeat_age_s:.0f}s ago"
+            print(f"{escape(node.name):20} {escape(node.host):20} {node.pid:>7} {age:>10} {node.jobs_held:>9}  {state}")
     if args.action == "dead" or args.verbose:
         state = "dead" if args.action == "dead" else None
         listed = queue.jobs(args.destination, state)
         owners = queue.owners([job.id for job in listed if job.state == "in_flight"]) if nodes else {}
         for job in listed:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.instance.received_at))
-            node = f" node={owners[job.id]}" if job.id in owners else ""
-            print(f"job {job.id} {job.destination} {job.state}{node} attempts={job.attempts} received={when} "
-                  f"sop_instance_uid={job.instance.sop_instance_uid} error={job.last_error or '-'}")
+            node = f" node={field(owners[job.id])}" if job.id in owners else ""
+            print(f"job {job.id} {field(job.destination)} {job.state}{node} attempts={job.attempts} received={when} "
+                  f"sop_instance_uid={field(job.instance.sop_instance_uid)} error={escape(job.last_error or '-')}")
     return EXIT_OK
 
 
@@ -435,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if argv is None and args.func not in (cmd_serve, cmd_transcode):
+        # the command's own process: its events (and pydicom's warnings) are for the person at the
+        # terminal, escaped; serve says how it logs, transcode says one line, and a caller of
+        # main() keeps its own logging
+        from router import log
+
+        log.configure("console", "warning")
     return args.func(args)
 
 

@@ -6,11 +6,16 @@ garbage while the modality believes the image is stored. Here every top-level el
 in the file, every value must decode, the Pixel Data must end where it says it does, and the
 instance must name itself. Values longer than a few KiB are never read into memory, so a
 declared length of 4 GB costs nothing.
+
+The UIDs the router keeps and shows (SOP Class, SOP Instance, Study and Series Instance UID)
+must be valid UI values (`uid_problem`, `check_uids`): a value with a space, a quote or a
+control character could not be stored, searched or shown safely, and is refused as malformed.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from pydicom import dcmread
@@ -19,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.valuerep import VR
 
+from router.text import escape
 from router.uids import DEFLATED
 
 _VALID_VRS = frozenset(v.value for v in VR)
@@ -30,6 +36,37 @@ _DEFER = 4096
 
 class MalformedDataset(ValueError):
     """The file does not hold a complete, decodable DICOM data set; the message says why."""
+
+
+# PS3.5 9.1: digits in components separated by dots, at most 64 characters. A component with a
+# leading zero ("1.2.03") breaks the standard's letter but not the value: older equipment makes
+# such UIDs, every archive stores them, and they are accepted.
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*")
+UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def uid_problem(value: object) -> str | None:
+    """Why `value` is not a UID the router accepts (PS3.5 9.1: digits and dots, at most 64
+    characters; trailing NUL or space padding already removed), or None when it is one."""
+    if not isinstance(value, str):
+        return "is not a single value"
+    if not value:
+        return "is empty"
+    if len(value) > 64:
+        return f"has {len(value)} characters (at most 64)"
+    if not _UID.fullmatch(value):
+        return "is not digits separated by dots"
+    return None
+
+
+def check_uids(ds: Dataset) -> None:
+    """Raise MalformedDataset naming the first of the data set's UIDs the router keeps (SOP
+    Class, SOP Instance, Study and Series Instance UID; the last two may be absent) that is not
+    a valid UI value, its value escaped."""
+    for keyword in UID_KEYWORDS:
+        value = ds.get(keyword)
+        if value is not None and value != "" and (problem := uid_problem(value)) is not None:
+            raise MalformedDataset(f"{keyword} '{escape(value)}' {problem}")
 
 
 def _raw_end(elem: RawDataElement) -> int:

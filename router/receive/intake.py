@@ -4,7 +4,10 @@ A plain function of a file and where it came from, no pynetdicom: size and free-
 the strict header check (`dicomfile`), the rules of every destination (`rules`), then the spool
 and the queue. Success (0x0000) only once the file is fsynced in the spool and its jobs are
 committed in the queue; 0xA700 when it cannot be stored now (the modality retries later);
-0xC000 for a data set that cannot be understood.
+0xC000 for a data set that cannot be understood, and for an instance whose UIDs (the request's
+Affected SOP Class and Instance UIDs; the data set's SOP Class, SOP Instance, Study and Series
+Instance UIDs) are not valid UI values (`dicomfile.uid_problem`): they are what the router
+stores, searches and shows, and what the destination files the instance under.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from router import log, metrics
 from router.config import DestinationRules
-from router.receive.dicomfile import read_header
+from router.receive.dicomfile import check_uids, read_header, uid_problem
 from router.queue import HIGH, Instance, NewJob, Queue
 from router.request import Reason
 from router.rules import CONTEXT_KEYS, PRIORITIES, Attributes, Context, Decision, decide
@@ -66,13 +69,15 @@ def decide_for(
     """Read a file's header strictly (`dicomfile.read_header`) and apply each destination's rules.
 
     Returns the header (a pydicom Dataset without pixel data) and one decision per destination;
-    raises `dicomfile.MalformedDataset` (or an OSError) for a file the router would refuse.
+    raises `dicomfile.MalformedDataset` (or an OSError) for a file the router would refuse, its
+    UIDs included (`dicomfile.check_uids`).
     Every element a rule looks at is decoded here, so a value that does not fit its VR is
     reported as malformed rather than surfacing later.
     """
     keys = {k for d in destinations for r in d.rules for k in r.match if k not in CONTEXT_KEYS}
     header = read_header(path, expected_sop_instance_uid,
                          decode=("StudyInstanceUID", "SeriesInstanceUID", *sorted(keys)))
+    check_uids(header)
     attributes = Attributes(header, context)
     return header, [(d, decide(d.rules, attributes, d.destination.keep_sop_instance_uid)) for d in destinations]
 
@@ -117,6 +122,9 @@ class Intake:
         being received count against the free-space floor before the transfer ends.
         """
         bound = _log.bind(calling_ae=calling_ae, sop_instance_uid=sop_instance_uid, received_bytes=received_bytes)
+        if (problem := uid_problem(sop_instance_uid)) is not None:  # refused at once: no need to spool it
+            return self._refuse(bound, Reason.MALFORMED, CANNOT_UNDERSTAND,
+                                f"Affected SOP Instance UID {problem}")
         return self._no_room_for(received_bytes, bound)
 
     def _no_room_for(self, size: int, bound) -> int | None:  # noqa: ANN001
@@ -128,6 +136,14 @@ class Intake:
         if not self.spool.has_room():
             return self._refuse(bound, Reason.DISK_FULL, OUT_OF_RESOURCES, "spool below min_free_mb",
                                 free_bytes=self.spool.free_bytes())
+        return None
+
+    def _unusable_uid(self, received: Received, bound) -> int | None:  # noqa: ANN001
+        """The status refusing a C-STORE request whose UIDs are not valid UI values, or None."""
+        for name, value in (("Affected SOP Class UID", received.sop_class_uid),
+                            ("Affected SOP Instance UID", received.sop_instance_uid)):
+            if (problem := uid_problem(value)) is not None:
+                return self._refuse(bound, Reason.MALFORMED, CANNOT_UNDERSTAND, f"{name} {problem}")
         return None
 
     def _refuse(self, bound, reason: Reason, status: int, why: str, **fields) -> int:  # noqa: ANN001, ANN003
@@ -142,7 +158,7 @@ class Intake:
         path = received.path
         try:
             size = path.stat().st_size
-            refused = self._no_room_for(size, bound)
+            refused = self._unusable_uid(received, bound) or self._no_room_for(size, bound)
             if refused is not None:
                 return refused
             synced = self.spool.sync_soon(path)  # the fsync runs while the header is read
