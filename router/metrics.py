@@ -105,6 +105,14 @@ COMMITMENT_RELAYED_INSTANCES = Counter(
     "Instances a destination's storage commitment SCP answered for ([commitment] mode = \"relay\"; result: "
     "committed, failed (in its report, or its N-ACTION refused for good))", ["destination", "result"],
 )
+RELAY_REPORT_REFUSED_REASONS = ("ae_title", "address", "unknown_destination", "malformed")
+COMMITMENT_RELAY_REPORTS_REFUSED = Counter(
+    "dicom_router_commitment_relay_reports_refused",
+    "Storage commitment reports refused in [commitment] mode = \"relay\" (reason: ae_title or address (not "
+    "from the storage commitment SCP of the destination asked), unknown_destination (that destination has no "
+    "storage commitment SCP in the rule files in force), malformed)",
+    ["reason"],
+)
 DUPLICATE_SENDS = Counter(
     "dicom_router_duplicate_sends",
     "Jobs sent again after this node took them over from a node whose lease had expired (that node may have sent "
@@ -249,7 +257,7 @@ class _AllProcesses(Collector):
             FORWARDED_BYTES_AS_RECEIVED,
             FORWARD_FAILURES, FALLBACKS, SKIPPED, PURGED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
             COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
-            COMMITMENT_RELAYED_INSTANCES, DUPLICATE_SENDS,
+            COMMITMENT_RELAYED_INSTANCES, COMMITMENT_RELAY_REPORTS_REFUSED, DUPLICATE_SENDS,
         )
     }
 
@@ -402,6 +410,8 @@ def declare(destinations: list[str]) -> None:
             COMMITMENT_REPORTS.labels(outcome=outcome, association=association)
     for result in ("committed", "failed"):
         COMMITMENT_INSTANCES.labels(result=result)
+    for reason in RELAY_REPORT_REFUSED_REASONS:
+        COMMITMENT_RELAY_REPORTS_REFUSED.labels(reason=reason)
     for name in destinations:
         SKIPPED.labels(destination=name)
         DUPLICATE_SENDS.labels(destination=name)

@@ -23,7 +23,10 @@ hears "committed" only once the archive itself committed the instance.
              the router's listener (any receiving process; the router accepts the SCU role for
              the SOP class), is recorded per instance (`record_report`) before it is answered:
              committed, or failed with the destination's Failure Reason, carried over to the
-             modality. An instance the report leaves out fails with 0x0110.
+             modality. An instance the report leaves out fails with 0x0110. Only the destination
+             asked is believed: a report whose calling AE title is not that destination's storage
+             commitment SCP's, or that comes from an address its host does not resolve to, is
+             answered 0x0110, logged and counted, and changes nothing (`accept.not_from`).
     again    a destination that took the N-ACTION but sent no report within `relay_reask_s` (it
              was lost, e.g. while the router was down) is asked again with the same Transaction
              UID; past the modality request's `timeout_s`, `commitment.decide` fails what is still
@@ -44,6 +47,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.association import Association
@@ -52,7 +56,7 @@ from router import log, metrics
 from router.commitment.accept import record_report
 from router.commitment.messages import (
     PROCESSING_FAILURE, REQUEST_STORAGE_COMMITMENT, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, SUCCESS,
-    action_information,
+    action_information, transaction_ref,
 )
 from router.commitment.reports import Periodic
 from router.compat.pynetdicom import park_reactor
@@ -123,6 +127,15 @@ def ask(scp: CommitmentScp, calling_ae: str, relay: StoredRelay, timeouts: Timeo
         assoc.release()
         return Asked(f"{where} answered the N-ACTION with 0x{code:04X}", permanent=code in PERMANENT_STATUSES)
     return Asked(association=assoc)
+
+
+def peer_address(assoc: Association) -> str:
+    """The IP address the router reached on an association it opened (the peer's name resolved)."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    try:
+        return str(sock.getpeername()[0]) if sock is not None else str(assoc.acceptor.address)
+    except OSError:  # the peer is gone
+        return str(assoc.acceptor.address)
 
 
 # -- the worker -------------------------------------------------------------------------------------
@@ -226,16 +239,17 @@ class Relayer(Periodic):
     def _send(self, relay: StoredRelay, destination: Destination) -> int:
         scp = destination.commitment_scp
         assert scp is not None
-        bound = _log.bind(destination=relay.destination, transaction_uid=relay.transaction_uid)
+        bound = _log.bind(destination=relay.destination, transaction=transaction_ref(relay.transaction_uid))
         reported = threading.Event()
 
-        def on_report(event: evt.Event) -> tuple[int, None]:
+        def on_report(event: evt.Event) -> tuple[int | Dataset, None]:
             try:
                 information = event.event_information
             except Exception:  # noqa: BLE001 - undecodable: malformed
                 information = None
+            # on the association the router opened: the SCP it called, at the address it reached
             status = record_report(self.queue, event.event_type, information, event.assoc.acceptor.ae_title.strip(),
-                                   "same")
+                                   "same", peer_address(event.assoc), self.destinations())
             reported.set()
             return status, None
 
@@ -249,13 +263,13 @@ class Relayer(Periodic):
                 self.queue.relay_refused(relay.id, self.claimer, asked.error, PROCESSING_FAILURE)
                 metrics.COMMITMENT_RELAYED_INSTANCES.labels(destination=relay.destination,
                                                             result="failed").inc(instances)
-                bound.error("commitment_relay_refused", error=asked.error, instances=instances,
-                            failure_reason=f"0x{PROCESSING_FAILURE:04X}")
+                bound.error("commitment_relay_refused", transaction_uid=relay.transaction_uid, error=asked.error,
+                            instances=instances, failure_reason=f"0x{PROCESSING_FAILURE:04X}")
             else:
                 delay = backoff_delay(relay.attempts + 1, self.config.relay_retry_s, MAX_RETRY_S, jitter=False)
                 self.queue.relay_not_sent(relay.id, self.claimer, asked.error, time.time() + delay)
-                bound.warning("commitment_relay_failed", error=asked.error, instances=instances,
-                              attempts=relay.attempts + 1, retry_in_s=round(delay, 1))
+                bound.warning("commitment_relay_failed", transaction_uid=relay.transaction_uid, error=asked.error,
+                              instances=instances, attempts=relay.attempts + 1, retry_in_s=round(delay, 1))
             return 0
         self.queue.relay_sent(relay.id, self.claimer, time.time() + self.config.relay_reask_s)
         bound.info("commitment_relay_sent", instances=instances, attempts=relay.attempts + 1,

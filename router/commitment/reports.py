@@ -22,7 +22,9 @@
               process that sends a report claims it in the database first: one report per
               transaction, whatever the number of processes; a claim dies with its process.
 
-Logs and metrics carry the Transaction UID, AE titles and counts, never patient data.
+Logs and metrics carry AE titles and counts, never patient data. Info-level log lines name a
+transaction by `messages.transaction_ref` (a hash), never by its Transaction UID, which warnings
+and errors carry: a destination's report naming the UID is believed in relay mode.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from router.commitment.accept import HOLD_S, accept_request
 from router.commitment.decide import due, relaying
 from router.commitment.messages import (
     ALL_COMMITTED, PROCESSING_FAILURE, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, SUCCESS, Answer,
-    MalformedRequest, event_information, failure_tally, parse_request,
+    MalformedRequest, event_information, failure_tally, parse_request, transaction_ref,
 )
 from router.compat.pynetdicom import park_reactor
 from router.config import Commitment, DestinationRules
@@ -82,7 +84,8 @@ def report(queue: CommitmentQueue, request: StoredCommitment, answer: Answer, cl
     it is retried after a backoff)."""
     if not queue.claim_commitment(request.id, claimer, time.time() + CLAIM_S):
         return False
-    bound = _log.bind(transaction_uid=request.transaction_uid, calling_ae=request.calling_ae, association=association)
+    bound = _log.bind(transaction=transaction_ref(request.transaction_uid), calling_ae=request.calling_ae,
+                      association=association)
     try:
         error = send(event_information(request.transaction_uid, answer), answer.event_type)
     except Exception as exc:  # noqa: BLE001 - never leave the claim behind
@@ -91,8 +94,8 @@ def report(queue: CommitmentQueue, request: StoredCommitment, answer: Answer, cl
         delay = backoff_delay(request.attempts + 1, retry_s, MAX_RETRY_S, jitter=False)
         queue.commitment_not_reported(request.id, error, time.time() + delay)
         metrics.COMMITMENT_REPORT_FAILURES.inc()
-        bound.warning("commitment_report_failed", error=error, attempts=request.attempts + 1,
-                      retry_in_s=round(delay, 1))
+        bound.warning("commitment_report_failed", transaction_uid=request.transaction_uid, error=error,
+                      attempts=request.attempts + 1, retry_in_s=round(delay, 1))
         return False
     queue.commitment_reported(request.id, answer.event_type)
     outcome = "committed" if answer.event_type == ALL_COMMITTED else "failures"
@@ -172,7 +175,7 @@ class AssociationReports(Periodic):
                             reason=f"cannot record the request: {exc}", status=f"0x{PROCESSING_FAILURE:04X}")
             return PROCESSING_FAILURE
         metrics.COMMITMENT_REQUESTS.labels(result=result).inc()
-        bound.info("commitment_requested", transaction_uid=transaction.transaction_uid,
+        bound.info("commitment_requested", transaction=transaction_ref(transaction.transaction_uid),
                    instances=len(transaction.references), result=result)
         return SUCCESS
 

@@ -486,6 +486,11 @@ class CommitmentQueue(HistoryQueue):
         relay request as it was, or None for a Transaction UID no relay request has."""
 
     @abstractmethod
+    def relay_destination(self, transaction_uid: str) -> str | None:
+        """The destination a relay request with this Transaction UID was sent to (its rule file's
+        name), or None when no relay request has it: whom its report may come from."""
+
+    @abstractmethod
     def relay_counts(self, now: float | None = None) -> dict[tuple[str, str], int]:
         """Relay requests of open commitment requests not answered yet, by (destination,
         "sending" (pending or sending) | "awaiting_report" (sent))."""

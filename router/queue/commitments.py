@@ -247,6 +247,12 @@ class CommitmentStore(SqlDialect):
                          "WHERE id = ?"), (now, relay.id))
         return relay
 
+    def relay_destination(self, transaction_uid: str) -> str | None:
+        with self._reading() as db:
+            row = db.execute(self._sql("SELECT destination FROM relays WHERE transaction_uid = ? ORDER BY id LIMIT 1"),
+                             (transaction_uid,)).fetchone()
+        return row[0] if row is not None else None
+
     def relay_counts(self, now: float | None = None) -> dict[tuple[str, str], int]:
         now = time.time() if now is None else now
         counts: dict[tuple[str, str], int] = {}

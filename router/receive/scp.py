@@ -21,6 +21,7 @@ import socket
 import threading
 from pathlib import Path
 
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.association import Association
@@ -148,14 +149,16 @@ class Receiver:
         calling = event.assoc.requestor.ae_title.strip()
         return self.commitments.accept(event.action_type, information, calling, event.assoc), None
 
-    def _on_n_event_report(self, event: evt.Event) -> tuple[int, None]:
+    def _on_n_event_report(self, event: evt.Event) -> tuple[int | Dataset, None]:
         assert self.commitments is not None  # only bound in relay mode
         try:
             information = event.event_information
         except Exception:  # noqa: BLE001 - undecodable: the report is malformed
             information = None
         calling = event.assoc.requestor.ae_title.strip()
-        return record_report(self.commitments.queue, event.event_type, information, calling, "new"), None
+        # believed only from the destination asked: its AE title, from its address
+        return record_report(self.commitments.queue, event.event_type, information, calling, "new",
+                             event.assoc.requestor.address, self.commitments.destinations()), None
 
     @property
     def relays(self) -> bool:

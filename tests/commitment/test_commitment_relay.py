@@ -270,9 +270,12 @@ def test_a_report_is_read_as_committed_and_failed_uids():
 
 
 def test_a_report_of_another_event_type_or_without_transaction_uid_is_refused_and_an_unknown_one_is_taken(queue):
-    assert record_report(queue, 3, _report("2.25.7001"), "PACS", "new") == 0x0113
-    assert record_report(queue, 1, Dataset(), "PACS", "new") == 0x0120
-    assert record_report(queue, 1, _report("2.25.404", ["2.25.1"]), "PACS", "new") == 0x0000
+    def record(event_type: int, information: Dataset) -> int:
+        return record_report(queue, event_type, information, "PACS", "new", "127.0.0.1", [rule_file("PACS", 104)])
+
+    assert record(3, _report("2.25.7001")) == 0x0113
+    assert record(1, Dataset()) == 0x0120
+    assert record(1, _report("2.25.404", ["2.25.1"])) == 0x0000
 
 
 # -- the protocol, against a pynetdicom archive --------------------------------------------------------------
@@ -335,13 +338,15 @@ def router_side(tmp_path):
 
     q = SqliteQueue(tmp_path / "queue.sqlite")
     config = Commitment(mode="relay", relay_retry_s=30, relay_reask_s=120)
-    commitments = AssociationReports(q, config)
+    in_force: list[DestinationRules] = []  # the rule files, as the receiving processes read them too
+    commitments = AssociationReports(q, config, destinations=lambda: list(in_force))
     receiver = Receiver(Listen(host="127.0.0.1", port=free_port(), processes=1),
                         Intake(Spool(tmp_path / "spool"), q, lambda: []), commitments)
     receiver.start()
     started: list[Relayer] = []
 
     def relayer(*rule_files: DestinationRules, clock=time.time, **settings) -> Relayer:  # noqa: ANN001
+        in_force[:] = rule_files
         r = Relayer(q, config.model_copy(update=settings), lambda: list(rule_files), "ROUTER", clock=clock)
         started.append(r)
         return r
@@ -583,10 +588,10 @@ def test_a_modality_listening_with_tls_gets_its_report_over_tls(tmp_path, pki):
         received(q, "2.25.1")
         accept_request(q, Transaction("2.25.900", ((CT, "2.25.1"),)), "CT1", 3600)
         plain = Commitment(modalities={"CT1": ReplyAddress(host="127.0.0.1", port=port)})
-        assert Reporter(q, plain, "ROUTER").once() == 0  # plain TCP to a TLS port: not delivered
+        assert Reporter(q, plain, "ROUTER").once(wait_s=10) == 0  # plain TCP to a TLS port: not delivered
         assert reports == []
         tls = Commitment(modalities={"CT1": ReplyAddress(host="127.0.0.1", port=port, tls=_router_tls(pki))})
-        assert Reporter(q, tls, "ROUTER", clock=lambda: time.time() + 60).once() == 1
+        assert Reporter(q, tls, "ROUTER", clock=lambda: time.time() + 60).once(wait_s=10) == 1
         assert reports == ["2.25.900"]
     finally:
         server.shutdown()
