@@ -68,6 +68,12 @@ FORWARD_SECONDS = Histogram(
     ["destination"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+CODEC_POOL_RESTARTS = Counter(
+    "dicom_router_codec_pool_restarts",
+    "Codec worker pools killed and replaced (reason: crash (a worker died), timeout (a transcode past its "
+    "deadline), stall (no worker started a task within its deadline))",
+    ["reason"],
+)
 CPU_STAGES = ("receive", "spool", "decode", "encode", "verify", "write", "send")
 CPU_SECONDS = Counter(
     "dicom_router_cpu_seconds",
@@ -257,7 +263,7 @@ class _AllProcesses(Collector):
             FORWARDED_BYTES_AS_RECEIVED,
             FORWARD_FAILURES, FALLBACKS, SKIPPED, PURGED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
             COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
-            COMMITMENT_RELAYED_INSTANCES, COMMITMENT_RELAY_REPORTS_REFUSED, DUPLICATE_SENDS,
+            COMMITMENT_RELAYED_INSTANCES, COMMITMENT_RELAY_REPORTS_REFUSED, DUPLICATE_SENDS, CODEC_POOL_RESTARTS,
         )
     }
 
@@ -403,6 +409,8 @@ def declare(destinations: list[str]) -> None:
         REJECTED.labels(reason=reason.value)
     for stage in CPU_STAGES:
         CPU_SECONDS.labels(stage=stage)
+    for reason in ("crash", "timeout", "stall"):
+        CODEC_POOL_RESTARTS.labels(reason=reason)
     for result in ("new", "repeated", "duplicate", "refused"):
         COMMITMENT_REQUESTS.labels(result=result)
     for outcome in ("committed", "failures"):

@@ -277,8 +277,9 @@ class _Transcoding:
         total = sum(g.decoded_bytes for g in geometries)
         if self.max_decoded_bytes is not None and total > self.max_decoded_bytes:
             what = str(geometries[0]) + (f" and {len(geometries) - 1} nested" if len(geometries) > 1 else "")
-            raise PixelDataError(f"Pixel Data declares {total} bytes decoded ({what}), more than the limit of "
-                                 f"{self.max_decoded_bytes} bytes")
+            raise PixelDataError(f"Pixel Data declares {total} bytes decoded ({what}), more than one image may "
+                                 f"decode here: {self.max_decoded_bytes} bytes ([transcode] max_decoded_mb, and "
+                                 f"what a codec worker can afford of this machine's memory)")
         for item, encapsulated in found:
             if encapsulated and item is not ds and self.ts in NATIVE_TRANSFER_SYNTAXES:
                 raise PixelDataError(f"nested Pixel Data is encapsulated in a file of native {uid_name(self.ts)}")

@@ -3,12 +3,17 @@ its worker costs that one image a retry alone, then a CodecCrash, never the pool
 
 from __future__ import annotations
 
+import os
+import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.uid import JPEGLSLossless
+
+from prometheus_client import REGISTRY
 
 from router import codecs
 from router.request import Request
@@ -19,6 +24,7 @@ from tests.support.peers import REPO, data
 
 PLUGIN = str(REPO / "tests" / "support" / "plugins" / "aborting_codec.py")
 HANGING = str(REPO / "tests" / "support" / "plugins" / "hanging_codec.py")
+SLOW = str(REPO / "tests" / "support" / "plugins" / "slow_codec.py")
 MR = data("MR2_UNCR.dcm")
 
 
@@ -104,8 +110,54 @@ def test_shutdown_is_bounded_whatever_the_workers_do(tmp_path):
     pool = CodecPool(workers=1, plugins=[HANGING], timeout_s=3600)
     pool.submit(marked_copy(tmp_path, 4444), tmp_path / "hang.dcm", Request(syntax="jpeg-ls-hangs-on-marker"))
     time.sleep(1.0)  # the worker is inside the codec
-    workers = worker_processes(pool._pool)  # noqa: SLF001
+    workers = worker_processes(pool._generation.executor)  # noqa: SLF001
     started = time.monotonic()
     pool.shutdown(timeout=1)
     assert time.monotonic() - started < 10
     assert workers and not any(p.is_alive() for p in workers)
+
+
+def restarts(reason: str) -> float:
+    return REGISTRY.get_sample_value("dicom_router_codec_pool_restarts_total", {"reason": reason}) or 0.0
+
+
+def test_a_worker_frozen_while_idle_costs_the_pool_a_restart_not_its_work(tmp_path):
+    pool = CodecPool(workers=1, timeout_s=2, timeout_s_per_mb=0)
+    stopped = []
+    try:
+        assert isinstance(pool.run(MR, tmp_path / "warm.dcm", Request(syntax="rle")), Transcoded)
+        stalls = restarts("stall")
+        stopped = pool.worker_pids()
+        for pid in stopped:  # idle: waiting for its next task, holding the queue all workers read
+            os.kill(pid, signal.SIGSTOP)
+        waiting = ThreadPoolExecutor(1)  # a frozen pool would block the test: it waits at most 90 s
+        try:
+            results = waiting.submit(lambda: [pool.run(MR, tmp_path / f"{n}.dcm", Request(syntax="rle"))
+                                              for n in range(3)]).result(timeout=90)
+        finally:
+            waiting.shutdown(wait=False)
+        assert all(isinstance(r, Transcoded) and r.changed for r in results), results
+        assert restarts("stall") == stalls + 1
+        assert not set(stopped) & set(pool.worker_pids())
+    finally:
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        pool.shutdown(timeout=1)
+
+
+def test_a_pool_busy_within_its_deadlines_is_not_taken_for_stalled(tmp_path):
+    codecs.load_plugins([SLOW])
+    # each image takes a second of its 3 s deadline; the last waits 3 s for the only worker
+    pool = CodecPool(workers=1, plugins=[SLOW], timeout_s=3, timeout_s_per_mb=0)
+    try:
+        assert isinstance(pool.run(MR, tmp_path / "warm.dcm", Request(syntax="rle")), Transcoded)
+        stalls = restarts("stall")
+        submitted = [pool.submit(MR, tmp_path / f"{n}.dcm", Request(syntax="jpeg-ls-slow")) for n in range(4)]
+        results = [pool.result(s) for s in submitted]
+        assert all(isinstance(r, Transcoded) and r.changed for r in results), results
+        assert restarts("stall") == stalls
+    finally:
+        pool.shutdown(timeout=1)

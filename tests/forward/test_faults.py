@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +16,9 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 
+from tests.support import transcode_images as img
 from tests.support.peers import REPO, Destination, Pacs, data, echo, free_port, make_series, metric_value, send, wait_until
+from tests.support.processes import codec_workers, is_stopped, peak_rss_bytes, resume_and_kill
 
 PLUGIN = REPO / "tests" / "support" / "plugins" / "aborting_codec.py"
 
@@ -282,3 +286,65 @@ def test_an_image_that_cannot_be_decompressed_for_a_destination_is_a_dead_letter
     assert "attempts=1" in listing and "cannot decompress for a destination that refused" in listing
     assert metric_value(router.metrics(), "dicom_router_forward_failures_total", destination="LEGACY",
                         outcome="retry") == 0
+
+
+# -- a stalled codec pool, and images that would cost more memory than the machine has to spare ----
+def test_a_codec_pool_frozen_while_idle_is_replaced_and_every_instance_arrives(router_factory, pacs, tmp_path):
+    router = router_factory([Destination("PACS", pacs.port, '[[rule]]\nsyntax = "jpeg-ls-lossless"\n')],
+                            extra="[transcode]\nworkers = 2\ntimeout_s = 3\ntimeout_s_per_mb = 0\n")
+    series = make_series(data("MR2_UNCR.dcm"), 11, tmp_path / "series")
+    assert send(router.port, series[:1]) == [0]
+    wait_until(lambda: pacs.count() == 1, 60, what=f"the first instance\n{router.log()}")
+    wait_until(lambda: len(codec_workers(router.proc.pid)) == 2, 30, what="both codec workers")
+    frozen = codec_workers(router.proc.pid)
+    try:
+        for pid in frozen:  # idle, between two transcodes
+            os.kill(pid, signal.SIGSTOP)
+        wait_until(lambda: all(is_stopped(pid) for pid in frozen), 10, what="the workers stopped")
+        assert send(router.port, series[1:]) == [0] * 10
+        wait_until(lambda: pacs.count() == 11, 90, what=f"all ten after the freeze\n{router.log()}")
+        assert {r.transfer_syntax_uid for r in pacs.by_uid().values()} == {JPEGLSLossless}
+        stalled = events(router, "codec_pool_stalled")
+        assert stalled and all(e["deadline_s"] == 3 for e in stalled)
+        assert metric_value(router.metrics(), "dicom_router_codec_pool_restarts_total", reason="stall") >= 1
+        assert not set(frozen) & set(codec_workers(router.proc.pid))  # replaced, none left stopped
+    finally:
+        resume_and_kill(frozen)
+
+
+def test_an_image_declaring_more_than_a_worker_can_afford_goes_as_received_and_costs_no_memory(
+        router_factory, pacs_factory, tmp_path):
+    """A few kilobytes of JPEG-LS really decoding to more than the machine's share for one codec
+    worker, though below max_decoded_mb: refused before it is decoded, sent as received where the
+    destination takes JPEG-LS, a dead letter saying why where it takes only uncompressed."""
+    pacs = pacs_factory(name="pacs")
+    legacy = pacs_factory(name="legacy", transfer_syntaxes=[ExplicitVRLittleEndian, "1.2.840.10008.1.2"])
+    # each of two workers may decode 1/32 of the machine's memory (a quarter, shared, at four
+    # bytes a decoded byte): this declares 1/24, 128 MiB a frame
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    frames = -(-memory // 24 // (8192 * 8192 * 2))
+    bomb = img.jpeg_ls_frames(tmp_path, frames, (8192, 8192), bits=16)
+    declared = frames * 8192 * 8192 * 2
+    assert bomb.stat().st_size < 200_000 and declared < 1_000_000 * 2**20
+    router = router_factory(
+        [Destination("PACS", pacs.port, '[[rule]]\nsyntax = "explicit-le"\n'),
+         Destination("LEGACY", legacy.port, '[[rule]]\nsyntax = "jpeg-ls-lossless"\n')],
+        extra="[transcode]\nworkers = 2\nmax_decoded_mb = 1000000\n",
+    )
+    assert send(router.port, [bomb]) == [0]
+    wait_until(lambda: pacs.count() == 1, 120, what=f"the image as received\n{router.log()}")
+    assert next(iter(pacs.by_uid().values())).transfer_syntax_uid == JPEGLSLossless
+
+    def dead() -> float:
+        return metric_value(router.metrics(), "dicom_router_queue_jobs", destination="LEGACY", state="dead")
+
+    wait_until(lambda: dead() == 1, 120, what=f"a dead letter for the uncompressed-only destination\n{router.log()}")
+    why = "more than one image may decode here"
+    assert any(why in e["error"] for e in events(router, "transcode_failed"))
+    assert why in router.cli("queue", "dead").stdout
+    assert metric_value(router.metrics(), "dicom_router_fallbacks_total", destination="PACS", reason="codec_error") == 1
+    workers = codec_workers(router.proc.pid)
+    assert workers
+    peaks = {pid: peak_rss_bytes(pid) for pid in [router.proc.pid, *workers]}
+    assert all(peak < min(declared // 2, 1 << 30) for peak in peaks.values()), (
+        f"declared {declared >> 20} MiB; peak MiB by process: { {p: v >> 20 for p, v in peaks.items()} }")
