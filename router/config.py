@@ -262,6 +262,10 @@ class Destination(_Strict):
 
     @field_validator("schedule")
     @classmethod
+    # a study that keeps receiving goes all the same this long after its first instance still to go
+    study_stable_max: str | None = Field(None, description="with study_stable: send a study this long after its "
+                                         "first instance still to go, stable or not; default 4 x study_stable, "
+                                         "at least 1h")
     def _windows(cls, windows: list[str]) -> list[str]:
         for window in windows:
             parse_window(window)
@@ -274,10 +278,11 @@ class Destination(_Strict):
             parse_timezone(value)
         return value
 
-    @field_validator("delay", "study_stable")
+    @field_validator("delay", "study_stable", "study_stable_max")
     @classmethod
-    def _duration(cls, value: str) -> str:
-        parse_duration(value)
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
         return value
 
     @property
@@ -288,6 +293,19 @@ class Destination(_Strict):
     def study_stable_s(self) -> float:
         return parse_duration(self.study_stable)
 
+    @model_validator(mode="after")
+    def _stable_max_after_stable(self) -> Destination:
+        if self.study_stable_max is not None and self.study_stable_s > 0 \
+                and parse_duration(self.study_stable_max) < self.study_stable_s:
+            from pydantic_core import InitErrorDetails, PydanticCustomError
+
+            # raised from a model validator, pydantic files it under the field named here
+            error = PydanticCustomError("duration", "{message}", {"message": (
+                f"study_stable_max ({self.study_stable_max}) must be at least study_stable ({self.study_stable})")})
+            raise ValidationError.from_exception_data("Destination", [InitErrorDetails(
+                type=error, loc=("study_stable_max",), input=self.study_stable_max)])
+        return self
+
     @property
     def sending_schedule(self) -> Schedule:
         return schedule_for(tuple(self.schedule), self.timezone)
@@ -296,6 +314,16 @@ class Destination(_Strict):
     def commitment_scp(self) -> CommitmentScp | None:
         """The destination's storage commitment SCP with every field filled in, or None."""
         if self.commitment is False:
+    @property
+    def study_stable_max_s(self) -> float:
+        """How long after its first instance still to go a study waits at most (0 without
+        study_stable): `study_stable_max`, by default 4 x study_stable and at least an hour."""
+        if self.study_stable_s <= 0:
+            return 0.0
+        if self.study_stable_max is not None:
+            return parse_duration(self.study_stable_max)
+        return max(4 * self.study_stable_s, 3600.0)  # generous: a safety net, not a pace
+
             return None
         scp = self.commitment if isinstance(self.commitment, CommitmentScp) else CommitmentScp()
         return scp.model_copy(update={"host": scp.host or self.host, "port": scp.port or self.port,

@@ -81,10 +81,13 @@ class NewJob:
 class Holding:
     """What holds a destination's pending jobs besides their retry time, from its rule file:
     each instance for `delay_s` after receipt, each study until none of its instances arrived
-    for `study_stable_s` (then the study goes in series and instance number order)."""
+    for `study_stable_s` (then the study goes in series and instance number order), but never
+    longer than `study_stable_max_s` after the receipt of its first instance still to go
+    (0: no such bound)."""
 
     delay_s: float = 0.0
     study_stable_s: float = 0.0
+    study_stable_max_s: float = 0.0
 
 
 

@@ -86,6 +86,27 @@ def test_a_study_waits_until_none_of_it_arrived_for_study_stable(queue):
     assert uids(queue.claim("PACS", 10, now=t0 + 1400, holding=stable)) == ["2.25.1", "2.25.2", "2.25.3"]
 
 
+def test_a_study_that_never_becomes_stable_goes_study_stable_max_after_its_first_instance_still_to_go(queue):
+    t0 = time.time()
+    bounded = Holding(study_stable_s=600, study_stable_max_s=1800)
+    for n in range(6):  # an instance every 5 minutes: never 10 minutes quiet
+        add(queue, f"2.25.{n}", t0 + 300 * n, instance_number=n)
+    assert queue.claim("PACS", 10, now=t0 + 1799, holding=bounded) == []
+    assert queue.held("PACS", t0 + 1799, bounded) == {"study_stable": 6}
+    assert queue.next_due("PACS", bounded) == pytest.approx(t0 + 1800)
+    assert queue.next_due("PACS", Holding(study_stable_s=600)) == pytest.approx(t0 + 2100)  # unbounded: stable only
+    add(queue, "2.25.6", t0 + 1800, instance_number=6)
+    sent = queue.claim("PACS", 10, now=t0 + 1800, holding=bounded)
+    assert uids(sent) == [f"2.25.{n}" for n in range(7)]  # what had come by then, whole and in order
+    add(queue, "2.25.7", t0 + 1850, instance_number=7)  # while those are on their way: the same wait, over
+    late = queue.claim("PACS", 10, now=t0 + 1850, holding=bounded)
+    assert uids(late) == ["2.25.7"]
+    queue.complete([job.id for job in sent + late])
+    add(queue, "2.25.8", t0 + 1900, instance_number=8)  # the study's first instance still to go: a new wait
+    assert queue.claim("PACS", 10, now=t0 + 2499, holding=bounded) == []
+    assert uids(queue.claim("PACS", 10, now=t0 + 2500, holding=bounded)) == ["2.25.8"]
+
+
 def test_a_stable_study_goes_whole_in_series_and_instance_number_order(queue):
     t0 = time.time()
     arrival = [("2.25.23", 2, 3), ("2.25.11", 1, 1), ("2.25.22", 2, 2), ("2.25.13", 1, 3), ("2.25.21", 2, 1),
@@ -267,6 +288,29 @@ def test_the_forwarder_sends_a_study_once_stable_whole_and_in_instance_order(sch
     clock.set(late + 601)
     wait_until(lambda: pacs.count() == 4, 20, what="the stable study")
     expected = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series]
+    assert [r.sop_instance_uid for r in pacs.received] == expected
+
+
+def test_the_forwarder_sends_a_study_still_receiving_once_study_stable_max_passed(scheduled, pacs, tmp_path):
+    t0 = time.time()
+    clock = Clock(t0)
+    s = scheduled(pacs.port, 'study_stable = "10m"\nstudy_stable_max = "10m"\n', clock)
+    series = make_series(CT, 3, tmp_path / "series")
+    s.receive([series[0]])
+    first = time.time()
+    s.forwarder.start()
+    time.sleep(2.0)
+    s.receive([series[1]])  # the study is still receiving: stable 10 minutes after this one at the earliest
+    clock.set(first + 590)
+    time.sleep(1.5)
+    assert pacs.count() == 0
+    clock.set(first + 601)  # not stable (the second came less than 10 minutes ago), but 10 minutes after the first
+    wait_until(lambda: pacs.count() == 2, 20, what="the study sent at study_stable_max")
+    wait_until(lambda: s.queue.counts() == {}, 10, what="both jobs recorded as delivered")
+    s.receive([series[2]])  # a later instance of the study starts a wait of its own
+    time.sleep(1.5)
+    assert pacs.count() == 2
+    expected = [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series[:2]]
     assert [r.sop_instance_uid for r in pacs.received] == expected
 
 

@@ -57,7 +57,7 @@ def test_delay_study_stable_and_the_cap_are_told_apart(queue):
     add(queue, "2.25.3", t0 - 7200, study="2.25.7")
     add(queue, "2.25.4", t0 - 300, study="2.25.7")
     t0 = time.time() + 1  # after the jobs were queued
-    found = waiting("PACS", destination(delay="1h", study_stable="10m", max_mbps=5), queue, t0)
+    found = waiting("PACS", destination(delay="1h", study_stable="10m", study_stable_max="3h", max_mbps=5), queue, t0)
     assert found.held == {"delay": 2, "study_stable": 1, "throttled": 1}
     assert found.capped and found.next_send == t0
     quiet = waiting("PACS", destination(delay="3h"), queue, t0)
@@ -76,6 +76,19 @@ def test_when_an_instance_would_be_sent_and_why():
     assert "20 Mbps" in why
     assert when(destination(delay="30m"), received) == (received + 1800, "delay 30m")
     assert when(destination(), received) == (received, "at once")
+
+
+def test_a_study_waits_at_most_study_stable_max_after_its_first_instance():
+    received = brussels("2027-06-08 12:00")
+    bounded = destination(study_stable="10m", study_stable_max="30m")
+    at, why = when(bounded, received, study_last_received=received, study_first_received=received - 1500)
+    assert at == received - 1500 + 1800  # still receiving, but the study's first came 25 minutes ago
+    assert why == "study_stable 10m after the study's last instance, at most study_stable_max 30m after its first"
+    assert when(bounded, received) == (received + 600, why)
+    default = destination(study_stable="30m")
+    assert default.study_stable_max_s == 4 * 1800
+    assert destination(study_stable="2m").study_stable_max_s == 3600  # at least an hour
+    assert when(default, received, study_first_received=received - 7200)[0] == received
 
 
 def write_config(tmp_path, destination_extra: str):  # noqa: ANN001, ANN201
@@ -102,6 +115,29 @@ def test_queue_shows_what_holds_each_destination_and_when_it_next_sends(tmp_path
     cfg = write_config(tmp_path, 'delay = "2h"\n')
     assert cli.main(["queue", "--config", str(cfg)]) == 0
     assert "1 held by delay" in capsys.readouterr().out
+
+
+def test_queue_and_explain_say_how_long_a_study_waits_at_most(tmp_path, queue, capsys):
+    add(queue, "2.25.1", time.time())
+    cfg = write_config(tmp_path, 'study_stable = "10m"\n')
+    assert cli.main(["queue", "--config", str(cfg)]) == 0
+    line = [row for row in capsys.readouterr().out.splitlines() if row.startswith("PACS")][0]
+    assert "1 waiting for a stable study (at most 1h after its first instance)" in line and "next sends" in line
+    cfg = write_config(tmp_path, 'study_stable = "10m"\nstudy_stable_max = "45m"\n')
+    assert cli.main(["queue", "--config", str(cfg)]) == 0
+    assert "1 waiting for a stable study (at most 45m after its first instance)" in capsys.readouterr().out
+    assert cli.main(["explain", "--config", str(cfg), str(CT)]) == 0
+    assert ("if received now (study_stable 10m after the study's last instance, at most study_stable_max 45m "
+            "after its first)") in capsys.readouterr().out
+    assert cli.main(["check", "--config", str(cfg)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].endswith("study_stable 10m, study_stable_max 45m")
+
+
+def test_check_refuses_a_study_stable_max_below_study_stable(tmp_path, capsys):
+    cfg = write_config(tmp_path, 'study_stable = "10m"\nstudy_stable_max = "5m"\n')
+    assert cli.main(["check", "--config", str(cfg)]) == 2
+    assert ("PACS.toml: field destination.study_stable_max: study_stable_max (5m) must be at least study_stable "
+            "(10m)") in capsys.readouterr().err
 
 
 def test_explain_says_when_a_file_would_be_sent_and_why(tmp_path, capsys):
@@ -158,6 +194,6 @@ def test_check_says_when_and_how_fast_each_destination_sends():
     assert result.returncode == 0, result.stderr
     archive = [line for line in result.stdout.splitlines() if "destination ARCHIVE" in line][0]
     assert archive.endswith("; sends in Mon-Fri 20:00-06:00, Sat-Sun (Europe/Brussels), at most 20 Mbps, "
-                            "study_stable 30m")
+                            "study_stable 30m, study_stable_max 2h")
     pacs = [line for line in result.stdout.splitlines() if "destination PACS" in line][0]
     assert pacs.endswith("3 rule(s)")
