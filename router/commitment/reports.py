@@ -18,7 +18,9 @@
               all committed, 2: failures exist): on the association the request came on while
               the modality holds it (`AssociationReports`, in the receiving process that holds
               it), else on a new association to the modality's configured address, the router
-              keeping the SCP role (`Reporter`, in the supervisor), retried with backoff. The
+              keeping the SCP role (`Reporter`, in the supervisor), retried with backoff. Each
+              held association's reports, and each modality's on new associations, go on a
+              thread of their own: one modality that never answers delays only its own. The
               process that sends a report claims it in the database first: one report per
               transaction, whatever the number of processes; a claim dies with its process.
 
@@ -154,6 +156,7 @@ class AssociationReports(Periodic):
         self.destinations = destinations  # the rule files in force (relay asks some of them)
         self._held: dict[str, Association] = {}
         self._renewed: dict[str, float] = {}
+        self._reporting: dict[str, threading.Thread] = {}  # holder -> the thread reporting on it (passes only)
         self._lock = threading.Lock()
 
     def accept(self, action_type_id: int | None, information: Dataset | None, calling_ae: str,
@@ -203,23 +206,45 @@ class AssociationReports(Periodic):
             _log.warning("commitment_hold_not_released", error=str(exc))
 
     def once(self, now: float | None = None) -> None:
-        """One pass over the held associations: report what is decided, renew the holds."""
+        """One pass over the held associations: renew the holds, and report what is decided on
+        each association's own thread (a modality that never answers its report holds back no
+        other; while its thread is busy, its association is left out of the reporting)."""
         with self._lock:
             held = list(self._held.items())
+        relay_to = relaying(self.destinations())
         for holder, assoc in held:
             if not assoc.is_established:
                 with self._lock:
                     self._held.pop(holder, None)
                     self._renewed.pop(holder, None)
+                self._reporting.pop(holder, None)  # a report still on its way ends with the association
                 self._give_up(holder)
                 continue
             if time.monotonic() - self._renewed.get(holder, 0) > HOLD_S / 3:
                 self.queue.hold_commitments(holder, time.time() + HOLD_S)
                 self._renewed[holder] = time.monotonic()
+            busy = self._reporting.get(holder)
+            if busy is not None and busy.is_alive():
+                continue
             current = time.time() if now is None else now
-            for request in self.queue.pending_commitments(current, holder=holder):
-                answer = due(self.queue, self.config.mode, request, current, relaying(self.destinations()))
+            requests = self.queue.pending_commitments(current, holder=holder)
+            if requests:
+                thread = threading.Thread(target=self._report, args=(holder, assoc, requests, current, relay_to),
+                                          name=f"{self.thread_name}-{holder}", daemon=True)
+                self._reporting[holder] = thread
+                thread.start()
+            else:
+                self._reporting.pop(holder, None)
+
+    def _report(self, holder: str, assoc: Association, requests: list[StoredCommitment], now: float,
+                relay_to: frozenset[str]) -> None:
+        """Report an association's requests that are due, on it, oldest first."""
+        try:
+            for request in requests:
+                answer = due(self.queue, self.config.mode, request, now, relay_to)
                 if answer is not None:
                     report(self.queue, request, answer, holder,
                            lambda information, event_type: send_report(assoc, information, event_type),
                            "same", self.config.report_retry_s)
+        except Exception as exc:  # noqa: BLE001 - the queue failed: a later pass tries again
+            _log.exception("commitment_error", error=str(exc))

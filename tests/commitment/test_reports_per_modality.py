@@ -1,7 +1,8 @@
-"""Storage commitment reports on new associations: each modality's on its own, so that a modality
-whose reply address accepts TCP and never answers delays only its own reports. In-process
-against pynetdicom modalities and a black hole (a listener that accepts and never answers), and
-end to end through `dicom-router serve`."""
+"""Storage commitment reports: each modality's on its own, so that a modality that never answers
+delays only its own reports, whether its reply address accepts TCP and never answers or it keeps
+its association and never answers the report on it. In-process against pynetdicom modalities and
+a black hole (a listener that accepts and never answers), and end to end through `dicom-router
+serve`."""
 
 from __future__ import annotations
 
@@ -10,15 +11,23 @@ import threading
 import time
 
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from router.commitment.accept import accept_request
-from router.commitment.messages import Transaction
+from router.commitment.messages import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, Transaction
 from router.commitment.reporter import Reporter
-from router.config import Commitment, ReplyAddress, Timeouts
+from router.commitment.reports import AssociationReports
+from router.config import Commitment, Listen, ReplyAddress, Timeouts
 from router.queue import Instance
+from router.queue.spool import Spool
 from router.queue.sqlite import SqliteQueue
+from router.receive.intake import Intake
+from router.receive.scp import Receiver
 from tests.support.peers import (
-    CommittingModality, Destination, Pacs, data, make_series, references, send, wait_until,
+    CommittingModality, Destination, Pacs, data, free_port, make_series, references, send, wait_until,
 )
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -110,6 +119,55 @@ def test_a_modality_that_never_answers_delays_no_other_modality_s_reports(queue,
     finally:
         black_hole.close()  # its attempt ends at once
         reporter.stop()
+
+
+# -- on the association the request came on --------------------------------------------------------------
+def ask_and_hold_silently(port: int, calling_ae: str, transaction_uid: str, uid: str,
+                          answer: threading.Event) -> tuple[Association, threading.Event]:
+    """A modality that asks for commitment, keeps its association, and answers no N-EVENT-REPORT
+    on it until `answer` is set; returns the association and an event set when a report came."""
+    came = threading.Event()
+
+    def on_report(event: evt.Event) -> tuple[int, None]:
+        came.set()
+        answer.wait(60)
+        return 0x0000, None
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", port, ae_title="ROUTER", evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assert assoc.is_established
+    information = Dataset()
+    information.TransactionUID = transaction_uid
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = CT, uid
+    information.ReferencedSOPSequence = [item]
+    status, _ = assoc.send_n_action(information, 1, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
+    assert status.Status == 0x0000
+    return assoc, came
+
+
+def test_a_modality_that_never_answers_on_its_association_delays_no_other_s_report_on_theirs(queue, tmp_path):
+    commitments = AssociationReports(queue, Commitment(mode="spooled"), interval=0.05)
+    router = Receiver(Listen(host="127.0.0.1", port=free_port(), processes=1),
+                      Intake(Spool(tmp_path / "spool"), queue, lambda: []), commitments)
+    router.start()
+    commitments.start()
+    answer = threading.Event()
+    try:
+        asked(queue, "CT_SLOW", "2.25.900")
+        silent, came = ask_and_hold_silently(router.port, "CT_SLOW", "2.25.900", "2.25.900.1", answer)
+        assert came.wait(10)  # its report is on its way, and will wait the DIMSE timeout (60 s) for an answer
+        asked(queue, "CT1", "2.25.910")
+        modality = CommittingModality("CT1")
+        status, transaction = modality.request(router.port, [(CT, "2.25.910.1")], "2.25.910", keep_open_s=10)
+        assert status == 0x0000
+        report = modality.report(transaction)
+        assert report is not None and report.same_association and report.committed == ["2.25.910.1"]
+    finally:
+        answer.set()
+        commitments.stop()
+        router.stop()
 
 
 # -- the router as it runs --------------------------------------------------------------------------------
