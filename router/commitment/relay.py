@@ -13,7 +13,8 @@ hears "committed" only once the archive itself committed the instance.
     ask      a relay request is claimed in the database (`Queue.claim_relay`) and one N-ACTION
              (Action Type 1, the router's own Transaction UID) goes to the destination's SCP as
              the router's `[listen] ae_title`, the AE title the destination reports to; each
-             destination's on a thread of its own, so one slow to answer delays no other. Not
+             destination's on a thread of its own, so one slow to answer delays no other (while
+             it is busy, later passes leave it out instead of waiting for it). Not
              taken (no connection, no answer, a transient status): sent again after
              `relay_retry_s`, doubling up to 10 minutes. Refused for good (no Storage Commitment
              presentation context: the destination has no such SCP; or a status no retry
@@ -44,7 +45,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pydicom.dataset import Dataset
@@ -70,6 +70,7 @@ MAX_REFERENCES = 1000  # instances per N-ACTION
 CLAIM_S = 120.0  # a claimed relay request not recorded within this (or its N-ACTION's timeouts) can be claimed again
 MAX_RETRY_S = 600.0
 MAX_THREADS = 8  # destinations asked at once
+STOP_WAIT_S = 5.0  # stop() waits this long for the N-ACTIONs on their way
 # N-ACTION statuses that sending again cannot change (PS3.7 C.4, PS3.4 J.3.2): the destination
 # cannot take this request at all
 PERMANENT_STATUSES = frozenset({0x0105, 0x0106, 0x0112, 0x0117, 0x0118, 0x0119, 0x0120, 0x0122, 0x0123, 0x0124})
@@ -166,20 +167,26 @@ class Relayer(Periodic):
         self.claimer = f"{queue.node or 'local'}/relay-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._open: list[_Open] = []
         self._open_lock = threading.Lock()
+        # destination -> the thread sending its relay requests and what it took (passes only)
+        self._sending: dict[str, tuple[threading.Thread, list[int]]] = {}
 
     def stop(self) -> None:
         super().stop()
+        deadline = time.monotonic() + STOP_WAIT_S  # an N-ACTION on its way finishes; a silent destination is left
+        for thread, _ in list(self._sending.values()):
+            thread.join(max(0.0, deadline - time.monotonic()))
         self._release(everything=True)
 
-    def once(self) -> int:
-        """One pass: plan, send what is due; returns how many N-ACTIONs were taken."""
+    def once(self, wait_s: float = 0.0) -> int:
+        """One pass: plan, start sending what is due (`send_due`); returns how many N-ACTIONs
+        were taken within `wait_s`."""
         self._release()
         relay_to = {d.name: d.destination for d in self.destinations() if d.destination.commitment_scp is not None}
         if not relay_to:
             return 0
         now = self.clock()
         self.plan(now, set(relay_to))
-        return self.send_due(now, relay_to)
+        return self.send_due(now, relay_to, wait_s)
 
     def plan(self, now: float, relay_to: set[str]) -> list[int]:
         """Store the relay requests due now; returns their ids."""
@@ -212,29 +219,47 @@ class Relayer(Periodic):
                         planned.append(relay_id)
         return planned
 
-    def send_due(self, now: float, relay_to: dict[str, Destination]) -> int:
-        """Send every relay request due now that this process can claim, each destination's on a
-        thread of its own (one slow to answer delays no other); returns how many were taken."""
+    def send_due(self, now: float, relay_to: dict[str, Destination], wait_s: float = 0.0) -> int:
+        """Start sending every relay request due now that this process can claim, each
+        destination's on a thread of its own (one slow to answer delays no other); a destination
+        whose thread is still busy is left for a later pass, not waited for. Waits up to `wait_s`
+        for the threads started now; returns how many N-ACTIONs they had taken by then."""
         by_destination: dict[str, list[StoredRelay]] = {}
         for relay in self.queue.due_relays(now):
             if relay.destination in relay_to:  # else no storage commitment SCP any more: its C-STORE success counts
                 by_destination.setdefault(relay.destination, []).append(relay)
 
-        def send(relays: list[StoredRelay]) -> int:
-            taken = 0
+        def send(relays: list[StoredRelay], taken: list[int]) -> None:
             for relay in relays:
                 if self._stop.is_set():
                     break
-                timeouts = relay_to[relay.destination].timeouts  # the claim outlasts the longest N-ACTION
-                claim_s = max(CLAIM_S, timeouts.connect_s + timeouts.acse_s + timeouts.dimse_s + CLAIM_S / 4)
-                if self.queue.claim_relay(relay.id, self.claimer, time.time() + claim_s, now):
-                    taken += self._send(relay, relay_to[relay.destination])
-            return taken
+                try:
+                    timeouts = relay_to[relay.destination].timeouts  # the claim outlasts the longest N-ACTION
+                    claim_s = max(CLAIM_S, timeouts.connect_s + timeouts.acse_s + timeouts.dimse_s + CLAIM_S / 4)
+                    if self.queue.claim_relay(relay.id, self.claimer, time.time() + claim_s, now):
+                        taken.append(self._send(relay, relay_to[relay.destination]))
+                except Exception as exc:  # noqa: BLE001 - the queue failed: a later pass tries again
+                    _log.exception("commitment_error", error=str(exc), destination=relay.destination)
+                    break
 
-        if len(by_destination) <= 1:
-            return sum(send(relays) for relays in by_destination.values())
-        with ThreadPoolExecutor(min(len(by_destination), MAX_THREADS), thread_name_prefix="commitment-relay") as pool:
-            return sum(pool.map(send, by_destination.values()))
+        self._sending = {name: busy for name, busy in self._sending.items() if busy[0].is_alive()}
+        started: list[tuple[threading.Thread, list[int]]] = []
+        for name, relays in by_destination.items():
+            if name in self._sending or len(self._sending) >= MAX_THREADS:
+                continue  # still busy with its earlier requests (or too many are): a later pass takes it
+            taken: list[int] = []
+            thread = threading.Thread(target=send, args=(relays, taken), name=f"{self.thread_name}-{name}",
+                                      daemon=True)
+            self._sending[name] = (thread, taken)
+            started.append((thread, taken))
+            thread.start()
+        deadline = time.monotonic() + wait_s
+        count = 0
+        for thread, taken in started:
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if not thread.is_alive():
+                count += sum(taken)
+        return count
 
     def _send(self, relay: StoredRelay, destination: Destination) -> int:
         scp = destination.commitment_scp

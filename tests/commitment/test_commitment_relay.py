@@ -22,7 +22,9 @@ from router.commitment.messages import (
 )
 from router.commitment.reporter import send_on_new_association
 from router.commitment.reports import AssociationReports, send_report
-from router.config import Commitment, CommitmentScp, Destination, DestinationRules, Listen, ReplyAddress, Rule
+from router.config import (
+    Commitment, CommitmentScp, Destination, DestinationRules, Listen, ReplyAddress, Rule, Timeouts,
+)
 from router.receive.intake import Intake
 from router.metrics import StateCollector
 from router.queue import Delivery, Instance, NewJob, RelayedInstance
@@ -380,14 +382,14 @@ def test_the_n_action_names_the_instances_as_sent_and_the_report_on_a_new_associ
     deliver(queue, "ARCHIVE", {"2.25.1": "2.25.1001"})  # went out lossy, under a new UID
     request = request_for(queue, ["2.25.1", "2.25.2"])
     worker = relayer(rule_file("ARCHIVE", archive.port))
-    assert worker.once() == 1
+    assert worker.once(wait_s=10) == 1
     [(calling, transaction, refs)] = archive.requests
     assert calling == "ROUTER" and refs == [(CT, "2.25.1001"), (CT, "2.25.2")]
     wait_until(lambda: archive.report_errors, 10, what="the archive's report")
     assert archive.report_errors == [None]  # answered 0x0000: recorded
     result = decide(queue, "relay", request, time.time(), {"ARCHIVE"})
     assert outcome(result) == {"2.25.1": "committed", "2.25.2": "committed"}
-    assert worker.once() == 0 and len(archive.requests) == 1  # asked once
+    assert worker.once(wait_s=10) == 0 and len(archive.requests) == 1  # asked once
 
 
 def test_an_archive_answering_failures_has_its_reasons_reach_the_modality(router_side, archives):
@@ -397,7 +399,7 @@ def test_an_archive_answering_failures_has_its_reasons_reach_the_modality(router
         received(queue, uid, "ARCHIVE")
     deliver(queue, "ARCHIVE")
     request = request_for(queue, ["2.25.1", "2.25.2"])
-    assert relayer(rule_file("ARCHIVE", archive.port)).once() == 1
+    assert relayer(rule_file("ARCHIVE", archive.port)).once(wait_s=10) == 1
     wait_until(lambda: None not in queue.relay_results(request.id).values(), 10, what="the report recorded")
     result = decide(queue, "relay", request, time.time(), {"ARCHIVE"})
     assert outcome(result) == {"2.25.1": "committed", "2.25.2": NO_SUCH_OBJECT_INSTANCE}
@@ -411,10 +413,10 @@ def test_the_report_on_the_n_action_s_association_is_taken_and_the_association_r
     deliver(queue, "ARCHIVE")
     request = request_for(queue, ["2.25.1"])
     worker = relayer(rule_file("ARCHIVE", archive.port, CommitmentScp(keep_open_s=10)))
-    assert worker.once() == 1
+    assert worker.once(wait_s=10) == 1
     wait_until(lambda: archive.report_errors, 10, what="the report")
     assert archive.report_errors == [None] and queue.relay_results(request.id) == {("ARCHIVE", "2.25.1"): 0}
-    worker.once()
+    worker.once(wait_s=10)
     assert worker._open == []  # noqa: SLF001 - released once the report came, well before keep_open_s
 
 
@@ -426,15 +428,15 @@ def test_a_destination_down_is_asked_again_with_backoff_then_commits(router_side
     request = request_for(queue, ["2.25.1"])
     clock = [time.time()]
     worker = relayer(rule_file("ARCHIVE", archive.port), clock=lambda: clock[0])
-    assert worker.once() == 0
+    assert worker.once(wait_s=10) == 0
     [waiting] = queue.due_relays(now=time.time() + 31)
     assert waiting.attempts == 1 and "cannot connect" in waiting.last_error
     assert queue.relay_counts() == {("ARCHIVE", "sending"): 1}
     archive.start()
     try:
-        assert worker.once() == 0  # not due before relay_retry_s
+        assert worker.once(wait_s=10) == 0  # not due before relay_retry_s
         clock[0] += 31
-        assert worker.once() == 1
+        assert worker.once(wait_s=10) == 1
         wait_until(lambda: queue.relay_results(request.id) == {("ARCHIVE", "2.25.1"): 0}, 10, what="the report")
     finally:
         archive.stop()
@@ -446,7 +448,7 @@ def test_a_destination_without_a_storage_commitment_scp_fails_its_instances_with
     received(queue, "2.25.1", "PACS")
     deliver(queue, "PACS")
     request = request_for(queue, ["2.25.1"])
-    assert relayer(rule_file("PACS", plain.port)).once() == 0
+    assert relayer(rule_file("PACS", plain.port)).once(wait_s=10) == 0
     assert queue.relay_results(request.id) == {("PACS", "2.25.1"): PROCESSING_FAILURE}
     assert queue.due_relays(now=time.time() + 3600) == []  # never asked again
     assert outcome(decide(queue, "relay", request, time.time(), {"PACS"})) == {"2.25.1": PROCESSING_FAILURE}
@@ -458,7 +460,7 @@ def test_an_n_action_refused_with_a_status_no_retry_changes_fails_at_once(router
     received(queue, "2.25.1", "ARCHIVE")
     deliver(queue, "ARCHIVE")
     request = request_for(queue, ["2.25.1"])
-    assert relayer(rule_file("ARCHIVE", archive.port)).once() == 0
+    assert relayer(rule_file("ARCHIVE", archive.port)).once(wait_s=10) == 0
     assert queue.relay_results(request.id) == {("ARCHIVE", "2.25.1"): PROCESSING_FAILURE}
 
 
@@ -471,16 +473,16 @@ def test_a_lost_report_is_asked_for_again_and_one_never_sent_ends_at_the_timeout
     clock = [time.time()]
     worker = relayer(rule_file("ARCHIVE", archive.port, CommitmentScp(keep_open_s=0)), clock=lambda: clock[0],
                      relay_reask_s=120)
-    assert worker.once() == 1 and worker.once() == 0
+    assert worker.once(wait_s=10) == 1 and worker.once(wait_s=10) == 0
     assert queue.relay_counts() == {("ARCHIVE", "awaiting_report"): 1}
     clock[0] += 121
-    assert worker.once() == 1  # the same N-ACTION again
+    assert worker.once(wait_s=10) == 1  # the same N-ACTION again
     first, second = archive.requests
     assert first[1] == second[1] and first[2] == second[2]
     result = decide(queue, "relay", request, request.deadline, {"ARCHIVE"})
     assert outcome(result) == {"2.25.1": PROCESSING_FAILURE}
     clock[0] = request.deadline + 1
-    assert worker.once() == 0 and len(archive.requests) == 2  # nothing more asked for an ended request
+    assert worker.once(wait_s=10) == 0 and len(archive.requests) == 2  # nothing more asked for an ended request
 
 
 def test_instances_still_on_their_way_are_gathered_into_one_n_action(router_side, archives):
@@ -494,13 +496,40 @@ def test_instances_still_on_their_way_are_gathered_into_one_n_action(router_side
     request = request_for(queue, ["2.25.1", "2.25.2"])
     clock = [time.time()]
     worker = relayer(rule_file("ARCHIVE", archive.port), clock=lambda: clock[0])
-    assert worker.once() == 0  # one delivered, one on its way: wait for it
+    assert worker.once(wait_s=10) == 0  # one delivered, one on its way: wait for it
     deliver(queue, "ARCHIVE")
-    assert worker.once() == 1
+    assert worker.once(wait_s=10) == 1
     [(_, _, refs)] = archive.requests
     assert sorted(uid for _, uid in refs) == ["2.25.1", "2.25.2"]
     wait_until(lambda: outcome(decide(queue, "relay", request, time.time(), {"ARCHIVE"})) ==
                {"2.25.1": "committed", "2.25.2": "committed"}, 10, what="both committed")
+
+
+def test_a_destination_whose_scp_never_answers_delays_no_other_destination_s_n_action(router_side, archives):
+    from tests.commitment.test_reports_per_modality import BlackHole
+
+    queue, receiver, relayer = router_side
+    hole, archive = BlackHole(), archives(reply_to=receiver.port)
+    silent = rule_file("SILENT", hole.port)
+    silent = silent.model_copy(update={"destination": silent.destination.model_copy(
+        update={"timeouts": Timeouts(connect_s=2, acse_s=30, dimse_s=30, network_s=30)})})
+    worker = relayer(silent, rule_file("ARCHIVE", archive.port))
+    worker.interval = 0.1
+    received(queue, "2.25.1", "SILENT")
+    deliver(queue, "SILENT")
+    request_for(queue, ["2.25.1"])
+    worker.start()
+    try:
+        wait_until(lambda: hole.connections() == 1, 10, what="the N-ACTION to the silent destination on its way")
+        received(queue, "2.25.2", "ARCHIVE")  # later, for another destination
+        deliver(queue, "ARCHIVE")
+        request = request_for(queue, ["2.25.2"], transaction_uid="2.25.901")
+        wait_until(lambda: queue.relay_results(request.id) == {("ARCHIVE", "2.25.2"): 0}, 10,
+                   what="ARCHIVE asked and answered while SILENT never answers")
+        assert hole.connections() == 1  # SILENT, still busy, was not waited for nor asked again
+    finally:
+        hole.close()
+        worker.stop()
 
 
 def test_the_pending_gauges_come_from_the_queue(router_side):
@@ -612,7 +641,7 @@ def test_the_n_action_goes_over_tls_to_a_destination_that_speaks_it(router_side,
         destination = rule_file("ARCHIVE", archive.port)
         destination = destination.model_copy(update={"destination": destination.destination.model_copy(
             update={"tls": _router_tls(pki)})})  # the destination's tls serves its storage commitment SCP too
-        assert relayer(destination).once() == 1
+        assert relayer(destination).once(wait_s=10) == 1
         wait_until(lambda: archive.report_errors, 10, what="the report on the TLS association")
         assert archive.report_errors == [None]
         assert queue.relay_results(request.id) == {("ARCHIVE", "2.25.1"): 0}

@@ -91,7 +91,7 @@ def test_a_report_from_another_ae_title_or_address_is_refused_and_commits_nothin
     received(queue, "2.25.1", "ARCHIVE")
     deliver(queue, "ARCHIVE")
     request = request_for(queue, ["2.25.1"])
-    assert relayer.once() == 1
+    assert relayer.once(wait_s=10) == 1
     [(_, transaction_uid, _)] = archive.requests  # as it would be read off the wire or from a log
     before = {reason: refused_count(reason) for reason in ("ae_title", "address")}
     with capture_logs() as logged:
@@ -137,7 +137,7 @@ def test_a_destination_cannot_report_for_another_on_its_own_n_action_s_associati
         relayer.plan(time.time(), {"ARCHIVE", "AI"})
         impostor.forge = next(r.transaction_uid for r in queue.due_relays() if r.destination == "ARCHIVE")
         before = refused_count("ae_title")
-        assert relayer.once() == 2
+        assert relayer.once(wait_s=10) == 2
         wait_until(lambda: impostor.report_errors, 10, what="the impostor's report")
         assert impostor.report_errors == [f"modality answered the N-EVENT-REPORT with 0x{REFUSED:04X}"]
         assert refused_count("ae_title") == before + 1
@@ -155,7 +155,7 @@ def test_no_info_line_carries_a_transaction_uid(router_side, archives):
     reports = AssociationReports(queue, Commitment(mode="relay"), destinations=lambda: list(in_force))
     with capture_logs() as logged:
         assert reports.accept(1, event_information("2.25.900", Answer(((CT, "2.25.1"),), (), ())), "CT1") == 0
-        assert relayer.once() == 1
+        assert relayer.once(wait_s=10) == 1
         wait_until(lambda: archive.report_errors, 10, what="the archive's report")
     [(_, relayed_uid, _)] = archive.requests
     info = [e for e in logged if e["log_level"] == "info"]
