@@ -158,6 +158,13 @@ def test_a_report_is_recorded_by_the_uids_as_sent_and_an_instance_it_leaves_out_
     assert queue.relay_answered("2.25.404", {}, PROCESSING_FAILURE) is None
 
 
+def test_a_relay_request_s_destination_is_found_by_its_transaction_uid(queue):
+    request = request_for(queue, ["2.25.1"])
+    queue.add_relay(request.id, "PACS", "2.25.7001", [RelayedInstance("2.25.1", CT, "2.25.1")], time.time())
+    assert queue.relay_destination("2.25.7001") == "PACS"  # whom its report may come from
+    assert queue.relay_destination("2.25.404") is None
+
+
 def test_a_refused_relay_request_fails_its_unanswered_instances(queue):
     request = request_for(queue, ["2.25.1"])
     relay_id = queue.add_relay(request.id, "PACS", "2.25.7001", [RelayedInstance("2.25.1", CT, "2.25.1")],
