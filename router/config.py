@@ -93,6 +93,10 @@ class Listen(_Strict):
     # private and unknown storage SOP classes are accepted and forwarded (as Orthanc's
     # UnknownSopClassAccepted); false: only the storage classes pynetdicom knows
     accept_unknown_sop_classes: bool = True
+    # the metrics' `caller` label: allowed_callers and [commitment] modalities keep their AE title, and so do
+    # the first this many other titles since the start; every other caller is counted as "other"
+    max_caller_labels: int = Field(20, ge=0, description="calling AE titles named in the metrics besides the "
+                                   "configured ones; the rest are counted as \"other\"")
 
 
 
@@ -106,6 +110,9 @@ class Metrics(_Strict):
     port: int = Field(9110, ge=0, le=65535, description="0: no metrics endpoint")
     max_connections: int = Field(32, ge=1, description="HTTP connections served at once; more wait or are closed")
     idle_timeout_s: float = Field(10, gt=0, description="an HTTP connection idle this long is closed")
+    # the status page's requests (/ and /trace) once they arrived: their own budget, never max_connections'
+    page_connections: int = Field(16, ge=1, description="status page requests held at once (waiting or "
+                                  "answered); one more is answered 503 a second later")
 
 
 class RulesDir(_Strict):

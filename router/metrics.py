@@ -1,11 +1,14 @@
 """Prometheus metrics and the HTTP endpoint that serves them with /healthz and /readyz.
 
 Labels are few and of low cardinality: destination, syntax, outcome, reason, caller (AE title).
-Never UIDs or patient data.
+Never UIDs or patient data. Every label value comes from the configuration or from a fixed list,
+except `caller`, which the network chooses: it is bounded by `caller_label` (the configured
+callers, at most `max_caller_labels` others, the rest as "other").
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import threading
@@ -127,6 +130,73 @@ DUPLICATE_SENDS = Counter(
 )
 
 
+OTHER_CALLER = "other"  # the `caller` of every calling AE title past the bound
+
+
+class CallerLabels:
+    """The `caller` label value of a calling AE title: its own for a configured caller
+    (`known`) and for the first `limit` other titles seen since the router started, "other"
+    for the rest, so that no caller can add series at will.
+
+    With several receiving processes (PROMETHEUS_MULTIPROC_DIR set) the other titles are
+    admitted through one file there, so the bound holds for the router, not per process.
+    """
+
+    def __init__(self, known: frozenset[str] = frozenset(), limit: int = 20, directory: str | None = None) -> None:
+        self.known = frozenset(title.strip() for title in known)
+        self.limit = limit
+        self._file = os.path.join(directory, "callers") if directory else None
+        self._lock = threading.Lock()
+        self._named: set[str] = set()
+        self._full = False
+
+    def __call__(self, ae_title: str) -> str:
+        title = ae_title.strip()
+        if title in self.known:
+            return title
+        with self._lock:
+            if title in self._named:
+                return title
+            if self._full or not self._admit(title):
+                self._full = True  # titles are never given back until the next start: "other" stays "other"
+                return OTHER_CALLER
+            self._named.add(title)
+            return title
+
+    def _admit(self, title: str) -> bool:
+        if self._file is None:
+            return len(self._named) < self.limit
+        entry = title.encode().hex()  # one line per title, whatever bytes the title holds
+        try:
+            with open(self._file, "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                f.seek(0)
+                admitted = set(f.read().split())
+                if entry in admitted:
+                    return True
+                if len(admitted) >= self.limit:
+                    return False
+                f.write(entry + "\n")
+                return True
+        except OSError:
+            return False  # cannot agree with the other processes: count it, without a name
+
+
+_caller_labels = CallerLabels(directory=os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def bound_callers(known: frozenset[str], limit: int) -> None:
+    """Set the callers that keep their name in `caller` (allowed callers, commitment
+    modalities) and how many others may; called once by each receiving process."""
+    global _caller_labels
+    _caller_labels = CallerLabels(known, limit, os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def caller_label(ae_title: str) -> str:
+    """The value of the `caller` label for a calling AE title (see `CallerLabels`)."""
+    return _caller_labels(ae_title)
+
+
 class StateCollector(Collector):
     """Gauges read at scrape time from the queue and the spool, so they are never stale."""
 
@@ -141,8 +211,10 @@ class StateCollector(Collector):
         nodes: Callable[[], list] = list,
         commitments: Callable[[], dict[str, int]] = dict,
         relays: Callable[[], dict[tuple[str, str], int]] = dict,
+        node: str = "",
     ) -> None:
         self._nodes = nodes  # the cluster's nodes (router.queue.Node); none with the embedded queue
+        self._node = node  # this node's name: the one node of an embedded queue
         self._queue_counts = queue_counts
         self._oldest_pending = oldest_pending
         self._spool_free_bytes = spool_free_bytes
@@ -162,17 +234,22 @@ class StateCollector(Collector):
                 "dicom_router_spool_free_bytes", "Free bytes on the spool's filesystem", value=self._spool_free_bytes())
             return
         yield GaugeMetricFamily("dicom_router_queue_up", "1 when the queue database answers, else 0", value=1)
-        nodes = self._nodes()  # none with the embedded queue: the families are declared, empty
+        nodes = self._nodes()  # none with the embedded queue: this node alone, answering now
         age = GaugeMetricFamily(
             "dicom_router_node_heartbeat_age_seconds",
-            "Seconds since each node of the cluster last renewed its leases (by the database's clock)",
+            "Seconds since each node of the cluster last renewed its leases (by the database's clock); 0 for a "
+            "router alone on its queue",
             labels=["node"])
         leases = GaugeMetricFamily(
-            "dicom_router_leases_held", "Jobs each node of the cluster holds in flight under a live lease",
+            "dicom_router_leases_held", "Jobs each node of the cluster holds in flight under a live lease (a "
+            "router alone on its queue: its jobs in flight)",
             labels=["node"])
         for node in nodes:
             age.add_metric([node.name], node.heartbeat_age_s)
             leases.add_metric([node.name], node.jobs_held)
+        if not nodes:
+            age.add_metric([self._node], 0.0)
+            leases.add_metric([self._node], sum(n for (_, state), n in counts.items() if state == "in_flight"))
         yield age
         yield leases
         jobs = GaugeMetricFamily(
@@ -226,7 +303,7 @@ class StateCollector(Collector):
             "state: sending (the destination has not taken the N-ACTION yet), awaiting_report",
             labels=["destination", "state"],
         )
-        for name in sorted({d for d, _ in relays}):
+        for name in sorted(set(names) | {d for d, _ in relays}):  # 0 in every mode: relay or not
             for state in ("sending", "awaiting_report"):
                 relay_requests.add_metric([name, state], relays.get((name, state), 0))
         yield relay_requests
@@ -285,26 +362,82 @@ def install_state_collector(collector: StateCollector) -> None:
     _collector = collector
 
 
+# /metrics, /healthz and /readyz are answered at once; anything else is the status page's, in its own budget
+PAGE_THREADS = 2  # status page answers (/, /trace) at once
+PAGE_ANSWERS_PER_S = 10  # at most this many page answers start per second
+PAGE_SHARE = 0.03  # after each page answer, a pause: the page takes about this share of one core at most
+PAGE_REFUSED_AFTER_S = 1.0  # a page request past page_connections hears 503 this much later, not at once
+PAGE_REFUSED_HELD = 256  # ... that many at most; more are closed at once
+
+
+class _PageTurns:
+    """When the status page may answer: at most `threads` answers at once, at most `per_s`
+    starting each second, and after each a pause that keeps the page's CPU near `share` of a
+    core, however many clients ask and however often. A request waits for its turn, costing
+    nothing meanwhile, up to `wait_s`."""
+
+    def __init__(self, threads: int, per_s: float, share: float, wait_s: float) -> None:
+        self._threads = threading.BoundedSemaphore(threads)
+        self._lock = threading.Lock()
+        self._next = 0.0  # monotonic time before which no page answer starts
+        self._gap = 1.0 / per_s
+        self._rest = (1.0 - share) / share
+        self.wait_s = wait_s
+
+    def take(self) -> bool:
+        """Wait for a turn; False when none came within `wait_s`. A True must be followed by `done`."""
+        deadline = time.monotonic() + self.wait_s
+        if not self._threads.acquire(timeout=self.wait_s):
+            return False
+        with self._lock:
+            start = max(time.monotonic(), self._next)
+            if start > deadline:
+                self._threads.release()
+                return False
+            self._next = start + self._gap
+        time.sleep(max(0.0, start - time.monotonic()))
+        return True
+
+    def done(self, cpu_s: float) -> None:
+        with self._lock:
+            self._next = max(self._next, time.monotonic() + cpu_s * self._rest)
+        self._threads.release()
+
+
 class _Handler(BaseHTTPRequestHandler):
     ready: Callable[[], tuple[bool, str]] = staticmethod(lambda: (True, "ok"))  # type: ignore[assignment]
     pages: Callable[[str, str], tuple[bytes, str, int] | None] = staticmethod(lambda path, query: None)  # type: ignore[assignment]
 
     def do_GET(self) -> None:  # noqa: N802 - http.server API
-        self.server.request_arrived(self.request)  # type: ignore[attr-defined]
+        server: _BoundedHTTPServer = self.server  # type: ignore[assignment]
+        server.request_arrived(self.request)
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            body, ctype, code = generate_latest(_registry()), CONTENT_TYPE_LATEST, 200
+            self._answer(generate_latest(_registry()), CONTENT_TYPE_LATEST, 200)
         elif path == "/healthz":
-            body, ctype, code = b"ok\n", "text/plain; charset=utf-8", 200
+            self._answer(b"ok\n", "text/plain; charset=utf-8", 200)
         elif path == "/readyz":
             ok, why = type(self).ready()
-            body, ctype, code = (why + "\n").encode(), "text/plain; charset=utf-8", 200 if ok else 503
-        else:
+            self._answer((why + "\n").encode(), "text/plain; charset=utf-8", 200 if ok else 503)
+        elif server.page_request(self.request):
+            self._page(server, path)
+
+    def _page(self, server: _BoundedHTTPServer, path: str) -> None:
+        """The status page, or the 404, in the page's own budget and at its own pace."""
+        if not server.page_turns.take():
+            self._answer(b"busy: the status page answers a few requests per second; try again\n",
+                         "text/plain; charset=utf-8", 503)
+            return
+        cpu = time.thread_time()
+        try:
             page = type(self).pages(path, self.path.partition("?")[2])
-            if page is not None:
-                body, ctype, code = page
-            else:
-                body, ctype, code = b"not found: try /, /metrics, /healthz or /readyz\n", "text/plain", 404
+            if page is None:
+                page = b"not found: try /, /metrics, /healthz or /readyz\n", "text/plain", 404
+            self._answer(*page)
+        finally:
+            server.page_turns.done(time.thread_time() - cpu)
+
+    def _answer(self, body: bytes, ctype: str, code: int) -> None:
         self.send_response(code)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -315,10 +448,22 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+_REFUSED_BODY = b"busy: too many status page requests at once; try again\n"
+_REFUSED_PAGE = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                 % (len(_REFUSED_BODY), _REFUSED_BODY))
+
+
 class _BoundedHTTPServer(ThreadingHTTPServer):
     """At most `max_connections` connections at once (one more is closed as soon as it is
     accepted), and each must deliver its request within `idle_timeout` of connecting: idle or
-    trickling clients cannot pile up threads and file descriptors in the router."""
+    trickling clients cannot pile up threads and file descriptors in the router.
+
+    A request for the status page (anything but /metrics, /healthz and /readyz) leaves that
+    budget as soon as it has arrived, for the page's own: at most `page_connections` held at
+    once, answered in `_PageTurns`; one more is answered 503 a second later (so that a client
+    looping on the page costs next to nothing), so page clients never take the probes' slots.
+    """
 
     daemon_threads = True
 
@@ -332,13 +477,17 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         super().handle_error(request, client_address)
 
     def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int,
-                 idle_timeout: float) -> None:
+                 idle_timeout: float, page_connections: int = 16) -> None:
         super().__init__(address, handler)
         self.max_connections = max_connections
         self.idle_timeout = idle_timeout
+        self.page_connections = page_connections
+        self.page_turns = _PageTurns(PAGE_THREADS, PAGE_ANSWERS_PER_S, PAGE_SHARE, wait_s=idle_timeout)
         self._lock = threading.Lock()
         self._waiting: dict[socket.socket, float] = {}  # connection -> when its request must have arrived
         self._open = 0
+        self._pages: set[socket.socket] = set()  # connections in the page's budget
+        self._refused: dict[socket.socket, float] = {}  # page requests past its budget -> when to answer 503
 
     def process_request(self, request, client_address) -> None:  # noqa: ANN001 - socketserver API
         with self._lock:
@@ -355,38 +504,80 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         with self._lock:
             self._waiting.pop(request, None)
 
+    def page_request(self, request: socket.socket) -> bool:
+        """Move a connection whose request is for the page into the page's budget; False when
+        that is full (the connection is then answered 503 later, by the accept loop)."""
+        with self._lock:
+            if len(self._pages) < self.page_connections:
+                self._open -= 1
+                self._pages.add(request)
+                return True
+            if len(self._refused) < PAGE_REFUSED_HELD:
+                self._open -= 1
+                self._refused[request] = time.monotonic() + PAGE_REFUSED_AFTER_S
+            return False  # else closed at once, in the endpoint's budget until then
+
     def shutdown_request(self, request) -> None:  # noqa: ANN001 - socketserver API
         with self._lock:
-            self._open -= 1
             self._waiting.pop(request, None)
+            if request in self._refused:
+                return  # answered and closed by service_actions
+            if request in self._pages:
+                self._pages.discard(request)
+            else:
+                self._open -= 1
         super().shutdown_request(request)
 
     def service_actions(self) -> None:
         """Between two turns of the accept loop: close the connections whose request is late
-        (a socket timeout alone lets a client that sends a byte now and then stay forever)."""
+        (a socket timeout alone lets a client that sends a byte now and then stay forever), and
+        answer the page requests refused a second ago."""
         now = time.monotonic()
         with self._lock:
             late = [request for request, deadline in self._waiting.items() if deadline < now]
             for request in late:
                 del self._waiting[request]
-                try:
-                    request.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            due = [request for request, when in self._refused.items() if when <= now]
+            for request in due:
+                del self._refused[request]
+        for request in late:
+            try:
+                request.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for request in due:
+            try:
+                request.setblocking(False)
+                request.send(_REFUSED_PAGE)
+            except OSError:
+                pass
+            super().shutdown_request(request)
+
+    def server_close(self) -> None:
+        with self._lock:
+            refused, self._refused = list(self._refused), {}
+        for request in refused:
+            super().shutdown_request(request)
+        super().server_close()
 
 
 def serve_http(host: str, port: int, ready: Callable[[], tuple[bool, str]], max_connections: int = 32,
                idle_timeout_s: float = 10.0,
-               pages: Callable[[str, str], tuple[bytes, str, int] | None] | None = None) -> ThreadingHTTPServer:
-    """Start /metrics, /healthz and /readyz on a daemon thread; returns the server (call shutdown()).
+               pages: Callable[[str, str], tuple[bytes, str, int] | None] | None = None,
+               page_connections: int = 16) -> ThreadingHTTPServer:
+    """Start /metrics, /healthz and /readyz, and the status page `pages` renders, on a daemon
+    thread; returns the server (call shutdown()).
 
     At most `max_connections` are served at once; a connection beyond them is closed as soon as
     it is accepted. A connection whose request has not fully arrived `idle_timeout_s` after it
-    opened is closed, and so is one idle that long while its answer is sent.
+    opened is closed, and so is one idle that long while its answer is sent. Requests for the
+    page count in `page_connections` instead once they have arrived, and are answered at the
+    page's own pace (`_PageTurns`), so that /metrics, /healthz and /readyz answer at once
+    whatever the page's clients do.
     """
     handler = type("MetricsHandler", (_Handler,), {"ready": staticmethod(ready), "timeout": idle_timeout_s,
                                                     "pages": staticmethod(pages or (lambda path, query: None))})
-    server = _BoundedHTTPServer((host, port), handler, max_connections, idle_timeout_s)
+    server = _BoundedHTTPServer((host, port), handler, max_connections, idle_timeout_s, page_connections)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
 
@@ -422,6 +613,8 @@ def declare(destinations: list[str]) -> None:
         COMMITMENT_RELAY_REPORTS_REFUSED.labels(reason=reason)
     for name in destinations:
         SKIPPED.labels(destination=name)
+        for result in ("committed", "failed"):  # 0 but in relay mode
+            COMMITMENT_RELAYED_INSTANCES.labels(destination=name, result=result)
         DUPLICATE_SENDS.labels(destination=name)
         FORWARDED_BYTES_AS_RECEIVED.labels(destination=name)
         PURGED.labels(destination=name)

@@ -245,6 +245,7 @@ class Router:
                 nodes=self.queue.nodes,
                 commitments=self.queue.commitment_counts,
                 relays=self.queue.relay_counts,
+                node=self.cfg.router.queue.node,
             )
         )
         self._start_forwarders()
@@ -265,7 +266,8 @@ class Router:
             self.http = metrics.serve_http(self.cfg.router.metrics.host, self.cfg.router.metrics.port, self.ready,
                                            max_connections=self.cfg.router.metrics.max_connections,
                                            idle_timeout_s=self.cfg.router.metrics.idle_timeout_s,
-                                           pages=self.status_page.handle)
+                                           pages=self.status_page.handle,
+                                           page_connections=self.cfg.router.metrics.page_connections)
         self._start_receivers()
         _log.info("listening", ae_title=self.cfg.router.listen.ae_title, host=self.cfg.router.listen.host,
                   port=self.cfg.router.listen.port, processes=len(self.receivers),

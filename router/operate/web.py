@@ -6,6 +6,11 @@ minutes and a small chart of throughput, the recent failures with their reasons,
 box that shows `dicom-router trace` for a Study, Series or SOP Instance UID (`/trace?uid=...`).
 Only UIDs, AE titles, addresses and errors are shown: never a patient's name, ID or birth date.
 Changes (pause, resume, retry, purge) stay in the command line, so the page needs no login.
+
+Its cost is bounded whatever its clients do: the overview is built at most every `CACHE_S`
+seconds (from counts, and a few jobs per destination: never the whole queue), a trace is kept
+that long too, and `metrics.serve_http` answers the page at its own pace, apart from the
+probes.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ SAMPLE_EVERY_S = 10.0
 CHART_MINUTES = 30
 RATE_MINUTES = 5
 RECENT_FAILURES = 20
+CACHE_S = 5.0  # the overview, and each trace, is built at most this often; asked again sooner, the same page
+CACHED_TRACES = 32  # traces kept for CACHE_S, the most recent first
+RETRY_SCAN = 50  # per destination: its oldest pending jobs, read to tell whether it is failing
+TRACE_ROWS = 1000  # instances listed by a trace on the page (the command line lists them all)
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}
@@ -54,6 +63,9 @@ class StatusPage:
         self._samples: deque[tuple[float, dict[str, float]]] = deque(maxlen=int(CHART_MINUTES * 60 / SAMPLE_EVERY_S) + 1)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._pages: dict[tuple[str, str], tuple[float, bytes]] = {}  # (path, uid) -> (built at, page)
+        self._pages_lock = threading.Lock()
+        self._building = threading.Lock()  # one page built at a time: the others wait and take it
 
     # -- throughput, sampled in the background ---------------------------------------------
     def sample(self) -> None:
@@ -100,10 +112,37 @@ class StatusPage:
     def handle(self, path: str, query: str) -> tuple[bytes, str, int] | None:
         """(body, content type, status) for `path`, or None when it is not the page's."""
         if path == "/":
-            return self._html("dicom-router status", self.overview()), "text/html; charset=utf-8", 200
+            page = self._cached(("/", ""), lambda: self._html("dicom-router status", self.overview()))
+            return page, "text/html; charset=utf-8", 200
         if path == "/trace":
             uid = (parse_qs(query).get("uid") or [""])[0].strip()
-            return self._html(f"trace {uid}", self.trace_view(uid)), "text/html; charset=utf-8", 200
+            page = self._cached(("/trace", uid), lambda: self._html(f"trace {uid}", self.trace_view(uid)))
+            return page, "text/html; charset=utf-8", 200
+        return None
+
+    def _cached(self, key: tuple[str, str], build: Callable[[], bytes]) -> bytes:
+        """The page for `key` as built less than CACHE_S ago, else built now (once, however
+        many ask at the same time)."""
+        page = self._fresh(key)
+        if page is not None:
+            return page
+        with self._building:
+            page = self._fresh(key)
+            if page is not None:
+                return page
+            page = build()
+            with self._pages_lock:
+                self._pages.pop(key, None)
+                self._pages[key] = (time.monotonic(), page)
+                while len(self._pages) > CACHED_TRACES + 1:
+                    del self._pages[next(iter(self._pages))]
+            return page
+
+    def _fresh(self, key: tuple[str, str]) -> bytes | None:
+        with self._pages_lock:
+            built = self._pages.get(key)
+        if built is not None and time.monotonic() - built[0] < CACHE_S:
+            return built[1]
         return None
 
     @staticmethod
@@ -136,10 +175,18 @@ class StatusPage:
         counts = self.queue.counts()
         oldest = self.queue.oldest_pending(now)
         paused = self.holds.paused()
-        retrying_jobs = [j for j in self.queue.jobs(state="pending", limit=10_000) if j.attempts]
-        retrying = {j.destination for j in retrying_jobs}
         rules = {d.name: d for d in self.destinations()}
         names = sorted(set(rules) | {d for d, _ in counts})
+        # a few jobs per destination, never the whole queue: its oldest pending ones (a failing
+        # destination's retries are among them) and its first dead letters
+        retrying_jobs, dead_jobs = [], []
+        for name in names:
+            if counts.get((name, "pending"), 0):
+                retrying_jobs += [j for j in self.queue.jobs(destination=name, state="pending", limit=RETRY_SCAN)
+                                  if j.attempts]
+            if counts.get((name, "dead"), 0):
+                dead_jobs += self.queue.jobs(destination=name, state="dead", limit=RECENT_FAILURES)
+        retrying = {j.destination for j in retrying_jobs}
         rows = []
         for name in names:
             state = self._state(name, counts, retrying, paused)
@@ -157,7 +204,7 @@ class StatusPage:
                 f'<td class="n">{"-" if rate is None else f"{rate:.1f}"}</td><td>{self._chart(name)}</td></tr>')
         failures = sorted(
             [(j.instance.received_at, j.destination, j.instance.sop_instance_uid, "dead", j.last_error)
-             for j in self.queue.jobs(state="dead", limit=10_000)]
+             for j in dead_jobs]
             + [(j.next_attempt_at, j.destination, j.instance.sop_instance_uid, f"retry {j.attempts + 1}", j.last_error)
                for j in retrying_jobs],
             reverse=True)[:RECENT_FAILURES]
@@ -167,7 +214,7 @@ class StatusPage:
             f"<td>{html.escape(error)}</td></tr>" for t, d, uid, kind, error in failures)
         return (
             f"<h1>dicom-router</h1><div class=muted>version {html.escape(__version__)} · {_when(now)} · "
-            "refreshes every 10 s</div>"
+            f"refreshes every 10 s; built at most every {CACHE_S:.0f} s</div>"
             + self._search()
             + "<h2>Destinations</h2><table id=destinations><tr><th>destination</th><th>address</th><th>state</th>"
               "<th>pending</th><th>in flight</th><th>oldest pending</th><th>dead</th>"
@@ -175,6 +222,9 @@ class StatusPage:
             + "".join(rows) + "</table>"
             + self._nodes()
             + "<h2>Recent failures</h2>"
+            + (f"<p class=muted>retries among each destination's oldest {RETRY_SCAN} pending jobs, and its first "
+               f"{RECENT_FAILURES} dead letters; all of them: <code>dicom-router queue dead</code></p>"
+               if failure_rows else "")
             + (f"<table id=failures><tr><th>when</th><th>destination</th><th>what</th><th>SOP Instance UID</th>"
                f"<th>reason</th></tr>{failure_rows}</table>" if failure_rows else "<p class=muted>none</p>")
         )
@@ -218,7 +268,10 @@ class StatusPage:
             f"<tr><td>{html.escape(w.sop_instance_uid)}</td><td>{html.escape(w.destination or '-')}</td>"
             f"<td>{html.escape(w.state)}</td><td>{_when(w.at)}</td><td>{html.escape(w.detail)}"
             + (f" · sent as {html.escape(w.sent_sop_instance_uid)}" if w.sent_sop_instance_uid else "")
-            + "</td></tr>" for w in found)
+            + "</td></tr>" for w in found[:TRACE_ROWS])
+        if len(found) > TRACE_ROWS:
+            rows += (f'<tr><td colspan=5 class=muted>{len(found) - TRACE_ROWS} more: '
+                     f"<code>dicom-router trace</code> lists them all</td></tr>")
         table = (f"<table id=trace><tr><th>SOP Instance UID</th><th>destination</th><th>where</th><th>when</th>"
                  f"<th>detail</th></tr>{rows}</table>" if rows else "")
         return (back + self._search(uid) + f'<h2>{html.escape(uid)}</h2><p id="summary">{html.escape(summary(found))}</p>'

@@ -208,8 +208,9 @@ class Intake:
             metrics.REJECTED.labels(reason=Reason.ERROR.value).inc()
             bound.exception("store_refused", reason=f"cannot record in queue: {exc}", status="0xA700")
             return OUT_OF_RESOURCES
-        metrics.RECEIVED_INSTANCES.labels(caller=context.calling_ae).inc()
-        metrics.RECEIVED_BYTES.labels(caller=context.calling_ae).inc(size)
+        caller = metrics.caller_label(context.calling_ae)  # bounded: the network chooses the AE title
+        metrics.RECEIVED_INSTANCES.labels(caller=caller).inc()
+        metrics.RECEIVED_BYTES.labels(caller=caller).inc(size)
         names = [job.destination for job in jobs]
         bound.info("stored", study_instance_uid=study, transfer_syntax=transfer_syntax, size=size,
                    destinations=names, duration=round(time.monotonic() - started, 4))

@@ -92,6 +92,11 @@ class Receiver:
         self.commitments = commitments  # None: storage commitment is not offered
         self.server: GuardedAssociationServer | None = None
         self.port = 0
+        # the metrics' `caller` label: the configured callers keep their name, others only up to a bound
+        known = {c if isinstance(c, str) else c.ae_title for c in listen.allowed_callers}
+        if commitments is not None:
+            known |= set(commitments.config.modalities)
+        metrics.bound_callers(frozenset(known), listen.max_caller_labels)
 
     # -- handlers ----------------------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -122,7 +127,7 @@ class Receiver:
             reject_association(event.assoc, 0x01, 0x01, 0x03)
 
     def _on_established(self, event: evt.Event) -> None:
-        metrics.ASSOCIATIONS.labels(caller=event.assoc.requestor.ae_title.strip()).inc()
+        metrics.ASSOCIATIONS.labels(caller=metrics.caller_label(event.assoc.requestor.ae_title)).inc()
 
     def _on_echo(self, event: evt.Event) -> int:
         return SUCCESS

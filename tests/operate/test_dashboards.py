@@ -269,6 +269,34 @@ def test_every_metric_the_dashboard_queries_is_exported(scraped):
     assert queried - exported == set(), f"dashboard queries metrics the router does not export: {queried - exported}"
 
 
+def sampled_names(exposition: str) -> set[str]:
+    """The names of the samples a scrape holds: what a panel shows a value of."""
+    return {re.split(r"[{ ]", line, maxsplit=1)[0] for line in exposition.splitlines() if line and line[0] != "#"}
+
+
+def test_every_metric_the_dashboard_queries_has_a_value_on_a_single_node(scraped):
+    """A router alone, in the default configuration (no cluster, no relay): every metric a
+    panel queries has a sample, so no panel says "No data" for want of a series."""
+    router, _ = scraped
+    sampled = sampled_names(router.metrics())
+    queried = set().union(*(metric_names(e) for e in dashboard_exprs()))
+    assert queried - sampled == set(), f"the dashboard queries metrics with no value on one node: {queried - sampled}"
+
+
+def test_a_single_node_reports_itself_and_no_relay_work(scraped):
+    router, _ = scraped
+    text = router.metrics()
+    nodes = re.findall(r'^dicom_router_node_heartbeat_age_seconds\{node="([^"]+)"\} (\S+)$', text, re.MULTILINE)
+    assert len(nodes) == 1 and float(nodes[0][1]) == 0.0, nodes
+    assert re.search(rf'^dicom_router_leases_held\{{node="{re.escape(nodes[0][0])}"\}} 0\.0$', text, re.MULTILINE)
+    for state in ("sending", "awaiting_report"):
+        assert re.search(rf'^dicom_router_commitment_relay_requests\{{destination="PACS",state="{state}"\}} 0\.0$',
+                         text, re.MULTILINE), state
+    for result in ("committed", "failed"):
+        assert re.search(rf'^dicom_router_commitment_relayed_instances_total\{{destination="PACS",result="{result}"\}}'
+                         r" 0\.0$", text, re.MULTILINE), result
+
+
 def test_every_router_metric_is_on_the_dashboard(scraped):
     router, _ = scraped
     queried = set().union(*(metric_names(e) for e in dashboard_exprs()))
