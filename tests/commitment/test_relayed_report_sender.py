@@ -44,7 +44,7 @@ def router_side(tmp_path):
     config = Commitment(mode="relay", relay_retry_s=30, relay_reask_s=120)
     in_force: list[DestinationRules] = []
     receiver = Receiver(Listen(host="127.0.0.1", port=free_port(), processes=1),
-                        Intake(Spool(tmp_path / "spool"), queue, lambda: []),
+                        Intake(Spool(tmp_path / "spool"), queue, list),
                         AssociationReports(queue, config, destinations=lambda: list(in_force)))
     receiver.start()
     relayer = Relayer(queue, config, lambda: list(in_force), "ROUTER")

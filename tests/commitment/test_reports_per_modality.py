@@ -150,13 +150,15 @@ def ask_and_hold_silently(port: int, calling_ae: str, transaction_uid: str, uid:
 def test_a_modality_that_never_answers_on_its_association_delays_no_other_s_report_on_theirs(queue, tmp_path):
     commitments = AssociationReports(queue, Commitment(mode="spooled"), interval=0.05)
     router = Receiver(Listen(host="127.0.0.1", port=free_port(), processes=1),
-                      Intake(Spool(tmp_path / "spool"), queue, lambda: []), commitments)
+                      Intake(Spool(tmp_path / "spool"), queue, list), commitments)
     router.start()
     commitments.start()
     answer = threading.Event()
+    held: list[Association] = []
     try:
         asked(queue, "CT_SLOW", "2.25.900")
         silent, came = ask_and_hold_silently(router.port, "CT_SLOW", "2.25.900", "2.25.900.1", answer)
+        held.append(silent)
         assert came.wait(10)  # its report is on its way, and will wait the DIMSE timeout (60 s) for an answer
         asked(queue, "CT1", "2.25.910")
         modality = CommittingModality("CT1")
@@ -166,6 +168,8 @@ def test_a_modality_that_never_answers_on_its_association_delays_no_other_s_repo
         assert report is not None and report.same_association and report.committed == ["2.25.910.1"]
     finally:
         answer.set()
+        for assoc in held:
+            assoc.release()
         commitments.stop()
         router.stop()
 
