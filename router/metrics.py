@@ -172,13 +172,15 @@ class CallerLabels:
                 fcntl.flock(f, fcntl.LOCK_EX)
                 f.seek(0)
                 admitted = set(f.read().split())
+                # every title the file holds keeps its name here too, now that it is full or later
+                self._named.update(bytes.fromhex(e).decode(errors="replace") for e in admitted if e != entry)
                 if entry in admitted:
                     return True
                 if len(admitted) >= self.limit:
                     return False
                 f.write(entry + "\n")
                 return True
-        except OSError:
+        except (OSError, ValueError):
             return False  # cannot agree with the other processes: count it, without a name
 
 
