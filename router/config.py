@@ -262,6 +262,10 @@ class Destination(_Strict):
     max_mbps: float = Field(0, ge=0, description="cap in megabits per second, all associations together; 0: none")
     delay: str = Field("0s", description="hold each instance this long after receipt")
     study_stable: str = Field("0s", description="send a study once none of its instances arrived for this long")
+    # a study that keeps receiving goes all the same this long after its first instance still to go
+    study_stable_max: str | None = Field(None, description="with study_stable: send a study this long after its "
+                                         "first instance still to go, stable or not; default 4 x study_stable, "
+                                         "at least 1h")
     # relay: the destination has a storage commitment SCP (true: at its own address), asked
     # after delivery; false: its C-STORE success is the commitment (as in delivered mode)
     commitment: bool | CommitmentScp = False
@@ -269,10 +273,6 @@ class Destination(_Strict):
 
     @field_validator("schedule")
     @classmethod
-    # a study that keeps receiving goes all the same this long after its first instance still to go
-    study_stable_max: str | None = Field(None, description="with study_stable: send a study this long after its "
-                                         "first instance still to go, stable or not; default 4 x study_stable, "
-                                         "at least 1h")
     def _windows(cls, windows: list[str]) -> list[str]:
         for window in windows:
             parse_window(window)
@@ -292,14 +292,6 @@ class Destination(_Strict):
             parse_duration(value)
         return value
 
-    @property
-    def delay_s(self) -> float:
-        return parse_duration(self.delay)
-
-    @property
-    def study_stable_s(self) -> float:
-        return parse_duration(self.study_stable)
-
     @model_validator(mode="after")
     def _stable_max_after_stable(self) -> Destination:
         if self.study_stable_max is not None and self.study_stable_s > 0 \
@@ -314,13 +306,13 @@ class Destination(_Strict):
         return self
 
     @property
-    def sending_schedule(self) -> Schedule:
-        return schedule_for(tuple(self.schedule), self.timezone)
+    def delay_s(self) -> float:
+        return parse_duration(self.delay)
 
     @property
-    def commitment_scp(self) -> CommitmentScp | None:
-        """The destination's storage commitment SCP with every field filled in, or None."""
-        if self.commitment is False:
+    def study_stable_s(self) -> float:
+        return parse_duration(self.study_stable)
+
     @property
     def study_stable_max_s(self) -> float:
         """How long after its first instance still to go a study waits at most (0 without
@@ -331,6 +323,14 @@ class Destination(_Strict):
             return parse_duration(self.study_stable_max)
         return max(4 * self.study_stable_s, 3600.0)  # generous: a safety net, not a pace
 
+    @property
+    def sending_schedule(self) -> Schedule:
+        return schedule_for(tuple(self.schedule), self.timezone)
+
+    @property
+    def commitment_scp(self) -> CommitmentScp | None:
+        """The destination's storage commitment SCP with every field filled in, or None."""
+        if self.commitment is False:
             return None
         scp = self.commitment if isinstance(self.commitment, CommitmentScp) else CommitmentScp()
         return scp.model_copy(update={"host": scp.host or self.host, "port": scp.port or self.port,
