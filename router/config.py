@@ -12,6 +12,7 @@ import ipaddress
 import re
 import socket
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,6 +43,20 @@ def _ae_title(value: str) -> str:
 
 
 AeTitle = Annotated[str, AfterValidator(_ae_title)]  # an AE title, checked where the configuration loads
+
+
+def _parsed(parse: Callable[[str], object]) -> AfterValidator:
+    """A check that `parse` takes the text, which is kept as written."""
+
+    def check(value: str) -> str:
+        parse(value)
+        return value
+
+    return AfterValidator(check)
+
+
+Duration = Annotated[str, _parsed(parse_duration)]  # "30m", "14d" (router.schedule)
+Timezone = Annotated[str, _parsed(parse_timezone)]  # an IANA time zone name
 
 
 class AllowedCaller(_Strict):
@@ -173,7 +188,7 @@ class Commitment(_Strict):
     # with a storage commitment SCP ([destination] commitment) committed it; spooled: durable in
     # the router; off: the SOP class is not offered
     mode: Literal["delivered", "relay", "spooled", "off"] = "delivered"
-    modalities: dict[str, ReplyAddress] = Field(
+    modalities: dict[AeTitle, ReplyAddress] = Field(
         default_factory=dict, description="reply addresses by the modality's calling AE title")
     timeout_s: float = Field(3600, gt=0, description="a request still undecided this long after it came is "
                                                      "reported, its undelivered instances as failed")
@@ -183,13 +198,6 @@ class Commitment(_Strict):
                                                       "take is sent again; doubles each time, up to 10 minutes")
     relay_reask_s: float = Field(300, gt=0, description="relay: a destination that took the N-ACTION but sent no "
                                                         "report within this is asked again")
-
-    @field_validator("modalities")
-    @classmethod
-    def _titles(cls, modalities: dict[str, ReplyAddress]) -> dict[str, ReplyAddress]:
-        for title in modalities:
-            _ae_title(title)
-        return modalities
 
     def resolved(self, base: Path) -> Commitment:
         """The reply addresses' TLS files relative to `base` (router.toml's directory)."""
@@ -223,6 +231,7 @@ class Timeouts(_Strict):
 
 
 StatusOutcome = Literal["success", "retry", "permanent"]
+StatusRange = Annotated[str, _parsed(lambda text: parse_status_range(text))]  # "0xA700", "A700-A7FF"
 
 
 class CommitmentScp(_Strict):
@@ -251,19 +260,19 @@ class Destination(_Strict):
     retry: Retry = Field(default_factory=Retry)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     tls: Tls | None = None
-    statuses: dict[str, StatusOutcome] = Field(
+    statuses: dict[StatusRange, StatusOutcome] = Field(
         default_factory=dict,
         description="C-STORE status (hex, e.g. '0xA700' or a range 'A700-A7FF') to outcome; overrides the defaults",
     )
     # when and how fast (router.schedule): windows in which sending may happen (none: always),
     # read in `timezone` (none: the machine's local time)
     schedule: list[str] = Field(default_factory=list)
-    timezone: str | None = None
+    timezone: Timezone | None = None
     max_mbps: float = Field(0, ge=0, description="cap in megabits per second, all associations together; 0: none")
-    delay: str = Field("0s", description="hold each instance this long after receipt")
-    study_stable: str = Field("0s", description="send a study once none of its instances arrived for this long")
+    delay: Duration = Field("0s", description="hold each instance this long after receipt")
+    study_stable: Duration = Field("0s", description="send a study once none of its instances arrived for this long")
     # a study that keeps receiving goes all the same this long after its first instance still to go
-    study_stable_max: str | None = Field(None, description="with study_stable: send a study this long after its "
+    study_stable_max: Duration | None = Field(None, description="with study_stable: send a study this long after its "
                                          "first instance still to go, stable or not; default 4 x study_stable, "
                                          "at least 1h")
     # relay: the destination has a storage commitment SCP (true: at its own address), asked
@@ -277,20 +286,6 @@ class Destination(_Strict):
         for window in windows:
             parse_window(window)
         return windows
-
-    @field_validator("timezone")
-    @classmethod
-    def _zone(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_timezone(value)
-        return value
-
-    @field_validator("delay", "study_stable", "study_stable_max")
-    @classmethod
-    def _duration(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse_duration(value)
-        return value
 
     @model_validator(mode="after")
     def _stable_max_after_stable(self) -> Destination:
@@ -337,13 +332,6 @@ class Destination(_Strict):
                                       "ae_title": scp.ae_title or self.ae_title,
                                       "tls": scp.tls if scp.tls is not None else self.tls})
 
-    @field_validator("statuses")
-    @classmethod
-    def _status_keys(cls, statuses: dict[str, str]) -> dict[str, str]:
-        for key in statuses:
-            parse_status_range(key)
-        return statuses
-
     @functools.cached_property
     def status_ranges(self) -> list[tuple[int, int, str]]:
         """`statuses` as (low, high, outcome), parsed once where the rule file loads."""
@@ -370,15 +358,28 @@ def parse_status_range(text: str) -> tuple[int, int]:
 MatchValue = str | int | float | list[str | int | float]
 
 
+def _rule_syntax(value: str) -> str:
+    if value != SKIP:
+        _known_syntax(value)
+    return value
+
+
+def _fallback_syntax(value: str) -> str:
+    if value == SKIP:
+        raise ValueError("fallback cannot be 'skip': an image is never dropped because a codec cannot carry it")
+    _known_syntax(value)
+    return value
+
+
 class Rule(_Strict):
     name: str = ""
     match: dict[str, MatchValue] = Field(default_factory=dict)
-    syntax: str
+    syntax: Annotated[str, AfterValidator(_rule_syntax)]
     # which syntax takes which, and their bounds: router.codecs.registry (checked below)
     quality: int | None = None
     near: int | None = None
     ratio: float | None = None
-    fallback: str | None = None
+    fallback: Annotated[str, AfterValidator(_fallback_syntax)] | None = None
     verify: bool | None = None
     max_error: int | None = Field(None, ge=0)
     # high overtakes the destination's backlog (as does a C-STORE sent with Priority HIGH)
@@ -403,23 +404,6 @@ class Rule(_Strict):
                             f"match {key} = {item!r}: a comparison is an operator and a number, e.g. '>12'"
                         )
         return match
-
-    @field_validator("syntax")
-    @classmethod
-    def _syntax(cls, value: str) -> str:
-        if value == SKIP:
-            return value
-        _known_syntax(value)
-        return value
-
-    @field_validator("fallback")
-    @classmethod
-    def _fallback(cls, value: str | None) -> str | None:
-        if value is not None:
-            if value == SKIP:
-                raise ValueError("fallback cannot be 'skip': an image is never dropped because a codec cannot carry it")
-            _known_syntax(value)
-        return value
 
     @model_validator(mode="after")
     def _parameters_fit_syntax(self) -> Rule:
@@ -509,7 +493,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _describe(path: Path, exc: ValidationError, data: dict[str, Any] | None = None) -> str:
     lines = []
     for err in exc.errors():
-        loc = list(err["loc"])
+        loc = [p for p in err["loc"] if p != "[key]"]  # a table's key names itself: statuses.0xZZ
         where = ".".join(str(p) for p in loc) or "(file)"
         if data is not None and len(loc) >= 2 and loc[0] == "rule" and isinstance(loc[1], int):
             index = loc[1]

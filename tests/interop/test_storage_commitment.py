@@ -267,7 +267,7 @@ def test_relay_a_report_lost_while_the_router_was_killed_is_asked_for_again_afte
         report = modality.report(transaction)
         assert report.event_type == 1 and sorted(report.committed) == sorted(uid for _, uid in references(series))
         asked = _logged(router, "commitment_relay_sent")
-        assert len(asked) == 2 and asked[0]["transaction_uid"] == asked[1]["transaction_uid"]
+        assert len(asked) == 2 and asked[0]["transaction"] == asked[1]["transaction"]  # the same request, asked again
     finally:
         router.kill()
 
