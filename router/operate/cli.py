@@ -9,13 +9,19 @@ titles, destinations' and pydicom's messages, attribute values) is printed throu
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from router import __version__
 from router.text import escape, field
+
+if TYPE_CHECKING:
+    from router import config
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -49,6 +55,19 @@ def _metrics_across_processes(spool_dir: Path, node: str = "") -> None:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
 
 
+def _configured(command: Callable[[argparse.Namespace, config.Loaded], int]) -> Callable[[argparse.Namespace], int]:
+    """`command` given the configuration, loaded; EXIT_CONFIG, saying why, when it does not load."""
+
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        cfg = _load_or_say_why(args.config)
+        if cfg is None:
+            return EXIT_CONFIG
+        return command(args, cfg)
+
+    return run
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from router import log
     from router.config import ConfigError
@@ -72,12 +91,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_check(args: argparse.Namespace) -> int:
+@_configured
+def cmd_check(args: argparse.Namespace, cfg: config.Loaded) -> int:
     from router.forward.waiting import pacing
 
-    cfg = _load_or_say_why(args.config)
-    if cfg is None:
-        return EXIT_CONFIG
     print(f"{cfg.path}: ok")
     for dest in cfg.destinations:
         d = dest.destination
@@ -112,13 +129,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+@_configured
+def cmd_explain(args: argparse.Namespace, cfg: config.Loaded) -> int:
     from router.receive.intake import decide_for
     from router.rules import Context
 
-    cfg = _load_or_say_why(args.config)
-    if cfg is None:
-        return EXIT_CONFIG
     context = Context(calling_ae=args.calling_ae, called_ae=args.called_ae or cfg.router.listen.ae_title,
                       source_ip=args.source_ip)
     status = EXIT_OK
@@ -203,16 +218,14 @@ def _one_line(path: str, exc: BaseException) -> str:
     return text if text.startswith(f"{path}: ") else f"{path}: {text}"
 
 
-def cmd_trace(args: argparse.Namespace) -> int:
+@_configured
+def cmd_trace(args: argparse.Namespace, cfg: config.Loaded) -> int:
     """Where the instances of a study, series or SOP instance are, at each destination."""
     import json
 
     from router.queue import open_queue
     from router.operate.trace import summary, trace
 
-    cfg = _load_or_say_why(args.config)
-    if cfg is None:
-        return EXIT_CONFIG
     found = trace(open_queue(cfg), study=args.study, series=args.series, sop=args.sop)
     if args.json:
         print(json.dumps({"summary": summary(found), "instances": [w.as_dict() for w in found]}, indent=2))
@@ -223,14 +236,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_hold(args: argparse.Namespace) -> int:
+@_configured
+def cmd_hold(args: argparse.Namespace, cfg: config.Loaded) -> int:
     """pause / resume a destination; persisted in the spool, seen by a running router within a second."""
     from router import log
     from router.queue.holds import Holds
 
-    cfg = _load_or_say_why(args.config)
-    if cfg is None:
-        return EXIT_CONFIG
     names = [d.name for d in cfg.destinations]
     if args.destination not in names:
         print(f"no destination {args.destination!r} (known: {', '.join(names) or 'none'})", file=sys.stderr)
@@ -246,12 +257,10 @@ def cmd_hold(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_queue(args: argparse.Namespace) -> int:
+@_configured
+def cmd_queue(args: argparse.Namespace, cfg: config.Loaded) -> int:
     from router.queue import open_queue
 
-    cfg = _load_or_say_why(args.config)
-    if cfg is None:
-        return EXIT_CONFIG
     queue = open_queue(cfg)
     if args.action == "purge":
         return _purge(cfg, queue, args)
