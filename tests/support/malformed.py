@@ -268,8 +268,12 @@ def item(seed_: Seed, content: bytes | None, length: int | None = None) -> bytes
 
 
 def insert_before(seed_: Seed, body: bytes, tag: int, raw: bytes) -> bytes:
-    """``raw`` placed just before the first top-level element whose tag is >= ``tag``."""
-    at = next((e.offset for e in seed_.elements(body) if e.tag >= tag), len(body))
+    """``raw`` placed just before the first top-level element whose tag is >= ``tag``; at the end
+    of a body that earlier edits made unreadable to this walk (it is broken either way)."""
+    try:
+        at = next((e.offset for e in seed_.elements(body) if e.tag >= tag), len(body))
+    except ValueError:
+        at = len(body)
     return body[:at] + raw + body[at:]
 
 
