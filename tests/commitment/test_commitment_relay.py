@@ -367,20 +367,6 @@ def router_side(tmp_path):
     q.close()
 
 
-@pytest.fixture
-def archives():
-    started: list[Archive] = []
-
-    def make(**kwargs) -> Archive:
-        archive = Archive(**kwargs).start()
-        started.append(archive)
-        return archive
-
-    yield make
-    for archive in started:
-        archive.stop()
-
-
 def test_the_n_action_names_the_instances_as_sent_and_the_report_on_a_new_association_commits(router_side, archives):
     queue, receiver, relayer = router_side
     archive = archives(reply_to=receiver.port)

@@ -54,20 +54,6 @@ def router_side(tmp_path):
     queue.close()
 
 
-@pytest.fixture
-def archives():
-    started: list[Archive] = []
-
-    def make(**kwargs) -> Archive:
-        archive = Archive(**kwargs).start()
-        started.append(archive)
-        return archive
-
-    yield make
-    for archive in started:
-        archive.stop()
-
-
 def report_as(port: int, calling_ae: str, transaction_uid: str, uids: list[str], source: str = "127.0.0.1") -> Dataset:
     """Send a report "all committed" to the router's listener as `calling_ae`, from `source`;
     returns the N-EVENT-REPORT response's status data set."""
