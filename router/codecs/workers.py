@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from router import codecs, log, metrics
-from router.compat.futures import worker_processes
+from router.compat.futures import manager_thread, worker_processes
 from router.lifetime import exit_with_parent
 from router.request import Request
 from router.codecs.transcode import Transcoded, transcode_file
@@ -383,6 +383,7 @@ class CodecPool:
             self._closing = True
             generation = self._generation
         processes = list(worker_processes(generation.executor))
+        manager = manager_thread(generation.executor)
         generation.executor.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + timeout
         for process in processes:
@@ -391,4 +392,6 @@ class CodecPool:
             if process.is_alive():
                 process.kill()
                 process.join(2)
+        if manager is not None:
+            manager.join(5)  # it also waits on the killed workers: their exit status is then known
         generation.retired.set()

@@ -13,5 +13,6 @@ relies on (a private attribute renamed, a fix released), so that it can be remov
 - `pydicom`: the JPEG XL transfer syntax UIDs pydicom 3.0 does not know, and big endian
   OW/OL/OF/OD values that pydicom writes little endian without swapping their bytes, and the
   ambiguous VRs of implicit VR input (curve data, LUT data) pydicom cannot write explicit.
-- `futures`: the codec pool's worker processes, to kill a hung one (concurrent.futures).
+- `futures`: the codec pool's worker processes, to kill a hung one, and the thread that reaps
+  them (concurrent.futures).
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from concurrent.futures import ProcessPoolExecutor
 
-from router.compat.futures import worker_processes
+from router.compat.futures import manager_thread, worker_processes
 
 
 def _pid() -> int:
@@ -24,3 +24,15 @@ def test_upstream_still_keeps_its_workers_in_a_private_mapping_and_has_no_kill()
         assert not hasattr(pool, "kill_workers")
     finally:
         pool.shutdown()
+
+
+def test_upstream_still_has_a_manager_thread_that_joins_the_workers_after_shutdown():
+    pool = ProcessPoolExecutor(max_workers=1)
+    pool.submit(_pid).result(timeout=60)
+    workers = worker_processes(pool)
+    manager = manager_thread(pool)
+    assert manager is not None and manager.is_alive()
+    pool.shutdown(wait=False)
+    manager.join(30)
+    assert not manager.is_alive()
+    assert workers and all(p.exitcode is not None for p in workers)
