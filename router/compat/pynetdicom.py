@@ -6,8 +6,10 @@ import errno
 import select
 import socket
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
@@ -68,6 +70,52 @@ def park_reactor(assoc: Association, timeout: float = 0.05) -> None:
         elif seen_running:
             return
         time.sleep(0.0001)
+
+
+class _HeldCheckpoint:
+    """Stands in for an association's reactor checkpoint while `reactor_parked` holds it: the
+    `clear()` and `set()` of each `send_c_store` leave the reactor where it is, parked on the
+    real checkpoint, which `wait()` passes to."""
+
+    def __init__(self, checkpoint: threading.Event) -> None:
+        self._checkpoint = checkpoint
+
+    def clear(self) -> None:
+        pass
+
+    def set(self) -> None:
+        pass
+
+    def is_set(self) -> bool:
+        return False
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._checkpoint.wait(timeout)
+
+
+@contextmanager
+def reactor_parked(assoc: Association) -> Iterator[None]:
+    """Keep the association's reactor parked for a series of C-STOREs.
+
+    `send_c_store` pauses the reactor and lets it go again around every message; the reactor
+    sleeps 1 ms per pass, so each C-STORE first waits for it to come round (about half a
+    millisecond, polling every 0.1 ms), and `park_reactor` once more for the flag to prove it.
+    Parked once here, the reactor stays parked until the block ends: each C-STORE in it sees
+    the reactor paused at once. Nothing else on an outbound storage association needs the
+    reactor (the responses are taken by `send_c_store` itself); messages the peer sends
+    meanwhile wait in the DIMSE queue and are served when the block ends.
+    """
+    checkpoint = getattr(assoc, "_reactor_checkpoint", None)
+    if not isinstance(checkpoint, threading.Event) or not hasattr(assoc, "_is_paused"):
+        yield
+        return
+    park_reactor(assoc)
+    assoc._reactor_checkpoint = _HeldCheckpoint(checkpoint)
+    try:
+        yield
+    finally:
+        assoc._reactor_checkpoint = checkpoint
+        checkpoint.set()
 
 
 # -- select() and file descriptors above 1023 ---------------------------------------------------------

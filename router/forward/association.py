@@ -19,10 +19,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 from pydicom.dataset import Dataset
 
-from router.compat.pynetdicom import park_reactor, throttle_sends
+from router.compat.pynetdicom import reactor_parked, throttle_sends
 from router.config import Destination
 from router.forward.outbound import NotAssociated, Peer, associate, context, release
 from router.forward.throttle import CHUNK, TokenBucket, bytes_per_second
@@ -114,10 +115,14 @@ class Association:
             for cx in self._assoc.accepted_contexts
         )
 
+    def parked(self) -> AbstractContextManager[None]:
+        """Around a series of `store` calls: pynetdicom's reactor stays parked for all of them."""
+        return reactor_parked(self._assoc) if self._assoc is not None else nullcontext()
+
     def store(self, path) -> Dataset:  # noqa: ANN001
-        """Send one file with C-STORE; returns the response's status data set (empty when no
-        response came: DIMSE timeout or association aborted). Raises on a local failure."""
-        park_reactor(self._assoc)
+        """Send one file with C-STORE (inside `parked()`); returns the response's status data set
+        (empty when no response came: DIMSE timeout or association aborted). Raises on a local
+        failure."""
         status = self._assoc.send_c_store(path)
         self.last_used = time.monotonic()
         return status

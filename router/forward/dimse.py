@@ -87,17 +87,18 @@ class DimseSender(Sender):
                 return False
             for sop in wanted:
                 self._accepted[sop] = frozenset(ts for ts in wanted[sop] if association.accepts(sop, ts))
-            for item in group:
-                if not association.is_open:
-                    return False
-                go = ready(item)
-                if go is Ready.STOP:
-                    return True
-                if go is Ready.SKIP:
-                    continue
-                sent = self._store(destination, association, item, ready)
-                if sent is not None:
-                    yield sent
+            with association.parked():
+                for item in group:
+                    if not association.is_open:
+                        return False
+                    go = ready(item)
+                    if go is Ready.STOP:
+                        return True
+                    if go is Ready.SKIP:
+                        continue
+                    sent = self._store(destination, association, item, ready)
+                    if sent is not None:
+                        yield sent
             return False
         finally:
             self.associations.give_back(association)

@@ -31,7 +31,7 @@ from router.forward.senders import sender_for
 from router.forward.waiting import holding_of
 from router.queue import HIGH, Delivery, Job, JobQueue
 from router.queue.holds import Holds
-from router.queue.spool import Spool
+from router.queue.spool import LateRemoval, Spool
 from router.receive.intake import decide_for
 from router.request import ORIGINAL, Outcome, Reason, Request, fallback
 from router.rules import Context, Decision
@@ -70,6 +70,8 @@ class Forwarder:
         self._held_back_lock = threading.Lock()
         self.log = log.get("forwarder").bind(destination=name)
         self.holds = Holds(spool.root)  # `dicom-router pause` puts a destination on hold
+        # deliveries are committed without an fsync; their files go once a sync made them durable
+        self._removal = LateRemoval(spool, queue.sync)
         # how the destination is reached (DIMSE C-STORE, ...): the forwarder does not know
         self.sender = sender or sender_for(name, self._destination, queue, calling_ae_title)
 
@@ -108,6 +110,10 @@ class Forwarder:
         self.signal_stop()
         self.join(timeout)
         self.sender.close()
+        try:
+            self._removal.close()
+        except Exception as exc:  # noqa: BLE001 - the files stay: the start-up sweep removes them
+            self.log.warning("spool_removal_deferred", error=str(exc), action="removed at the next start")
 
     # -- the pipeline -----------------------------------------------------------------------
     def alive(self) -> bool:
@@ -398,8 +404,7 @@ class Forwarder:
             return
         deliveries = [_delivery(sent.item, sent.size) for sent in delivered]
         try:
-            for path in self.queue.complete(deliveries):
-                self.spool.remove(path)
+            self._removal.remove(self.queue.complete(deliveries, durable=False))
         except Exception as exc:  # noqa: BLE001 - the queue is unreachable: record it when it is back
             self.log.warning("delivery_not_recorded", error=str(exc), jobs=len(deliveries),
                              action="recorded when the queue answers again")

@@ -311,9 +311,15 @@ class JobQueue(ABC):
         (Reason.DELAY, Reason.STUDY_STABLE; a job held by both counts as delayed)."""
 
     @abstractmethod
-    def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
+    def complete(self, deliveries: Iterable[Delivery | int], durable: bool = True) -> list[str]:
         """Delete delivered (or skipped) jobs and write their history rows in one transaction
-        (a bare job id: delivered, how unknown); returns the spool paths no job needs any more."""
+        (a bare job id: delivered, how unknown); returns the spool paths no job needs any more.
+        `durable=False`: the transaction may be lost at a power cut until the next `sync()`; the
+        caller keeps the returned files until then (`spool.LateRemoval`)."""
+
+    def sync(self) -> None:
+        """Make every transaction committed so far durable (a backend whose commits are all
+        durable has nothing to do)."""
 
     @abstractmethod
     def release(self, job_ids: Iterable[int]) -> None:

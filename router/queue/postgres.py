@@ -351,9 +351,10 @@ class PostgresQueue(JobStore, ReadingStore, CommitmentStore, Queue):
             pending = takeover if pending is None else min(pending, takeover)
         return pending
 
-    def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
+    def complete(self, deliveries: Iterable[Delivery | int], durable: bool = True) -> list[str]:
         """Delivered is delivered, whoever holds the lease now (a node that took the job over
-        sends it again and finds it gone). The whole batch in two statements."""
+        sends it again and finds it gone). The whole batch in two statements, always durable
+        (`durable` makes no difference here: `sync` has nothing to do)."""
         batch = [d if isinstance(d, Delivery) else Delivery(d) for d in deliveries]
         if not batch:
             return []

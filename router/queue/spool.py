@@ -17,13 +17,17 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from router import log
+
 if TYPE_CHECKING:
     from router.config import Loaded
+
+_log = log.get("spool")
 
 
 class Spool:
@@ -118,6 +122,71 @@ class Spool:
                 if not path.is_dir():  # incoming/NODE/ and out/NODE/ are other nodes'
                     self.remove(path)
         return removed
+
+
+class LateRemoval:
+    """Spool files freed by completions committed without an fsync, removed in the background.
+
+    A completion (job done, history written) need not be durable at once: lost at a power cut,
+    its job is pending again and its instance is sent once more. Its file must therefore stay
+    until the completion is durable. Paths given to `remove` wait here; every `interval_s` (or
+    sooner, once `group` are waiting) one `sync()` of the queue makes every completion so far
+    durable, then their files go: one fsync for the group instead of one per completion, and
+    the unlinks off the sending thread. `flush()` does it at once (at stop). After a crash the
+    files left are those the start-up sweep finds without a row, or whose jobs are pending.
+    """
+
+    def __init__(self, spool: Spool, sync: Callable[[], None], interval_s: float = 0.25, group: int = 256) -> None:
+        self.spool, self.sync = spool, sync
+        self.interval_s, self.group = interval_s, group
+        self._waiting: list[str] = []
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._due = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def remove(self, paths: Iterable[str]) -> None:
+        with self._lock:
+            self._waiting.extend(paths)
+            waiting = len(self._waiting)
+            if self._thread is None and not self._closed.is_set():
+                self._thread = threading.Thread(target=self._run, name="spool-removal", daemon=True)
+                self._thread.start()
+        if waiting >= self.group:
+            self._due.set()
+
+    def _run(self) -> None:
+        while not self._closed.is_set():
+            self._due.wait(self.interval_s)
+            self._due.clear()
+            try:
+                self.flush()
+            except Exception as exc:  # noqa: BLE001 - the queue cannot sync now: the files wait
+                _log.warning("spool_removal_deferred", error=str(exc), action="tried again shortly")
+
+    def flush(self) -> None:
+        """Make the completions so far durable, then remove their files."""
+        with self._flush_lock:
+            with self._lock:
+                paths, self._waiting = self._waiting, []
+            if not paths:
+                return
+            try:
+                self.sync()
+            except BaseException:
+                with self._lock:
+                    self._waiting[:0] = paths
+                raise
+            for path in paths:
+                self.spool.remove(path)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._due.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        self.flush()
 
 
 def _fsync_close(fd: int) -> None:

@@ -70,8 +70,8 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
         """A write transaction. Threads of one process queue on a lock instead of SQLite's busy
         handler, which sleeps in steps of up to 100 ms when writers collide."""
 
-        def __init__(self, db: sqlite3.Connection, lock: threading.Lock, lock_fd: int) -> None:
-            self.db, self.lock, self.lock_fd = db, lock, lock_fd
+        def __init__(self, db: sqlite3.Connection, lock: threading.Lock, lock_fd: int, durable: bool = True) -> None:
+            self.db, self.lock, self.lock_fd, self.durable = db, lock, lock_fd, durable
 
         def __enter__(self) -> sqlite3.Connection:
             self.lock.acquire()
@@ -79,6 +79,8 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
                 # and processes (several receivers, the forwarders) queue on a file lock
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
                 try:
+                    if not self.durable:
+                        self.db.execute("PRAGMA synchronous=NORMAL")
                     self.db.execute("BEGIN IMMEDIATE")
                 except BaseException:
                     fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
@@ -92,11 +94,30 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
             try:
                 self.db.execute("ROLLBACK" if exc_type else "COMMIT")
             finally:
-                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
-                self.lock.release()
+                try:
+                    if not self.durable:
+                        self.db.execute("PRAGMA synchronous=FULL")
+                finally:
+                    fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+                    self.lock.release()
 
-    def _tx(self) -> _Tx:
-        return self._Tx(self._db(), self._write_lock, self._lock_fd)
+    def _tx(self, durable: bool = True) -> _Tx:
+        """A write transaction; `durable=False` for one whose loss at a power cut costs nothing
+        (its COMMIT is not fsynced: WAL with synchronous=NORMAL; a crash of the process loses
+        nothing either way, and the next durable COMMIT makes it durable too)."""
+        return self._Tx(self._db(), self._write_lock, self._lock_fd, durable)
+
+    def sync(self) -> None:
+        """fsync the write-ahead log: the commits made without one (synchronous=NORMAL) are in it,
+        or were checkpointed into the database, which a checkpoint syncs."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # no log: every commit so far was checkpointed, and synced with it
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
@@ -143,7 +164,8 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
               holding: Holding = Holding()) -> list[Job]:
         now = time.time() if now is None else now
         where, args = self._due_jobs(holding, destination, now)
-        with self._tx() as db:
+        # 'in_flight' is undone by recover() at start-up whatever was made durable: no fsync
+        with self._tx(durable=False) as db:
             rows = db.execute(
                 f"SELECT {JOB_COLUMNS} {where} ORDER BY {', '.join(self._order_keys(holding))} LIMIT ?",
                 (*args, limit),
@@ -153,9 +175,9 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
             )
         return [job_from_row(r) for r in rows]
 
-    def complete(self, deliveries: Iterable[Delivery | int]) -> list[str]:
+    def complete(self, deliveries: Iterable[Delivery | int], durable: bool = True) -> list[str]:
         now = time.time()
-        with self._tx() as db:
+        with self._tx(durable) as db:
             paths = [self._finish(db, d if isinstance(d, Delivery) else Delivery(d), now) for d in deliveries]
         return [p for p in paths if p]
 

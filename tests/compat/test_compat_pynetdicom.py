@@ -19,6 +19,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, _config, evt, fsm
+from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
@@ -75,6 +76,42 @@ def test_a_registered_server_shuts_down_cleanly():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     server.shutdown()
     assert ae._servers == []
+
+
+def test_upstream_send_c_store_still_pauses_the_reactor_through_its_checkpoint_and_stays_correct_parked():
+    """reactor_parked swaps Association._reactor_checkpoint for one whose clear()/set() do
+    nothing: send_c_store must still only clear, wait for _is_paused and set it (pynetdicom's
+    reactor loop sleeps 1 ms per pass). Inside the block C-STOREs succeed with the reactor
+    parked throughout; after it the reactor runs again and serves the association (release)."""
+    source = inspect.getsource(Association.send_c_store)
+    assert "self._reactor_checkpoint.clear()" in source and "while not self._is_paused" in source
+    ae = AE()
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_supported_context(Verification)
+    port = free_port()
+    stored = []
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, lambda event: stored.append(event.request) or 0x0000)])
+    try:
+        scu = AE()
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        scu.add_requested_context(Verification)
+        assoc = scu.associate("127.0.0.1", port)
+        assert assoc.is_established
+        checkpoint = assoc._reactor_checkpoint
+        try:
+            ds = dcmread(data("693_UNCR.dcm"))
+            with compat.reactor_parked(assoc):
+                for _ in range(3):
+                    assert assoc.send_c_store(ds).Status == 0x0000
+                    assert assoc._is_paused and not checkpoint.is_set()
+            assert assoc._reactor_checkpoint is checkpoint and checkpoint.is_set()
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
+        assert assoc.is_released and len(stored) == 3
+    finally:
+        server.shutdown()
 
 
 def test_upstream_reactor_state_park_reactor_relies_on_is_still_there():

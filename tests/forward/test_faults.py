@@ -234,7 +234,7 @@ def test_a_spool_that_fills_while_forwarding_stops_nothing_for_good(router_facto
             wait_until(lambda: pacs.count() >= 6, 60, what="every instance once space is back")
             wait_until(lambda: _readyz(router)[0] == 200, 20, what="/readyz ready again")
             wait_until(lambda: not list((mount / "spool" / "out").iterdir()), 20, what="no transcoded output left")
-            assert not list((mount / "spool" / "instances").iterdir())
+            wait_until(lambda: not list((mount / "spool" / "instances").iterdir()), 20, what="the spool emptied")
         finally:
             pacs.stop()
         router.kill()

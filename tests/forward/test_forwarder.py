@@ -92,7 +92,9 @@ def test_a_delivered_instance_leaves_nothing_in_the_queue_or_the_spool(site, pac
     original, sent = dcmread(CT), received.dataset()
     assert np.array_equal(original.pixel_array, sent.pixel_array)
     wait_until(lambda: s.queue.counts() == {}, 10, what="the job recorded as delivered")
-    assert list(s.spool.instances.iterdir()) == [] and list(s.spool.out.iterdir()) == []
+    # its file goes once the delivery is durable (a group sync, within a fraction of a second)
+    wait_until(lambda: list(s.spool.instances.iterdir()) == [], 10, what="the spool file removed")
+    assert list(s.spool.out.iterdir()) == []
 
 
 def test_a_destination_refusing_the_syntax_gets_the_image_decompressed(site, pacs_factory):
