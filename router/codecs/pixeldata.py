@@ -132,10 +132,12 @@ def is_encapsulated(ds: Dataset) -> bool:
 def nested(ds: Dataset) -> Iterator[tuple[Dataset, int, Dataset]]:
     """(data set, sequence tag, item) of every sequence item below ``ds``, at any depth, that holds
     a Pixel Data of its own (an Icon Image Sequence item, most often)."""
-    for elem in ds:
+    for tag, elem in list(ds._dict.items()):
+        if elem.VR in (None, "UN"):  # implicit VR (or UN): its VR is known once converted
+            elem = ds[tag]
         if elem.VR != "SQ":
-            continue
-        for item in elem.value:
+            continue  # an element read with its own VR is not converted: only sequences are
+        for item in ds[tag].value:
             if PIXEL_DATA in item:
                 yield ds, int(elem.tag), item
             yield from nested(item)

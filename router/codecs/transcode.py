@@ -315,8 +315,7 @@ class _Transcoding:
         # lossless, one sample, same photometric and words: no element but Pixel Data changed
         self._splice = (not syntax.lossy and not self.lossy_input and self.ts == EXPLICIT_LE
                         and image.samples_per_pixel == 1 and ds.PhotometricInterpretation == self._photometric
-                        and ds.BitsAllocated == image.bits_allocated and "ExtendedOffsetTable" not in ds
-                        and 0x7FE00000 not in ds)  # a group length would still count the old pixels
+                        and ds.BitsAllocated == image.bits_allocated and "ExtendedOffsetTable" not in ds)
         return self.finish(syntax, uid, ratio, note)
 
     def rewrite_native(self, syntax: Syntax, pixels: Pixels | None, note: str) -> Transcoded:

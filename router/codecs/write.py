@@ -128,6 +128,13 @@ def _write_spliced(ds: Dataset, src: Path, dst: Path, raw_pixels: tuple[int, int
             or data[head + 6:head + 8] != b"\x00\x00" or int.from_bytes(data[head + 8:head + 12], "little") != length
             or value_at + length > len(data)):
         return False
+    before = head  # where the copied elements before Pixel Data end
+    if 0x7FE00000 in ds:
+        # a retired group length, (7FE0,0000) UL right before Pixel Data: it would still count
+        # the old pixels, so it is left out
+        if data[head - 12:head - 4] != b"\xe0\x7f\x00\x00UL\x04\x00" or head - 12 < start:
+            return False
+        before = head - 12
     meta = DicomBytesIO()
     meta.is_little_endian, meta.is_implicit_VR = True, False
     write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
@@ -136,7 +143,7 @@ def _write_spliced(ds: Dataset, src: Path, dst: Path, raw_pixels: tuple[int, int
         out.write(data[:128])
         out.write(b"DICM")
         out.write(meta.getvalue())
-        out.write(memoryview(data)[start:head])
+        out.write(memoryview(data)[start:before])
         out.write(b"\xe0\x7f\x10\x00OB\x00\x00\xff\xff\xff\xff")
         out.write(pixels)
         out.write(b"\xfe\xff\xdd\xe0\x00\x00\x00\x00")

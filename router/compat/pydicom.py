@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 
 from router.uids import JPEGXL, JPEGXL_JPEG, JPEGXL_LOSSLESS
@@ -57,6 +57,9 @@ _CURVE_DATA = 0x50003000  # 50xx,3000, retired
 _CURVE_DATA_VALUE_REPRESENTATION = 0x0103  # 50xx,0103: 0 US, 1 SS, 2 FL, 3 FD, 4 SL: words, all of them
 _VARIABLE_PIXEL_DATA = 0x7F000010  # 7Fxx,0010, retired
 _REPEATING = 0xFF00FFFF  # the mask of the repeating groups 50xx and 60xx/7Fxx
+# raw elements whose VR is still to be decided: implicit VR (None), UN (pydicom replaces it with
+# the dictionary's VR, perhaps an ambiguous one), and sequences (their items may hold either)
+_UNDECIDED_RAW_VRS = frozenset({None, "UN", "SQ"})
 
 
 def resolve_ambiguous_vrs(ds: Dataset, is_little_endian: bool = True) -> None:
@@ -89,7 +92,9 @@ def resolve_ambiguous_vrs(ds: Dataset, is_little_endian: bool = True) -> None:
 def _resolve(ds: Dataset, ancestors: list[Dataset], is_little_endian: bool) -> None:
     from pydicom.filewriter import correct_ambiguous_vr_element
 
-    for tag in list(ds.keys()):
+    for tag, raw in list(ds._dict.items()):
+        if isinstance(raw, RawDataElement) and raw.VR not in _UNDECIDED_RAW_VRS:
+            continue  # read with an explicit VR of its own: nothing to decide, nothing to convert
         try:
             elem = ds[tag]  # converts a raw element, and pydicom resolves what it can
         except AttributeError:

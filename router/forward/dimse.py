@@ -50,9 +50,13 @@ class DimseSender(Sender):
         self._destination = destination  # the rule file in force
         self.associations = pool
         self._accepted: dict[str, frozenset[str]] = {}  # SOP class -> syntaxes the last association took
+        self._refused: dict[str, frozenset[str]] = {}  # SOP class -> syntaxes it was offered and did not take
 
     def accepted(self, sop_class_uid: str) -> frozenset[str] | None:
         return self._accepted.get(sop_class_uid)
+
+    def refused(self, sop_class_uid: str) -> frozenset[str]:
+        return self._refused.get(sop_class_uid, frozenset())
 
     def idle(self) -> None:
         self.associations.release_idle()
@@ -87,6 +91,7 @@ class DimseSender(Sender):
                 return False
             for sop in wanted:
                 self._accepted[sop] = frozenset(ts for ts in wanted[sop] if association.accepts(sop, ts))
+                self._refused[sop] = frozenset(wanted[sop]) - self._accepted[sop]
             with association.parked():
                 for item in group:
                     if not association.is_open:

@@ -35,6 +35,7 @@ from router.queue.spool import LateRemoval, Spool
 from router.receive.intake import decide_for
 from router.request import ORIGINAL, Outcome, Reason, Request, fallback
 from router.rules import Context, Decision
+from router.uids import UNCOMPRESSED
 
 OVERTAKE_CHECK_S = 0.25
 
@@ -244,7 +245,10 @@ class Forwarder:
             item.possible.update(syntax.uids)
             if item.request.fallback:
                 item.possible.update(codecs.get(item.request.fallback).uids)
-            item.submitted = self.codecs.submit(source, self.spool.out_path(job.id), item.request)
+            if self.sender.refused(inst.sop_class_uid).issuperset(syntax.uids):
+                item.refused = True  # refused on the connection in force: what it takes is made instead
+            else:
+                item.submitted = self.codecs.submit(source, self.spool.out_path(job.id), item.request)
         return item
 
     def _decision(self, rule_file: DestinationRules, job: Job, item_log) -> Decision:  # noqa: ANN001
@@ -266,10 +270,20 @@ class Forwarder:
         delivered: list[Sent] = []
 
         def ready(item: Outgoing, refused: tuple[str, ...] | None = None) -> Ready:
+            if refused is None:
+                if self._stop.is_set() or self._sends_later(destination, item):
+                    return Ready.STOP
+                if item.refused:  # not encoded: the destination refused the syntax on the last connection
+                    item.refused = False
+                    sop = item.job.instance.sop_class_uid
+                    if self.sender.refused(sop).issuperset(codecs.get(item.request.syntax).uids):
+                        accepted = self.sender.accepted(sop) or frozenset()
+                        refused = tuple(codecs.get(ts).name for ts in UNCOMPRESSED if ts in accepted)
+                    else:  # the connection in force takes it again: encoded now
+                        item.submitted = self.codecs.submit(item.source, self.spool.out_path(item.job.id),
+                                                            item.request)
             if refused is not None:
                 go = self._fall_back(destination, item, Reason.REFUSED_BY_DESTINATION, accepted=refused)
-            elif self._stop.is_set() or self._sends_later(destination, item):
-                return Ready.STOP
             else:
                 go = self._finish_transcode(destination, item)
             if go is Ready.SKIP:
@@ -363,7 +377,9 @@ class Forwarder:
         if not refused:
             item.request = instead
             return self._transcoded(destination, item, result)
-        sent_as = item.transfer_syntax_uid
+        # what the destination refused: the output made for it, or (not encoded, the syntax known
+        # refused) the syntax asked for
+        sent_as = item.transfer_syntax_uid if item.transcoded is not None else codecs.get(failed.syntax).uid
         if isinstance(result, BaseException):
             # a transcode error is in the data: it will not change, so no retries
             outcome = Outcome.DEAD if isinstance(result, TranscodeError) else Outcome.RETRY

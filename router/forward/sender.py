@@ -48,6 +48,7 @@ class Outgoing:
     possible: set[str] = field(default_factory=set)  # the transfer syntaxes it may go out in
     transcoded: object | None = None  # codecs.transcode.Transcoded, when it was transcoded
     submitted: object | None = None  # its transcode on the codec pool, until finished
+    refused: bool = False  # not encoded: the destination refused its syntax on the connection in force
 
     @property
     def source(self) -> Path:
@@ -78,6 +79,12 @@ class Sender(ABC):
     def accepted(self, sop_class_uid: str) -> frozenset[str] | None:
         """The transfer syntax UIDs the destination is known to take for `sop_class_uid`; None
         while unknown (the sender learns it when it sends)."""
+
+    def refused(self, sop_class_uid: str) -> frozenset[str]:
+        """The transfer syntax UIDs the destination was offered for `sop_class_uid` on the
+        connection in force and did not take (none while unknown). The forwarder does not encode
+        for what is refused there: a new connection offers them again."""
+        return frozenset()
 
     @abstractmethod
     def send(self, batch: list[Outgoing], ready: ReadyCheck) -> Iterator[Sent]:

@@ -12,6 +12,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless
 
+from prometheus_client import REGISTRY
+
 from router import metrics
 from router.config import load_rule_file
 from router.forward.forwarder import Forwarder
@@ -107,6 +109,29 @@ def test_a_destination_refusing_the_syntax_gets_the_image_decompressed(site, pac
     assert pacs.received[0].transfer_syntax_uid == ImplicitVRLittleEndian
     assert np.array_equal(dcmread(CT).pixel_array, pacs.received[0].dataset().pixel_array)
     assert counter(metrics.FALLBACKS, destination="PACS", reason="refused_by_destination") == before + 1
+
+
+def encodes(syntax: str) -> float:
+    return REGISTRY.get_sample_value("dicom_router_transcode_seconds_count", {"syntax": syntax}) or 0.0
+
+
+def test_once_the_destination_refused_the_syntax_the_next_images_are_not_encoded_for_it(site, pacs_factory, tmp_path):
+    pacs = pacs_factory(transfer_syntaxes=[ExplicitVRLittleEndian])
+    fallbacks = counter(metrics.FALLBACKS, destination="PACS", reason="refused_by_destination")
+    encoded = encodes("jpeg-ls-lossless")
+    s = site(pacs.port, LOSSLESS)
+    first, *later = make_series(CT, 4, tmp_path / "series")
+    s.receive([first])
+    s.forwarder.start()
+    wait_until(lambda: pacs.count() == 1, 30, what="the first delivery")
+    assert encodes("jpeg-ls-lossless") == encoded + 1  # encoded, refused, sent decompressed
+    s.receive(later)
+    wait_until(lambda: pacs.count() == 4, 30, what="the later deliveries")
+    assert encodes("jpeg-ls-lossless") == encoded + 1, "encoded again for a destination that refuses it"
+    assert counter(metrics.FALLBACKS, destination="PACS", reason="refused_by_destination") == fallbacks + 4
+    for got in pacs.received:
+        assert got.transfer_syntax_uid == ExplicitVRLittleEndian
+        assert np.array_equal(dcmread(CT).pixel_array, got.dataset().pixel_array)
 
 
 def test_a_permanent_failure_status_makes_a_dead_letter_with_the_status(site, pacs_factory):
