@@ -19,8 +19,9 @@ run: $(BIN)/dicom-router  ## start the router on the example configuration (Ctrl
 peers:  ## install DCMTK, GDCM, Orthanc and Prometheus from Debian (root or sudo)
 	./scripts/install-peers.sh
 
-test: $(BIN)/dicom-router peers  ## everything, including the DCMTK/GDCM/Orthanc interoperability tests
+test: $(BIN)/dicom-router peers  ## everything, including the DCMTK/GDCM/Orthanc interoperability tests, and the quick benchmark
 	$(BIN)/pytest -q
+	$(BIN)/python bench/run.py --quick --no-json
 
 test-fast: $(BIN)/dicom-router  ## without the tests that need Debian programs
 	$(BIN)/pytest -q -m "not interop"

@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import ExitStack
 
 from pydicom.dataset import Dataset
 
@@ -64,6 +64,7 @@ class Association:
         self.calling_ae_title = calling_ae_title
         self.bucket = bucket  # the destination's bandwidth cap, shared with its other associations
         self._assoc = None
+        self._parking = ExitStack()  # the reactor of the association in force, parked
         self._proposed: set[tuple[str, str]] = set()
         self.last_used = time.monotonic()
         self.slot = None  # the cluster's association slot it holds while it exists (router.queue.Slot)
@@ -104,6 +105,10 @@ class Association:
         if self.bucket is not None and dest.max_mbps > 0:
             throttle_sends(assoc, self.bucket.take, CHUNK)
         self._assoc = assoc
+        # pynetdicom's reactor serves nothing an outbound storage association needs (each C-STORE
+        # takes its own response): parked from now until the association ends, each C-STORE
+        # goes out at once instead of waiting for the reactor's next pass
+        self._parking.enter_context(reactor_parked(assoc))
         self._proposed = {(s, t) for s, uids in wanted.items() for t in uids}
         self.last_used = time.monotonic()
         return None
@@ -115,26 +120,23 @@ class Association:
             for cx in self._assoc.accepted_contexts
         )
 
-    def parked(self) -> AbstractContextManager[None]:
-        """Around a series of `store` calls: pynetdicom's reactor stays parked for all of them."""
-        return reactor_parked(self._assoc) if self._assoc is not None else nullcontext()
-
     def store(self, path) -> Dataset:  # noqa: ANN001
-        """Send one file with C-STORE (inside `parked()`); returns the response's status data set
-        (empty when no response came: DIMSE timeout or association aborted). Raises on a local
-        failure."""
+        """Send one file with C-STORE; returns the response's status data set (empty when no
+        response came: DIMSE timeout or association aborted). Raises on a local failure."""
         status = self._assoc.send_c_store(path)
         self.last_used = time.monotonic()
         return status
 
     def release(self) -> None:
         if self._assoc is not None:
+            self._parking.close()  # the reactor runs again: it takes part in the release
             release(self._assoc)
             self._assoc = None
             self._proposed = set()
 
     def abort(self) -> None:
         if self._assoc is not None:
+            self._parking.close()  # and then ends with the association
             self._assoc.abort()
             self._assoc = None
             self._proposed = set()

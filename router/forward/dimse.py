@@ -92,18 +92,17 @@ class DimseSender(Sender):
             for sop in wanted:
                 self._accepted[sop] = frozenset(ts for ts in wanted[sop] if association.accepts(sop, ts))
                 self._refused[sop] = frozenset(wanted[sop]) - self._accepted[sop]
-            with association.parked():
-                for item in group:
-                    if not association.is_open:
-                        return False
-                    go = ready(item)
-                    if go is Ready.STOP:
-                        return True
-                    if go is Ready.SKIP:
-                        continue
-                    sent = self._store(destination, association, item, ready)
-                    if sent is not None:
-                        yield sent
+            for item in group:
+                if not association.is_open:
+                    return False
+                go = ready(item)
+                if go is Ready.STOP:
+                    return True
+                if go is Ready.SKIP:
+                    continue
+                sent = self._store(destination, association, item, ready)
+                if sent is not None:
+                    yield sent
             return False
         finally:
             self.associations.give_back(association)

@@ -7,11 +7,13 @@ claim (a plain transaction on SQLite; `SKIP LOCKED` and a lease on PostgreSQL) a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 
 from router.queue import Holding, Instance, Job, NewJob
 from router.queue.dialect import CHUNK, SqlDialect, marks
+from router.queue.group import GroupCommit
 from router.queue.reading import HISTORY_COLUMNS, JOB_COLUMNS, job_from_row
 from router.request import Outcome, Reason
 
@@ -50,15 +52,28 @@ class JobStore(SqlDialect):
     history's, `router.queue.reading`)."""
 
     # -- receiving
+    _made_lock = threading.Lock()
+
     def add(self, instance: Instance, jobs: Iterable[NewJob]) -> None:
+        """Record a received instance and its jobs (none: a history row, "not forwarded"); returns
+        once they are durable. Receipts that arrive together share one transaction (group commit)."""
+        receipts = self.__dict__.get("_receipts")
+        if receipts is None:
+            with JobStore._made_lock:
+                receipts = self.__dict__.setdefault("_receipts", GroupCommit(self._add_all))
+        receipts.submit((instance, list(jobs)))
+
+    def _add_all(self, receipts: list[tuple[Instance, list[NewJob]]]) -> None:
         now = time.time()
-        jobs = list(jobs)
-        with self._statement() as db:
+        # one receipt: one statement where the backend can (its own transaction); several: one
+        # transaction for them all
+        with (self._statement() if len(receipts) == 1 else self._writing()) as db:
             self._prune(db, now)
-            if not jobs:
-                self._not_forwarded(db, instance, now)
-                return
-            self._insert(db, instance, jobs, now)
+            for instance, jobs in receipts:
+                if jobs:
+                    self._insert(db, instance, jobs, now)
+                else:
+                    self._not_forwarded(db, instance, now)
 
     def _insert(self, db, instance: Instance, jobs: list[NewJob], now: float) -> None:  # noqa: ANN001
         """Record the instance and its jobs on `db`, in the transaction `add` holds."""

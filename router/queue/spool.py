@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from router import log
+from router.queue.group import GroupCommit
 
 if TYPE_CHECKING:
     from router.config import Loaded
@@ -45,6 +46,8 @@ class Spool:
         os.chmod(self.root, 0o700)
         self._syncer: ThreadPoolExecutor | None = None
         self._syncer_lock = threading.Lock()
+        # renames into instances/ that happen together are made durable by one fsync of it
+        self._renamed: GroupCommit[Path] = GroupCommit(lambda _: _fsync_dir(self.instances))
 
     def sync_soon(self, received: Path) -> Future:
         """Start flushing a received file to disk in the background (fsync releases the GIL), so
@@ -87,7 +90,7 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(self.instances)
+        self._renamed.submit(final)
         return final
 
     def out_path(self, job_id: int, suffix: str = "") -> Path:
