@@ -187,6 +187,22 @@ class PostgresQueue(JobStore, ReadingStore, CommitmentStore, Queue):
         self._reachable = True
 
     @contextmanager
+    def _unsynced(self) -> Iterator[psycopg.Connection]:
+        """A transaction whose COMMIT does not wait for its WAL to reach the disk
+        (`synchronous_commit` off for it alone): for one whose loss when PostgreSQL itself stops
+        abruptly costs nothing but a send again; `sync` makes it durable."""
+        # pipelined: BEGIN, SET and the statement go in one round trip, COMMIT in another
+        with self._one() as db, db.pipeline(), db.transaction():
+            db.execute("SET LOCAL synchronous_commit = off")
+            yield db
+
+    def sync(self) -> None:
+        """A transaction that writes (it takes a transaction id) commits with its WAL flushed,
+        and every commit before it with it."""
+        with self._one() as db:
+            db.execute("SELECT pg_current_xact_id()")
+
+    @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection]:
         """A connection in a transaction, committed at exit (rolled back on an error)."""
         with self._one() as db, db.transaction():
@@ -322,8 +338,9 @@ class PostgresQueue(JobStore, ReadingStore, CommitmentStore, Queue):
             f"(j.state = 'pending' OR (j.state = 'in_flight' AND j.lease_until < {_DB_NOW}))"))
         order = self._order_keys(holding)
         keys = ", ".join(f"{expression} AS k{n}" for n, expression in enumerate(order))
-        # one statement (one round trip, one commit): pick and lock, lease, and return the jobs
-        with self._one() as db:
+        # one statement: pick and lock, lease, and return the jobs. Its commit is not waited for:
+        # a claim lost with the database gives its jobs back to pending, to be sent (again)
+        with self._unsynced() as db:
             rows = db.execute(self._sql(
                 f"WITH picked AS (SELECT j.id, j.state AS was, j.owner AS was_owner, {keys} {where} "
                 f"ORDER BY {', '.join(order)} LIMIT ? FOR UPDATE OF j SKIP LOCKED) "
@@ -353,8 +370,8 @@ class PostgresQueue(JobStore, ReadingStore, CommitmentStore, Queue):
 
     def complete(self, deliveries: Iterable[Delivery | int], durable: bool = True) -> list[str]:
         """Delivered is delivered, whoever holds the lease now (a node that took the job over
-        sends it again and finds it gone). The whole batch in two statements, always durable
-        (`durable` makes no difference here: `sync` has nothing to do)."""
+        sends it again and finds it gone). The whole batch in one statement; `durable=False`:
+        its commit is not waited for (see `JobQueue.complete`)."""
         batch = [d if isinstance(d, Delivery) else Delivery(d) for d in deliveries]
         if not batch:
             return []
@@ -364,7 +381,7 @@ class PostgresQueue(JobStore, ReadingStore, CommitmentStore, Queue):
         # one statement, one round trip. Two nodes finishing an instance's last two jobs at the
         # same moment may each still see the other's job and both keep the instance: the
         # heartbeat's `sweep_orphans` removes such an instance (and its file) soon after.
-        with self._one() as db:
+        with (self._one() if durable else self._unsynced()) as db:
             rows = db.execute(_COMPLETE, (
                 ids, [d.outcome.value for d in batch], [d.syntax for d in batch],
                 [d.transfer_syntax_uid for d in batch], [d.sent_size for d in batch], [d.ratio for d in batch],
