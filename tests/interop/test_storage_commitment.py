@@ -110,9 +110,10 @@ def test_orthanc_storing_with_storage_commitment_hears_a_dead_letter_as_a_failur
         assert report["Status"] == "Failure", report
         assert {item["FailureReason"] for item in report["Failures"]} == {0x0110}
         assert len(report["Failures"]) == 2 and not report["Success"]
-        text = router.metrics()
-        assert metric_value(text, "dicom_router_commitment_reports_total", outcome="failures", association="new") == 1
-        assert metric_value(text, "dicom_router_commitment_instances_total", result="failed") == 2
+        # counted once Orthanc has answered the report, a moment after it shows the result
+        wait_until(lambda: metric_value(router.metrics(), "dicom_router_commitment_reports_total", outcome="failures",
+                                        association="new") == 1, 10, what="the report counted")
+        assert metric_value(router.metrics(), "dicom_router_commitment_instances_total", result="failed") == 2
     finally:
         router.kill()
 
