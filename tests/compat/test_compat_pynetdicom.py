@@ -461,3 +461,85 @@ def test_upstream_data_set_state_the_guard_reads_is_still_there():
     assert hasattr(message, "_data_set_file") and hasattr(message, "command_set") and hasattr(message, "context_id")
     assert "dimse.receive_primitive(" in inspect.getsource(fsm.DT_2)
     assert "self.message" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
+
+
+def test_upstream_reactors_still_sleep_through_their_modules_time():
+    """wake_reactors replaces the `time` that pynetdicom.dul and pynetdicom.association sleep
+    through: if the reactors stop sleeping that way, it silently does nothing."""
+    from pynetdicom.dul import DULServiceProvider
+
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider.run_reactor)
+    assert "time.sleep(0.001)" in inspect.getsource(Association._run_reactor)
+    assert "self.to_provider_queue.put(" in inspect.getsource(DULServiceProvider.send_pdu)
+
+
+def _sleeping(cls, *args):  # noqa: ANN001, ANN002, ANN202
+    """An instance of a pynetdicom reactor thread class whose run() is one long ReactorTime sleep."""
+
+    class Sleeper(cls):
+        def run(self) -> None:
+            compat.ReactorTime(time).sleep(60)
+
+    return Sleeper(*args)
+
+
+def test_a_reactor_sleep_ends_when_its_work_arrives_not_when_its_time_is_up():
+    from pynetdicom.dul import DULServiceProvider
+
+    assoc = Association(AE(), "requestor")
+    reactor = _sleeping(Association, AE(), "requestor")
+    reactor.start()
+    time.sleep(0.2)  # asleep
+    reactor.dimse.msg_queue.put((1, "a received message"))
+    reactor.join(20)
+    assert not reactor.is_alive(), "the association reactor slept on with a message waiting"
+
+    dul = _sleeping(DULServiceProvider, assoc)
+    dul.start()
+    time.sleep(0.2)
+    dul.to_provider_queue.put("a primitive to send")
+    dul.join(20)
+    assert not dul.is_alive(), "the DUL slept on with a primitive to send"
+
+    here, there = socket.socketpair()
+    try:
+        dul = _sleeping(DULServiceProvider, assoc)
+        dul.socket = type("Transport", (), {"socket": here})()
+        dul.start()
+        time.sleep(0.2)
+        there.send(b"\x05")  # a PDU's first byte arrives
+        dul.join(20)
+        assert not dul.is_alive(), "the DUL slept on with data on its socket"
+    finally:
+        here.close()
+        there.close()
+
+
+def test_with_reactors_woken_by_their_work_an_association_stores_and_releases(tmp_path):
+    """The whole exchange, in a process of its own (wake_reactors is process-wide)."""
+    script = """
+import sys
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, Verification
+from router.compat import pynetdicom as compat
+from tests.support.peers import data, free_port
+compat.wake_reactors()
+ae = AE()
+ae.add_supported_context(CTImageStorage)
+ae.add_supported_context(Verification)
+port = free_port()
+server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+scu = AE()
+scu.add_requested_context(CTImageStorage)
+scu.add_requested_context(Verification)
+ds = dcmread(data("693_UNCR.dcm"))
+assoc = scu.associate("127.0.0.1", port)
+statuses = [assoc.send_c_store(ds).Status for _ in range(20)] + [assoc.send_c_echo().Status]
+assoc.release()
+server.shutdown()
+print(statuses, assoc.is_released)
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"{[0] * 21} True"
