@@ -56,22 +56,26 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
+    def _db(self, durable: bool = True) -> sqlite3.Connection:
+        """This thread's connection; `durable=False`: its other one, whose COMMITs are not
+        fsynced (synchronous=NORMAL: a crash of the process loses nothing, a power cut the
+        last of them, until a durable COMMIT or `sync`)."""
+        name = "db" if durable else "db_unsynced"
+        db = getattr(self._local, name, None)
         if db is None:
             db = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA synchronous=FULL" if durable else "PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA foreign_keys=ON")
-            self._local.db = db
+            setattr(self._local, name, db)
         return db
 
     class _Tx:
         """A write transaction. Threads of one process queue on a lock instead of SQLite's busy
         handler, which sleeps in steps of up to 100 ms when writers collide."""
 
-        def __init__(self, db: sqlite3.Connection, lock: threading.Lock, lock_fd: int, durable: bool = True) -> None:
-            self.db, self.lock, self.lock_fd, self.durable = db, lock, lock_fd, durable
+        def __init__(self, db: sqlite3.Connection, lock: threading.Lock, lock_fd: int) -> None:
+            self.db, self.lock, self.lock_fd = db, lock, lock_fd
 
         def __enter__(self) -> sqlite3.Connection:
             self.lock.acquire()
@@ -79,8 +83,6 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
                 # and processes (several receivers, the forwarders) queue on a file lock
                 fcntl.flock(self.lock_fd, fcntl.LOCK_EX)
                 try:
-                    if not self.durable:
-                        self.db.execute("PRAGMA synchronous=NORMAL")
                     self.db.execute("BEGIN IMMEDIATE")
                 except BaseException:
                     fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
@@ -94,18 +96,14 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
             try:
                 self.db.execute("ROLLBACK" if exc_type else "COMMIT")
             finally:
-                try:
-                    if not self.durable:
-                        self.db.execute("PRAGMA synchronous=FULL")
-                finally:
-                    fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
-                    self.lock.release()
+                fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+                self.lock.release()
 
     def _tx(self, durable: bool = True) -> _Tx:
         """A write transaction; `durable=False` for one whose loss at a power cut costs nothing
         (its COMMIT is not fsynced: WAL with synchronous=NORMAL; a crash of the process loses
         nothing either way, and the next durable COMMIT makes it durable too)."""
-        return self._Tx(self._db(), self._write_lock, self._lock_fd, durable)
+        return self._Tx(self._db(durable), self._write_lock, self._lock_fd)
 
     def sync(self) -> None:
         """fsync the write-ahead log: the commits made without one (synchronous=NORMAL) are in it,
@@ -120,10 +118,11 @@ class SqliteQueue(JobStore, ReadingStore, CommitmentStore, Queue):
             os.close(fd)
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        for name in ("db", "db_unsynced"):
+            db = getattr(self._local, name, None)
+            if db is not None:
+                db.close()
+                setattr(self._local, name, None)
 
     # -- receiving -------------------------------------------------------------------------
     @property

@@ -90,3 +90,4 @@ def test_a_delivery_committed_without_fsync_survives_the_process_being_killed(tm
     reopened.recover()
     assert reopened.counts() == {} and reopened.claim("PACS", 10) == []
     reopened.close()
+
