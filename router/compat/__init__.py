@@ -6,9 +6,8 @@ relies on (a private attribute renamed, a fix released), so that it can be remov
 
 - `pynetdicom`: received data sets streamed to files in the spool, the reactor race before a
   C-STORE, a server made with our own socket options that `AE.shutdown()` still stops, `poll()`
-  instead of `select()` (descriptors above 1023), reactor threads that wake for their work
-  instead of polling every millisecond, an outbound reactor kept parked while C-STOREs go out,
-  an A-ASSOCIATE-RJ sent from `EVT_REQUESTED` that reaches the peer, and a listener that bounds a caller (TLS handshake off the accept
+  instead of `select()` (descriptors above 1023), an A-ASSOCIATE-RJ sent from `EVT_REQUESTED`
+  that reaches the peer, and a listener that bounds a caller (TLS handshake off the accept
   loop, request and PDU deadlines, PDU size, connections not yet associated kept apart) with a
   guard on received data sets (partial files removed, unusable C-STOREs answered).
 - `pydicom`: the JPEG XL transfer syntax UIDs pydicom 3.0 does not know, and big endian

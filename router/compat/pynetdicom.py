@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import errno
-import os
 import select
 import socket
 import tempfile
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
 from pynetdicom import AE, _config, evt, transport
-from pynetdicom import association as association_module
-from pynetdicom import dul as dul_module
 from pynetdicom.association import Association
-from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import ThreadedAssociationServer
 
 
@@ -163,134 +158,6 @@ def use_poll() -> None:
     Process-wide by nature: call it once, from each process's entry point.
     """
     transport.select = PollingSelect  # type: ignore[assignment]
-
-
-# -- reactors that wake for their work --------------------------------------------------------------
-class _Wakeup:
-    """What one reactor thread waits on instead of sleeping: set by the queues that bring it work
-    (an eventfd, so that a DUL thread waits on it and on its socket at once)."""
-
-    def __init__(self) -> None:
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self.poller = select.poll()  # used by its reactor thread alone
-        self.poller.register(self.fd, select.POLLIN)
-        self.socket_fd = -1  # the DUL's socket, once it has one
-
-    def watch(self, fd: int) -> None:
-        """Also end the wait when `fd` (the DUL's socket) has data."""
-        if fd != self.socket_fd:
-            if self.socket_fd >= 0:
-                try:
-                    self.poller.unregister(self.socket_fd)
-                except (KeyError, OSError, ValueError):
-                    pass
-            if fd >= 0:
-                self.poller.register(fd, select.POLLIN)
-            self.socket_fd = fd
-
-    def set(self) -> None:
-        if self.fd >= 0:
-            try:
-                os.eventfd_write(self.fd, 1)
-            except OSError:
-                pass
-
-    def clear(self) -> None:
-        if self.fd >= 0:
-            try:
-                os.eventfd_read(self.fd)
-            except OSError:
-                pass  # nothing was written since the last clear
-
-    def close(self) -> None:
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            os.close(fd)
-
-
-def _waking(q: Any, wakeup: _Wakeup) -> None:
-    """Make each `put` on `q` also wake `wakeup`'s reactor (an instance attribute: a put in
-    progress on the class's method completes into the same queue)."""
-    put = q.put
-
-    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
-        put(item, block, timeout)
-        wakeup.set()
-
-    q.put = put_and_wake
-
-
-_wakeups: weakref.WeakKeyDictionary[threading.Thread, _Wakeup] = weakref.WeakKeyDictionary()
-_wakeups_lock = threading.Lock()
-
-
-def _wakeup_of(thread: threading.Thread) -> _Wakeup | None:
-    """The wakeup of a DUL or association reactor thread, made at its first sleep."""
-    wakeup = _wakeups.get(thread)
-    if wakeup is not None:
-        return wakeup
-    with _wakeups_lock:
-        wakeup = _wakeups.get(thread)
-        if wakeup is None:
-            try:
-                if isinstance(thread, DULServiceProvider):
-                    queues = [thread.to_provider_queue]
-                else:
-                    queues = [thread.dimse.msg_queue, thread.dul.to_user_queue]
-            except AttributeError:
-                return None
-            wakeup = _Wakeup()
-            for q in queues:
-                _waking(q, wakeup)
-            weakref.finalize(thread, wakeup.close)
-            _wakeups[thread] = wakeup
-    return wakeup
-
-
-class ReactorTime:
-    """Stands in for the `time` module inside `pynetdicom.dul` and `pynetdicom.association`.
-
-    Each association has two reactor threads, and both poll: the DUL sleeps 1 ms whenever a pass
-    found nothing to do, the association reactor 1 ms before every pass. A message therefore
-    waits up to a millisecond at each of them, on its way in and on its way out: on one
-    association, where the modality waits for each response, a large share of every exchange.
-    Here a reactor thread's sleep ends as soon as work arrives: a primitive to send or, for the
-    DUL, data on its socket; a received message or the peer's PDU for the association reactor.
-    It never lasts longer than asked. Any other thread sleeps as before.
-    """
-
-    def __init__(self, real: Any) -> None:
-        self._real = real
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._real, name)
-
-    def sleep(self, seconds: float) -> None:
-        thread = threading.current_thread()
-        # poll() counts whole milliseconds: a shorter sleep is left as it is
-        if seconds < 0.001 or not isinstance(thread, (DULServiceProvider, Association)):
-            self._real.sleep(seconds)
-            return
-        wakeup = _wakeup_of(thread)
-        if wakeup is None or wakeup.fd < 0:
-            self._real.sleep(seconds)
-            return
-        if isinstance(thread, DULServiceProvider):
-            try:
-                fd = thread.socket.socket.fileno() if thread.socket and thread.socket.socket else -1
-            except (AttributeError, OSError, ValueError):
-                fd = -1
-            wakeup.watch(fd)
-        if any(fd == wakeup.fd for fd, _ in wakeup.poller.poll(seconds * 1000)):
-            wakeup.clear()
-
-
-def wake_reactors() -> None:
-    """Let pynetdicom's reactor threads wake for their work instead of polling (`ReactorTime`).
-    Process-wide by nature: call it once, from each process's entry point."""
-    for module in (dul_module, association_module):
-        if not isinstance(module.time, ReactorTime):
-            module.time = ReactorTime(module.time)  # type: ignore[assignment]
 
 
 # -- rejecting from EVT_REQUESTED -------------------------------------------------------------------

@@ -28,7 +28,7 @@ from router import log, metrics
 from router.codecs.workers import CodecPool
 from router.commitment.relay import Relayer
 from router.commitment.reporter import Reporter
-from router.compat.pynetdicom import send_datasets_from_files, use_poll, wake_reactors
+from router.compat.pynetdicom import send_datasets_from_files, use_poll
 from router.config import ConfigError, DestinationRules, Loaded, Timeouts
 from router.forward.forwarder import Forwarder
 from router.forward.waiting import waiting
@@ -226,7 +226,6 @@ class Router:
 
     def start(self) -> None:
         use_poll()
-        wake_reactors()
         self.recover()
         if self.queue.shared:
             self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
