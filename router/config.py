@@ -12,11 +12,12 @@ import ipaddress
 import re
 import socket
 import tomllib
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from router.codecs import registry
 from router.rules import COMPARISON, CONTEXT_KEYS, PRIORITIES, SKIP
@@ -75,9 +76,10 @@ class Tls(_Strict):
     """DICOM TLS (PS3.15 B.1): our certificate and key, the CA that signs the peer's, and whether
     the peer must present one. Paths are relative to router.toml."""
 
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
+    # `cert_file`, `key_file`, `ca_file` are the same fields, as a DICOMweb destination writes them
+    cert: Path | None = Field(None, validation_alias=AliasChoices("cert", "cert_file"))
+    key: Path | None = Field(None, validation_alias=AliasChoices("key", "key_file"))
+    ca: Path | None = Field(None, validation_alias=AliasChoices("ca", "ca_file"))
     require_peer_cert: bool = True
     verify_hostname: bool = False  # outbound: check the destination's certificate names its host
 
@@ -247,10 +249,88 @@ class CommitmentScp(_Strict):
 
 
 
+def _web_root(value: str) -> str:
+    """A DICOMweb root: http(s)://host[:port][/path], no credentials, query or fragment."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"{value!r} is not an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError(f"{value!r} names no host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("credentials do not go in the URL: use auth (their files are never printed)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"{value!r}: the DICOMweb root takes no query or fragment")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+    return value.rstrip("/")
+
+
+WebRoot = Annotated[str, AfterValidator(_web_root)]
+
+
+class BasicAuth(_Strict):
+    """HTTP Basic: the password is read from its file (re-read when the file changes)."""
+
+    username: str = Field(min_length=1)
+    password_file: Path
+
+    @field_validator("username")
+    @classmethod
+    def _no_colon(cls, value: str) -> str:
+        if ":" in value or not value.isprintable():
+            raise ValueError("an HTTP Basic user name has no colon and no control character")
+        return value
+
+    def files(self) -> dict[str, Path]:
+        return {"password_file": self.password_file}
+
+
+class BearerAuth(_Strict):
+    """A bearer token read from its file, re-read when the file changes."""
+
+    token_file: Path
+
+    def files(self) -> dict[str, Path]:
+        return {"token_file": self.token_file}
+
+
+class OAuth2Auth(_Strict):
+    """OAuth2 client credentials (RFC 6749 4.4): a token from `token_url`, cached until it expires."""
+
+    token_url: WebRoot
+    client_id: str = Field(min_length=1)
+    client_secret_file: Path
+    scope: str = ""
+
+    def files(self) -> dict[str, Path]:
+        return {"client_secret_file": self.client_secret_file}
+
+
+Auth = BasicAuth | BearerAuth | OAuth2Auth
+
+# fields that belong to one protocol only: set for the other, the rule file is refused
+DIMSE_ONLY = ("ae_title", "host", "port", "calling_ae_title", "forward_calling_ae_title", "max_associations",
+              "max_pdu")
+DICOMWEB_ONLY = ("auth", "max_requests", "instances_per_request", "max_request_mb", "part_transfer_syntax")
+
+
 class Destination(_Strict):
-    ae_title: AeTitle
-    host: str
-    port: int = Field(ge=1, le=65535)
+    # DIMSE: the destination's AE title, host and port; DICOMweb: its root URL (STOW-RS)
+    ae_title: AeTitle | None = None
+    host: str | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    url: WebRoot | None = None
+    auth: Auth | None = None
+    max_requests: int = Field(2, ge=1, le=16, description="DICOMweb: parallel STOW-RS requests at most")
+    instances_per_request: int = Field(16, ge=1, le=1000, description="DICOMweb: instances in one request at most")
+    max_request_mb: float = Field(256, gt=0, description="DICOMweb: a request closes before it grows past "
+                                  "this (one instance larger than this goes alone)")
+    # DICOMweb: the transfer-syntax parameter in each part's Content-Type; "auto": sent until the
+    # server is seen to store nothing of a request that carries it (then left out: each part's
+    # file meta says its transfer syntax anyway)
+    part_transfer_syntax: bool | Literal["auto"] = "auto"
     calling_ae_title: AeTitle | None = None
     forward_calling_ae_title: bool = False  # associate with the calling AE title of the modality that sent it
     max_associations: int = Field(1, ge=1, le=16)
@@ -286,6 +366,56 @@ class Destination(_Strict):
         for window in windows:
             parse_window(window)
         return windows
+
+    @model_validator(mode="after")
+    def _one_protocol(self) -> Destination:
+        from pydantic_core import InitErrorDetails, PydanticCustomError
+
+        def refused(field: str, message: str) -> ValidationError:
+            error = PydanticCustomError("protocol", "{message}", {"message": message})
+            return ValidationError.from_exception_data("Destination", [InitErrorDetails(
+                type=error, loc=(field,), input=getattr(self, field, None))])
+
+        if self.url is not None:
+            for field in DIMSE_ONLY:
+                if field in self.model_fields_set:
+                    raise refused(field, f"{field} is for a DIMSE destination; this one is DICOMweb (url)"
+                                  + (": use max_requests" if field == "max_associations" else ""))
+            if self.tls is not None and {"require_peer_cert", "verify_hostname"} & self.tls.model_fields_set:
+                raise refused("tls", "a DICOMweb destination's certificate and host name are always verified: "
+                              "give its CA with ca_file")
+            if self.commitment is not False:
+                raise refused("commitment", "a DICOMweb destination has no storage commitment SCP: "
+                              "with [commitment] mode = \"relay\", a STOW-RS response that lists an "
+                              "instance is its commitment")
+            return self
+        for field in DICOMWEB_ONLY:
+            if field in self.model_fields_set:
+                raise refused(field, f"{field} is for a DICOMweb destination (url); this one is DIMSE")
+        for field in ("ae_title", "host", "port"):
+            if getattr(self, field) is None:
+                raise refused(field, f"{field} is required (or url, for a DICOMweb destination)")
+        return self
+
+    @property
+    def protocol(self) -> str:
+        """"dicomweb" (STOW-RS to `url`) or "dimse" (C-STORE to ae_title@host:port)."""
+        return "dicomweb" if self.url is not None else "dimse"
+
+    @property
+    def address(self) -> str:
+        """Where it is, as the logs and the status page show it (never a secret)."""
+        return self.url if self.url is not None else f"{self.ae_title}@{self.host}:{self.port}"
+
+    @property
+    def ceiling(self) -> int:
+        """Sender threads at most: parallel associations (DIMSE) or requests (DICOMweb)."""
+        return self.max_requests if self.url is not None else self.max_associations
+
+    @property
+    def claim_size(self) -> int:
+        """Jobs claimed at a time: a batch, and for DICOMweb at least one full request."""
+        return max(self.batch_size, self.instances_per_request) if self.url is not None else self.batch_size
 
     @model_validator(mode="after")
     def _stable_max_after_stable(self) -> Destination:
@@ -516,6 +646,19 @@ def _tls_files(tls: Tls | None) -> list[tuple[str, Path]]:
     return [(k, v) for k in ("cert", "key", "ca") if (v := getattr(tls, k)) is not None and not v.is_file()]
 
 
+def _unreadable(path: Path) -> str:
+    """Why the secret file at `path` cannot be read ("" when it can); never its content."""
+    try:
+        with path.open("rb"):
+            return ""
+    except FileNotFoundError:
+        return f"file not found: {path}"
+    except IsADirectoryError:
+        return f"a directory, not a file: {path}"
+    except OSError as exc:
+        return f"cannot be read: {path} ({exc.strerror})"
+
+
 def load_rule_file(path: Path) -> DestinationRules:
     data = _read_toml(path)
     tag = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -529,6 +672,14 @@ def load_rule_file(path: Path) -> DestinationRules:
         missing = [f"{path}: field destination.tls.{k}: file not found: {v}" for k, v in _tls_files(destination.tls)]
         if missing:
             raise ConfigError("\n".join(missing))
+    if destination.auth is not None:
+        auth = destination.auth.model_copy(update={k: (path.parent / v).resolve()
+                                                   for k, v in destination.auth.files().items()})
+        destination = destination.model_copy(update={"auth": auth})
+        unreadable = [f"{path}: field destination.auth.{k}: {why}" for k, v in auth.files().items()
+                      if (why := _unreadable(v))]
+        if unreadable:
+            raise ConfigError("\n".join(unreadable))
     if isinstance(destination.commitment, CommitmentScp) and destination.commitment.tls is not None:
         scp = destination.commitment.model_copy(update={"tls": destination.commitment.tls.resolved(path.parent)})
         destination = destination.model_copy(update={"commitment": scp})

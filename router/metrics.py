@@ -67,9 +67,30 @@ TRANSCODE_SECONDS = Histogram(
 )
 FORWARD_SECONDS = Histogram(
     "dicom_router_forward_seconds",
-    "Time for one C-STORE to a destination, request to response",
+    "Time for one C-STORE to a destination, request to response (STOW-RS: a request's time shared by its "
+    "instances)",
     ["destination"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+STOW_REQUESTS = Counter(
+    "dicom_router_stow_requests",
+    "STOW-RS requests to a DICOMweb destination, by HTTP status class (2xx..5xx; error: no answer)",
+    ["destination", "status"],
+)
+STOW_REQUEST_SECONDS = Histogram(
+    "dicom_router_stow_request_seconds",
+    "Time for one STOW-RS request, body sent to response read, by HTTP status class",
+    ["destination", "status"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+STOW_REQUEST_INSTANCES = Histogram(
+    "dicom_router_stow_request_instances",
+    "Instances in one STOW-RS request",
+    ["destination"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000),
+)
+STOW_REQUEST_BYTES = Counter(
+    "dicom_router_stow_request_bytes", "Bytes of the STOW-RS request bodies sent to a destination", ["destination"]
 )
 CODEC_POOL_RESTARTS = Counter(
     "dicom_router_codec_pool_restarts",
@@ -343,6 +364,7 @@ class _AllProcesses(Collector):
             FORWARD_FAILURES, FALLBACKS, SKIPPED, PURGED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
             COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
             COMMITMENT_RELAYED_INSTANCES, COMMITMENT_RELAY_REPORTS_REFUSED, DUPLICATE_SENDS, CODEC_POOL_RESTARTS,
+            STOW_REQUESTS, STOW_REQUEST_SECONDS, STOW_REQUEST_INSTANCES, STOW_REQUEST_BYTES,
         )
     }
 

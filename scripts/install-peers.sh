@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install the independent DICOM programs the tests and the benchmark talk to:
-# DCMTK (storescu, storescp, dcmdjpeg, dcmdjpls, ...), GDCM (gdcmconv), Orthanc, Prometheus (promtool),
+# DCMTK (storescu, storescp, dcmdjpeg, dcmdjpls, ...), GDCM (gdcmconv), Orthanc with its DICOMweb plugin, Prometheus (promtool),
 # podman with runc and mmdebstrap to build and run the container image on a Debian base, and
 # Chromium with its driver for the status page's browser test, and PostgreSQL and HAProxy for
 # the tests of several nodes sharing one queue behind one DICOM address.
 set -euo pipefail
-packages=(dcmtk libgdcm-tools orthanc prometheus systemd openssl podman runc mmdebstrap uidmap slirp4netns fuse-overlayfs chromium chromium-driver postgresql haproxy)
+packages=(dcmtk libgdcm-tools orthanc orthanc-dicomweb prometheus systemd openssl podman runc mmdebstrap uidmap slirp4netns fuse-overlayfs chromium chromium-driver postgresql haproxy)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -8,7 +8,7 @@
                forwarder never knows the protocol
     record     the outcome of each job: queue, metric and log together (`Forwarder.record`)
 
-Sender threads, at most `max_associations` of them, each run this pipeline; they share the
+Sender threads, at most `max_associations` (DICOMweb: `max_requests`) of them, each run this pipeline; they share the
 destination's sender. When a job cannot go out in its rule's syntax (the codec cannot carry it,
 failed, or the destination refused the syntax), `Forwarder._fall_back` alone applies what
 `request.fallback` says is tried next.
@@ -85,7 +85,7 @@ class Forwarder:
     @property
     def ceiling(self) -> int:
         in_force = self.rule_file(self.name)
-        return in_force.destination.max_associations if in_force else 1
+        return in_force.destination.ceiling if in_force else 1
 
     def start(self) -> None:
         for index in range(self.ceiling):
@@ -156,7 +156,7 @@ class Forwarder:
         if short and self._wake.is_set():  # woken meanwhile: new work, claim it now
             self._wake.clear()
             short = False
-        jobs = [] if short else self.queue.claim(self.name, destination.batch_size, now=now, holding=holding)
+        jobs = [] if short else self.queue.claim(self.name, destination.claim_size, now=now, holding=holding)
         for job in jobs:
             if job.taken_over_from:
                 self.log.warning("job_taken_over", from_node=job.taken_over_from,
@@ -169,7 +169,7 @@ class Forwarder:
             self._wake.clear()
             return True
         self._batch(rule_file, jobs)
-        self._checked.short = len(jobs) < destination.batch_size
+        self._checked.short = len(jobs) < destination.claim_size
         return True
 
     def _release_held_back(self) -> None:
@@ -299,7 +299,7 @@ class Forwarder:
                     continue
                 _cancel(sent.item)
                 self._discard_output(sent.item)
-                self.record(destination, sent.item.job, sent.outcome, sent.why)
+                self.record(destination, sent.item.job, sent.outcome, sent.why, not_before_s=sent.retry_after_s)
                 unresolved.pop(sent.item.job.id)
         finally:
             self._delivered(delivered)
@@ -441,9 +441,11 @@ class Forwarder:
             metrics.FORWARDED_BYTES_AS_RECEIVED.labels(destination=self.name).inc(item.job.instance.size)
             metrics.END_TO_END_SECONDS.labels(destination=self.name).observe(max(0.0, now - item.job.instance.received_at))
 
-    def record(self, destination: Destination, job: Job, outcome: Outcome, why: str) -> None:
+    def record(self, destination: Destination, job: Job, outcome: Outcome, why: str,
+               not_before_s: float = 0.0) -> None:
         """Record a job's outcome other than delivered (see `_delivered`) in the queue, the
-        metrics and the log. A retry past `max_attempts` is a dead letter."""
+        metrics and the log. A retry past `max_attempts` is a dead letter; a retry waits its
+        backoff, and at least `not_before_s` (the destination's Retry-After)."""
         uid = job.instance.sop_instance_uid
         if outcome is Outcome.SKIPPED:
             for path in self.queue.complete([Delivery(job.id, Outcome.SKIPPED, note=why)]):
@@ -458,7 +460,8 @@ class Forwarder:
             self.queue.dead(job.id, why)
             self.log.error("dead_letter", sop_instance_uid=uid, attempts=attempts, error=why)
         else:
-            delay = backoff_delay(attempts, destination.retry.backoff_s, destination.retry.max_backoff_s)
+            delay = max(not_before_s, backoff_delay(attempts, destination.retry.backoff_s,
+                                                    destination.retry.max_backoff_s))
             self.queue.retry(job.id, why, time.time() + delay)
             self.log.warning("retry_scheduled", sop_instance_uid=uid, attempts=attempts, retry_in_s=round(delay, 1),
                              error=why)

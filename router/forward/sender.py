@@ -3,7 +3,7 @@
 The forwarder prepares each job (the file to send, in which transfer syntax) and hands a batch
 to its destination's `Sender`; the sender says, per item, what became of it (`Sent`). The
 forwarder never knows which protocol it drives: DIMSE C-STORE over the association pool
-(`forward.dimse`) is one sender, and a destination protocol is one more module.
+(`forward.dimse`) is one sender, DICOMweb STOW-RS (`forward.stow`) another.
 
     accepted   which transfer syntaxes the destination takes for a SOP class, once known (a
                sender learns it from the destination, or its configuration says so)
@@ -64,7 +64,8 @@ class Sent:
     why: str = ""  # for a retry or a dead letter: the error
     size: int = 0  # bytes sent, when delivered
     seconds: float = 0.0  # how long the destination took
-    status: str = ""  # the destination's answer, for the log ("0x0000", "200")
+    status: str = ""  # the destination's answer, for the log ("0x0000", "HTTP 200")
+    retry_after_s: float = 0.0  # a retry: the destination asked not to be tried again before this
 
 
 # the forwarder's answer before an item goes out; `refused`: the destination does not take the

@@ -99,8 +99,13 @@ def cmd_check(args: argparse.Namespace, cfg: config.Loaded) -> int:
     for dest in cfg.destinations:
         d = dest.destination
         paced = pacing(d)
-        print(escape(f"{dest.path}: ok: destination {dest.name} -> {d.ae_title}@{d.host}:{d.port}, "
+        protocol = "DICOMweb STOW-RS" if d.protocol == "dicomweb" else "DIMSE C-STORE"
+        auth = f", {type(d.auth).__name__.removesuffix('Auth').replace('OAuth2', 'OAuth2 client credentials')} " \
+               "authentication" if d.auth is not None else ""
+        print(escape(f"{dest.path}: ok: destination {dest.name} -> {d.address} ({protocol}{auth}), "
                      f"{len(dest.rules)} rule(s)" + (f"; {paced}" if paced else "")))
+        if d.protocol == "dicomweb" and d.url.startswith("http://") and d.auth is not None:
+            print(f"{dest.path}: warning: {dest.name}'s credentials go in clear over http://; use https://")
         last = dest.rules[-1]
         if last.match:
             print(f"{dest.path}: note: the last rule has a match table; instances matching no rule are not "

@@ -48,7 +48,7 @@ class Router:
         self._stopped = threading.Event()
         self.spool = spool_for(cfg)
         # forwarders' sender threads, the reporter, the heartbeat and the status page share the pool
-        self.queue = open_queue(cfg, pool_size=8 + sum(d.destination.max_associations for d in cfg.destinations))
+        self.queue = open_queue(cfg, pool_size=8 + sum(d.destination.ceiling for d in cfg.destinations))
         self._heartbeat: threading.Thread | None = None
         self.pool: CodecPool | None = None
         self.forwarders: dict[str, Forwarder] = {}

@@ -191,8 +191,7 @@ class StatusPage:
         for name in names:
             state = self._state(name, counts, retrying, paused)
             target = rules.get(name)
-            where = (f"{target.destination.ae_title}@{target.destination.host}:{target.destination.port}"
-                     if target else "no rule file")
+            where = target.destination.address if target else "no rule file"
             age = oldest.get(name)
             rate = self._recent_rate(name)
             rows.append(
