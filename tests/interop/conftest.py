@@ -32,6 +32,7 @@ from tests.support.peers import free_port, wait_until
 
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 PEER_ENV = dict(os.environ, TCP_NODELAY="1")
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
 
 # storescu proposes only uncompressed syntaxes unless told which compressed one to add;
 # a scanner sending a compressed file proposes that file's own syntax
@@ -111,9 +112,10 @@ def echoscu(port: int, called_ae: str = "ROUTER", calling_ae: str = "MODALITY") 
 class Orthanc:
     """A private Orthanc: its own storage, index and configuration, on free ports."""
 
-    def __init__(self, directory: Path, ae_title: str = "ORTHANC") -> None:
+    def __init__(self, directory: Path, ae_title: str = "ORTHANC", users: dict[str, str] | None = None) -> None:
         self.directory = directory
         self.ae_title = ae_title
+        self.users = users or {}  # HTTP Basic users of the REST API and DICOMweb; none: no authentication
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.storage = directory / "storage"
@@ -130,7 +132,8 @@ class Orthanc:
             "HttpServerEnabled": True,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self.users),
+            "RegisteredUsers": self.users,
             "StorageDirectory": str(self.storage),
             "IndexDirectory": str(self.storage),
             "StorageCompression": False,
@@ -138,7 +141,8 @@ class Orthanc:
             "UnknownSopClassAccepted": True,
             "OverwriteInstances": False,
             "SaveJobs": False,
-            "Plugins": [],
+            "Plugins": [DICOMWEB_PLUGIN] if Path(DICOMWEB_PLUGIN).exists() else [],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "TcpNoDelay": True,
         }, indent=2))
         self.log_path = directory / "orthanc.log"
@@ -174,8 +178,18 @@ class Orthanc:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    @property
+    def dicomweb_url(self) -> str:
+        return f"{self.url}/dicom-web"
+
     def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.url + path, timeout=10) as rsp:
+        request = urllib.request.Request(self.url + path)
+        if self.users:
+            import base64
+
+            user, password = next(iter(self.users.items()))
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        with urllib.request.urlopen(request, timeout=10) as rsp:
             return rsp.read()
 
     def get_json(self, path: str):  # noqa: ANN201
@@ -210,8 +224,8 @@ def orthanc_factory(tmp_path):
     require("Orthanc")
     started: list[Orthanc] = []
 
-    def make(ae_title: str = "ORTHANC") -> Orthanc:
-        server = Orthanc(tmp_path / f"orthanc{len(started)}", ae_title)
+    def make(ae_title: str = "ORTHANC", users: dict[str, str] | None = None) -> Orthanc:
+        server = Orthanc(tmp_path / f"orthanc{len(started)}", ae_title, users)
         started.append(server)
         return server.start()
 

@@ -353,11 +353,14 @@ class Destination:
     extra: str = ""  # more [destination] keys, TOML lines
     retry: str = "{ max_attempts = 5, backoff_s = 0.2, max_backoff_s = 1 }"
     timeouts: str = "{ connect_s = 2, acse_s = 5, dimse_s = 20, network_s = 20 }"
+    url: str = ""  # a DICOMweb destination (STOW-RS) instead of ae_title, host and port
 
     def toml(self) -> str:
+        where = f'url = "{self.url}"\n' if self.url else \
+            f'ae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
         return (
             "[destination]\n"
-            f'ae_title = "{self.ae_title}"\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f"{where}"
             f"retry = {self.retry}\n"
             f"timeouts = {self.timeouts}\n"
             f"{textwrap.dedent(self.extra)}\n"
