@@ -91,3 +91,36 @@ def test_check_says_which_destinations_relay_storage_commitment(tmp_path):
         in result.stdout
     none = write(tmp_path, DEST + '[[rule]]\nsyntax = "original"\n', '[commitment]\nmode = "relay"\n')
     assert 'no destination has `commitment` set' in run_check(none).stdout
+
+
+def test_the_shipped_dicomweb_example_checks_and_says_its_protocol_never_its_secret(tmp_path):
+    (tmp_path / "rules").mkdir()
+    example = (REPO / "rules" / "examples" / "CLOUD.toml").read_text()
+    (tmp_path / "rules" / "CLOUD.toml").write_text(example)
+    (tmp_path / "rules" / "CLOUD.password").write_text("Hunter2-archive-secret\n")
+    cfg = tmp_path / "router.toml"
+    cfg.write_text('[storage]\nspool_dir = "spool"\n[rules]\ndir = "rules"\n')
+    result = run_check(cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("destination CLOUD -> https://archive.example.org/dicom-web (DICOMweb STOW-RS, Basic authentication)"
+            in result.stdout)
+    assert "Hunter2" not in result.stdout + result.stderr
+    destination = config.load(cfg).destination("CLOUD").destination
+    assert destination.protocol == "dicomweb" and destination.instances_per_request == 16
+
+
+def test_a_dicomweb_destination_whose_secret_file_is_missing_is_refused_naming_the_field(tmp_path):
+    cfg = write(tmp_path, '[destination]\nurl = "http://10.0.0.9/dicom-web"\n'
+                          'auth = { token_file = "gone.token" }\n[[rule]]\nsyntax = "original"\n')
+    result = run_check(cfg)
+    assert result.returncode == 2
+    assert "PACS.toml: field destination.auth.token_file: file not found" in result.stdout + result.stderr
+
+
+def test_credentials_over_plain_http_are_warned_of(tmp_path):
+    cfg = write(tmp_path, '[destination]\nurl = "http://10.0.0.9/dicom-web"\n'
+                          'auth = { username = "u", password_file = "pw" }\n[[rule]]\nsyntax = "original"\n')
+    (tmp_path / "rules" / "pw").write_text("x")
+    result = run_check(cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PACS's credentials go in clear over http://" in result.stdout
