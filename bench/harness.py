@@ -9,6 +9,7 @@ without it they stall ~40 ms per message on loopback (Nagle + delayed ACK).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,17 +226,18 @@ class RouterRule:
 
 def start_router(workdir: Path, dest_port: int, rule: RouterRule, dest_aet: str = "STORESCP",
                  workers: int = 0, metrics_port: int = 0, spool: Path | None = None, extra: str = "",
-                 name: str = "router") -> Server:
+                 name: str = "router", destination: str = "") -> Server:
     """`dicom-router serve` with one destination and one rule; config written like tests/support/peers.py.
-    `spool`: its spool directory (default: in `workdir`); `extra`: more router.toml tables."""
+    `spool`: its spool directory (default: in `workdir`); `extra`: more router.toml tables;
+    `destination`: where the destination is, TOML lines (default: DIMSE to dest_aet on dest_port)."""
     port = free_port()
     rules = workdir / "rules"
     rules.mkdir(parents=True, exist_ok=True)
     (rules / "DEST.toml").write_text(
         "[destination]\n"
-        f'ae_title = "{dest_aet}"\nhost = "127.0.0.1"\nport = {dest_port}\n'
-        "max_associations = 2\n"
-        "retry = { max_attempts = 5, backoff_s = 0.2, max_backoff_s = 1 }\n\n"
+        + (destination or f'ae_title = "{dest_aet}"\nhost = "127.0.0.1"\nport = {dest_port}\n'
+           "max_associations = 2\n")
+        + "retry = { max_attempts = 5, backoff_s = 0.2, max_backoff_s = 1 }\n\n"
         + rule.toml()
     )
     config = workdir / "router.toml"
@@ -295,6 +298,47 @@ def start_orthanc(workdir: Path, dest_port: int, ingest_transcoding: str | None)
     server = launch("orthanc", ["Orthanc", str(path)], workdir, port)
     wait_listening(server, timeout=60)
     return server
+
+
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"  # Debian's orthanc-dicomweb
+
+
+@dataclass
+class Archive:
+    """Orthanc as the PACS at the end: DIMSE on `dicom_port`, STOW-RS under `dicomweb_url`."""
+
+    server: Server
+    dicom_port: int
+    http_port: int
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def count(self) -> int:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/statistics")
+        request.add_header("Authorization", "Basic " + base64.b64encode(b"router:bench").decode())
+        with urllib.request.urlopen(request, timeout=10) as rsp:
+            return int(json.loads(rsp.read())["CountInstances"])
+
+
+def start_archive(workdir: Path) -> Archive:
+    """Orthanc 1.10 with its DICOMweb plugin and HTTP Basic authentication, storing what it gets."""
+    dicom_port, http_port = free_port(), free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "Name": "archive", "StorageDirectory": str(workdir / "storage"), "IndexDirectory": str(workdir / "index"),
+        "StorageCompression": False, "HttpServerEnabled": True, "HttpPort": http_port,
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": True, "RegisteredUsers": {"router": "bench"},
+        "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        "DicomServerEnabled": True, "DicomAet": "ARCHIVE", "DicomPort": dicom_port, "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True, "SaveJobs": False, "TcpNoDelay": True,
+    }
+    path = workdir / "orthanc.json"
+    path.write_text(json.dumps(config, indent=2))
+    server = launch("archive", ["Orthanc", str(path)], workdir, dicom_port)
+    wait_listening(server, timeout=60)
+    return Archive(server, dicom_port, http_port)
 
 
 def storescu(files: list[Path], port: int, workdir: Path, called_ae: str = "ROUTER", tag: str = "") -> subprocess.Popen:

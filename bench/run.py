@@ -49,6 +49,7 @@ class Setup:
     dest: Path | None  # images counted here; None: done when every storescu has exited
     servers: list[Server] = field(default_factory=list)
     metrics_url: str | None = None  # the router's /metrics: CPU by stage
+    counter: Callable[[], int] | None = None  # images at the destination, when not files in `dest`
 
 
 # Where destinations write. The destination stands for a PACS on another machine: on a tmpfs its
@@ -98,6 +99,29 @@ def _router(rule: RouterRule, dest_kind: str = "storescp") -> Callable[[Path], S
     return setup
 
 
+def _to_archive(rule: RouterRule, stow: int | None) -> Callable[[Path], Setup]:
+    """The router in front of Orthanc as the archive: STOW-RS with `stow` instances per request,
+    or DIMSE C-STORE (None), the same Orthanc either way."""
+    def setup(work: Path) -> Setup:
+        metrics_port = harness.free_port()
+        archive = harness.start_archive(work / "archive")
+        if stow is None:
+            where = f'ae_title = "ARCHIVE"\nhost = "127.0.0.1"\nport = {archive.dicom_port}\nmax_associations = 2\n'
+        else:
+            secret = work / "archive.password"
+            secret.write_text("bench\n")
+            where = (f'url = "{archive.dicomweb_url}"\nmax_requests = 2\ninstances_per_request = {stow}\n'
+                     f'auth = {{ username = "router", password_file = "{secret}" }}\n')
+        try:
+            router = harness.start_router(work / "router", 0, rule, metrics_port=metrics_port, destination=where)
+        except BaseException:
+            archive.server.stop()
+            raise
+        return Setup(router.port, "ROUTER", router, None, [router, archive.server],
+                     f"http://127.0.0.1:{metrics_port}/metrics", counter=archive.count)
+    return setup
+
+
 def _orthanc(ingest: str | None) -> Callable[[Path], Setup]:
     return lambda work: _with_storescp(work, lambda port: harness.start_orthanc(work / "orthanc", port, ingest))
 
@@ -135,6 +159,18 @@ KINDS: dict[str, Kind] = {
     "orthanc-jpeg70": Kind(_orthanc(JPEG_LOSSLESS_SV1), "ct", "Orthanc 1.10 IngestTranscoding JPEG lossless SV1 + Lua forward"),
     "naive-original": Kind(_naive(False), "ct", "naive pynetdicom forwarder, pass-through"),
     "naive-jls": Kind(_naive(True), "ct", "naive pynetdicom forwarder, ds.compress(JPEG-LS)"),
+    "stow-original": Kind(_to_archive(RouterRule("original"), 16), "ct",
+                          "router -> Orthanc STOW-RS, as received, 16 instances per request"),
+    "stow-original-1": Kind(_to_archive(RouterRule("original"), 1), "ct",
+                            "router -> Orthanc STOW-RS, as received, 1 instance per request"),
+    "stow-original-64": Kind(_to_archive(RouterRule("original"), 64), "ct",
+                             "router -> Orthanc STOW-RS, as received, 64 instances per request"),
+    "stow-jls": Kind(_to_archive(RouterRule("jpeg-ls-lossless"), 16), "ct",
+                     "router -> Orthanc STOW-RS, JPEG-LS lossless, 16 instances per request"),
+    "cstore-original": Kind(_to_archive(RouterRule("original"), None), "ct",
+                            "router -> the same Orthanc by DIMSE C-STORE, as received"),
+    "cstore-jls": Kind(_to_archive(RouterRule("jpeg-ls-lossless"), None), "ct",
+                       "router -> the same Orthanc by DIMSE C-STORE, JPEG-LS lossless"),
     "bare-default": Kind(_bare(None), "ct", "bare pynetdicom receiver, default max PDU (16382)"),
     "bare-unlimited": Kind(_bare(0), "ct", "bare pynetdicom receiver, unlimited max PDU"),
 }
@@ -143,9 +179,10 @@ FULL = [
     "direct", "direct-4x", "router-original", "router-original-4x", "router-jls", "router-jls-noverify",
     "router-htj2k", "orthanc-original", "orthanc-jls", "orthanc-jpeg70", "naive-original", "naive-jls",
     "bare-default", "bare-unlimited", "direct:mr", "router-jpeg-lossy:mr", "direct:cr", "router-original:cr",
-    "router-jls:cr", "orthanc-jls:cr",
+    "router-jls:cr", "orthanc-jls:cr", "stow-original", "stow-original-1", "stow-original-64", "stow-jls",
+    "cstore-original", "cstore-jls",
 ]
-QUICK = ["direct", "router-original", "router-jls", "naive-jls", "bare-default", "bare-unlimited"]
+QUICK = ["direct", "router-original", "router-jls", "naive-jls", "bare-default", "bare-unlimited", "stow-original"]
 
 
 @dataclass(frozen=True)
@@ -226,7 +263,12 @@ def run_once(scenario: Scenario, study: corpus.Study, root: Path) -> dict:
                                f"{_tail(work / 'storescu-warmup.log')}")
         if setup.dest is not None:
             _wait_count(setup.dest, len(study.warmup), 120, setup.servers)
+        if setup.counter is not None:
+            deadline = time.monotonic() + 120
+            while setup.counter() < len(study.warmup) and time.monotonic() < deadline:
+                time.sleep(0.05)
         before = set(os.listdir(setup.dest)) if setup.dest is not None else set()
+        counted = setup.counter() if setup.counter is not None else 0
         _read_through(study.files)  # the modality's files in the page cache, whatever was evicted since
         stages0 = harness.stage_cpu(setup.metrics_url) if setup.metrics_url else None
         cpu0 = harness.cpu_seconds(setup.middle.tree())
@@ -243,10 +285,12 @@ def run_once(scenario: Scenario, study: corpus.Study, root: Path) -> dict:
                 if any(codes):
                     logs = "\n".join(_tail(work / f"storescu-{i}.log") for i in range(len(senders)))
                     raise RuntimeError(f"storescu exited {codes}; {_server_states(setup.servers)}\n{logs}")
-                if setup.dest is None:
+                if setup.dest is None and setup.counter is None:
                     t_done = t_send
             if setup.dest is not None and harness.count_files(setup.dest) >= len(before) + n:
                 t_done = now - t0
+            if setup.counter is not None and setup.counter() >= counted + n:
+                t_done = time.monotonic() - t0
             for s in setup.servers:
                 if not s.alive():
                     raise RuntimeError(f"{_exit_text(s)}\n{s.log_tail()}")
