@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.peers import REPO, Destination, Pacs, RouterProcess, data, free_port, send, wait_until
+from tests.support.stow_server import StowServer
 
 DASHBOARD = REPO / "dashboards" / "dicom-router.json"
 ALERTS = REPO / "dashboards" / "alerts.yml"
@@ -191,8 +192,10 @@ def scraped(tmp_path_factory):
     prometheus binary exists) a Prometheus scraping it every second with alerts.yml loaded."""
     tmp = tmp_path_factory.mktemp("scraped")
     pacs = Pacs(tmp / "pacs").start()
+    archive = StowServer()  # a DICOMweb destination too, so that its metrics have values
     router = RouterProcess(
-        tmp / "router", [Destination("PACS", pacs.port, '[[rule]]\nname = "all"\nsyntax = "jpeg-ls-lossless"\n')]
+        tmp / "router", [Destination("PACS", pacs.port, '[[rule]]\nname = "all"\nsyntax = "jpeg-ls-lossless"\n'),
+                         Destination("ARCHIVE", 0, '[[rule]]\nname = "all"\nsyntax = "original"\n', url=archive.url)]
     )
     prometheus = None
     try:
@@ -204,12 +207,15 @@ def scraped(tmp_path_factory):
         wait_until(lambda: pacs.count() == 1, 20, what="the first image at the PACS")
         if prometheus is not None:
             # rates need a counter seen before and after an increase
-            wait_until(lambda: prometheus.value("dicom_router_forwarded_instances_total") == 1, 20, 0.2,
+            wait_until(lambda: prometheus.value("dicom_router_forwarded_instances_total", destination="PACS") == 1,
+                       20, 0.2,
                        "prometheus to see the first forward")
         assert send(router.port, [data("693_UNCR.dcm"), data("US1_UNCR.dcm")]) == [0, 0]
         wait_until(lambda: pacs.count() == 3, 20, what="three images at the PACS")
+        wait_until(lambda: len(archive.stored) == 3, 20, what="three images at the DICOMweb archive")
         if prometheus is not None:
-            wait_until(lambda: prometheus.value("sum(dicom_router_forwarded_instances_total)") == 3, 20, 0.2,
+            wait_until(lambda: prometheus.value('sum(dicom_router_forwarded_instances_total{destination="PACS"})') == 3,
+                       20, 0.2,
                        "prometheus to see three forwards")
         yield router, prometheus
     finally:
@@ -217,6 +223,7 @@ def scraped(tmp_path_factory):
             prometheus.stop()
         router.kill()
         pacs.stop()
+        archive.stop()
 
 
 # -- the dashboard ----------------------------------------------------------------------------------
