@@ -73,7 +73,12 @@ class Forwarder:
         self.holds = Holds(spool.root)  # `dicom-router pause` puts a destination on hold
         # deliveries are committed without an fsync; their files go once a sync made them durable
         self._removal = LateRemoval(spool, queue.sync)
-        # how the destination is reached (DIMSE C-STORE, ...): the forwarder does not know
+        # how the destination is reached (DIMSE C-STORE, DICOMweb STOW-RS): the forwarder does not know
+        self._calling_ae_title = calling_ae_title
+        self._own_sender = sender is None
+        self._sender_lock = threading.Lock()
+        in_force = rule_file(name)
+        self._protocol = in_force.destination.protocol if in_force is not None else ""
         self.sender = sender or sender_for(name, self._destination, queue, calling_ae_title)
 
     def _destination(self) -> Destination:
@@ -137,6 +142,8 @@ class Forwarder:
         rule_file = self.rule_file(self.name)
         if rule_file is None:
             return False
+        if self._own_sender and rule_file.destination.protocol != self._protocol:
+            self._replace_sender(rule_file.destination.protocol)
         if self.holds.is_paused(self.name):
             self.sender.idle()
             self._wake.wait(1.0)
@@ -171,6 +178,17 @@ class Forwarder:
         self._batch(rule_file, jobs)
         self._checked.short = len(jobs) < destination.claim_size
         return True
+
+    def _replace_sender(self, protocol: str) -> None:
+        """The rule file now reaches the destination by another protocol (a reload changed
+        `url` for `host`, or back): a sender of that protocol from the next batch on."""
+        with self._sender_lock:
+            if protocol == self._protocol:
+                return
+            old, self._protocol = self.sender, protocol
+            self.sender = sender_for(self.name, self._destination, self.queue, self._calling_ae_title)
+        self.log.info("destination_protocol_changed", protocol=protocol)
+        old.close()
 
     def _release_held_back(self) -> None:
         """Record the deliveries and give back the jobs that a failing queue could not take

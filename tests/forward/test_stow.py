@@ -469,6 +469,27 @@ def test_max_mbps_paces_the_request_bodies(site, servers, tmp_path):
     assert s.forwarder.sender.bucket.waited_s > 0.05
 
 
+# -- a reload that changes the protocol ----------------------------------------------------------------------------
+def test_a_rule_file_reloaded_from_dicomweb_to_dimse_and_back_uses_the_protocol_in_force(site, servers, pacs,
+                                                                                        tmp_path):
+    server = servers()
+    s = site(server, ORIGINAL)
+    first, second, third = make_series(CT, 3, tmp_path / "series")
+    s.receive([first])
+    s.forwarder.start()
+    wait_until(lambda: len(server.stored) == 1, 30, what="the first instance by STOW-RS")
+    dicomweb = s.path.read_text()
+    s.path.write_text(f'[destination]\nae_title = "PACS"\nhost = "127.0.0.1"\nport = {pacs.port}\n{ORIGINAL}')
+    s.rules = load_rule_file(s.path)
+    s.receive([second])
+    wait_until(lambda: pacs.count() == 1, 30, what="the second instance by C-STORE")
+    s.path.write_text(dicomweb)
+    s.rules = load_rule_file(s.path)
+    s.receive([third])
+    wait_until(lambda: len(server.stored) == 2, 30, what="the third instance by STOW-RS again")
+    assert pacs.received[0].dataset().SOPInstanceUID == dcmread(second).SOPInstanceUID
+
+
 # -- the rule file ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("destination", "message"), [
     ('url = "https://a.example/dicom-web"\nae_title = "PACS"', "field destination.ae_title: ae_title is for a DIMSE"),
