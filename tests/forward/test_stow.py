@@ -469,6 +469,21 @@ def test_max_mbps_paces_the_request_bodies(site, servers, tmp_path):
     assert s.forwarder.sender.bucket.waited_s > 0.05
 
 
+def test_an_archive_that_never_answers_holds_back_no_other_destination(router_factory, pacs, servers, tmp_path):
+    from tests.support.peers import Destination, send
+
+    hung = servers(lambda request: Reply(hang=True))
+    router = router_factory([
+        Destination("ARCHIVE", 0, ORIGINAL, url=hung.url,
+                    timeouts="{ connect_s = 2, acse_s = 5, dimse_s = 60, network_s = 60 }"),
+        Destination("PACS", pacs.port, ORIGINAL),
+    ])
+    files = make_series(CT, 20, tmp_path / "series")
+    assert send(router.port, files) == [0] * 20
+    wait_until(lambda: pacs.count() == 20, 30, what="every instance at the other destination")
+    assert hung.stored == {} and len(hung.requests) >= 1  # still waiting for its first answer
+
+
 # -- a reload that changes the protocol ----------------------------------------------------------------------------
 def test_a_rule_file_reloaded_from_dicomweb_to_dimse_and_back_uses_the_protocol_in_force(site, servers, pacs,
                                                                                         tmp_path):

@@ -116,6 +116,10 @@ def test_a_wrong_password_delivers_nothing_says_why_and_retried_dead_letters_go_
     assert "Tr0ub4dor" not in dead and "Tr0ub4dor" not in router.log()
     assert router.log().count("destination_refused_credentials") == 1  # once while it lasts
     assert archive.count() == 0
+    traced = subprocess.run([sys.executable, "-m", "router", "trace", "--config", str(router.config), "--sop",
+                             str(pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID)],
+                            capture_output=True, text=True, timeout=60)
+    assert "ARCHIVE" in traced.stdout and "dead" in traced.stdout and "HTTP 401" in traced.stdout, traced.stdout
     (tmp_path / "ARCHIVE.password").write_text(USERS["router"] + "\n")  # fixed on disk, no restart
     retried = queue("retry", "--destination", "ARCHIVE")
     assert retried.returncode == 0, retried.stderr
