@@ -514,6 +514,43 @@ class Rule(_Strict):
     max_error: int | None = Field(None, ge=0)
     # high overtakes the destination's backlog (as does a C-STORE sent with Priority HIGH)
     priority: Literal[PRIORITIES] = "normal"
+    # header rules (router.codecs.header): what leaves for this destination, the spool never changed
+    set: dict[str, MatchValue] = Field(default_factory=dict)
+    template: dict[str, str] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)
+    map: dict[str, Path] = Field(default_factory=dict)
+    on_unmapped: Literal["keep", "dead"] = "keep"
+
+    @model_validator(mode="after")
+    def _header_rules(self) -> Rule:
+        if not (self.set or self.template or self.remove or self.map):
+            return self
+        from pydantic_core import InitErrorDetails, PydanticCustomError
+
+        from router.codecs import header
+
+        tables = {"set": self.set, "template": self.template, "map": self.map, "remove": self.remove}
+        field = "set"
+        try:
+            for field, table in tables.items():  # each alone first: the error names its field
+                header.check_rule(**{name: (table if name == field else type(other)())
+                                     for name, other in tables.items()})
+            field = next(name for name in reversed(tables) if tables[name])
+            header.check_rule(**tables)  # one action per attribute
+        except ValueError as exc:
+            error = PydanticCustomError("header", "{message}", {"message": str(exc)})
+            raise ValidationError.from_exception_data(
+                "Rule", [InitErrorDetails(type=error, loc=(field,), input=getattr(self, field))]) from None
+        return self
+
+    @functools.cached_property
+    def header(self) -> tuple[tuple[str, ...], ...]:
+        """The header actions, as a request carries them (made once per rule)."""
+        if not (self.set or self.template or self.remove or self.map):
+            return ()
+        from router.codecs import header
+
+        return header.actions(self.set, self.template, self.map, self.remove, self.on_unmapped)
 
     @field_validator("match")
     @classmethod
@@ -686,7 +723,26 @@ def load_rule_file(path: Path) -> DestinationRules:
         missing = [f"{path}: field destination.commitment.tls.{k}: file not found: {v}" for k, v in _tls_files(scp.tls)]
         if missing:
             raise ConfigError("\n".join(missing))
-    return DestinationRules(name=path.stem, path=path, destination=destination, rules=parsed.rule, tag=tag)
+    rules = [_with_maps(path, index, rule) for index, rule in enumerate(parsed.rule)]
+    return DestinationRules(name=path.stem, path=path, destination=destination, rules=rules, tag=tag)
+
+
+def _with_maps(path: Path, index: int, rule: Rule) -> Rule:
+    """The rule with its map files resolved next to the rule file, each read once to check it."""
+    if not rule.map:
+        return rule
+    from router.codecs.header import read_map
+
+    resolved = {attribute: (path.parent / file).resolve() for attribute, file in rule.map.items()}
+    where = f"{path}: rule {index + 1}" + (f" ({rule.name!r})" if rule.name else "")
+    for attribute, file in resolved.items():
+        if why := _unreadable(file):
+            raise ConfigError(f"{where}, field map.{attribute}: {why}")
+        try:
+            read_map(file)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{where}, field map.{attribute}: {exc}") from None
+    return rule.model_copy(update={"map": resolved})
 
 
 def load(path: Path | str) -> Loaded:

@@ -72,6 +72,18 @@ FORWARD_SECONDS = Histogram(
     ["destination"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+HEADER_CHANGES = Counter(
+    "dicom_router_header_changes",
+    "Attributes changed by a destination's header rules, by rule and action (set, template, map, remove)",
+    ["destination", "rule", "action"],
+)
+HEADER_REFUSAL_REASONS = ("unmapped", "header_rule")
+HEADER_REFUSALS = Counter(
+    "dicom_router_header_refusals",
+    "Instances kept from a destination because its header rules could not be applied (reason: unmapped, "
+    "header_rule)",
+    ["destination", "reason"],
+)
 STOW_REQUESTS = Counter(
     "dicom_router_stow_requests",
     "STOW-RS requests to a DICOMweb destination, by HTTP status class (2xx..5xx; error: no answer)",
@@ -364,7 +376,8 @@ class _AllProcesses(Collector):
             FORWARD_FAILURES, FALLBACKS, SKIPPED, PURGED, TRANSCODE_SECONDS, FORWARD_SECONDS, END_TO_END_SECONDS,
             COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
             COMMITMENT_RELAYED_INSTANCES, COMMITMENT_RELAY_REPORTS_REFUSED, DUPLICATE_SENDS, CODEC_POOL_RESTARTS,
-            STOW_REQUESTS, STOW_REQUEST_SECONDS, STOW_REQUEST_INSTANCES, STOW_REQUEST_BYTES,
+            STOW_REQUESTS, STOW_REQUEST_SECONDS, STOW_REQUEST_INSTANCES, STOW_REQUEST_BYTES, HEADER_CHANGES,
+            HEADER_REFUSALS,
         )
     }
 
@@ -640,6 +653,8 @@ def declare(destinations: list[str]) -> None:
         for result in ("committed", "failed"):  # 0 but in relay mode
             COMMITMENT_RELAYED_INSTANCES.labels(destination=name, result=result)
         DUPLICATE_SENDS.labels(destination=name)
+        for reason in HEADER_REFUSAL_REASONS:
+            HEADER_REFUSALS.labels(destination=name, reason=reason)
         FORWARDED_BYTES_AS_RECEIVED.labels(destination=name)
         PURGED.labels(destination=name)
         for outcome in (Outcome.RETRY, Outcome.DEAD):

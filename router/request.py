@@ -106,6 +106,10 @@ class Request:
     verify: bool | None = None  # None: verify lossless output, not lossy
     max_error: int | None = None
     keep_sop_instance_uid: bool = False
+    # header rules (codecs.header.actions), applied to what leaves; () none. `header_rule`: the
+    # rule they come from, for the logs and metrics
+    header: tuple[tuple[str, ...], ...] = ()
+    header_rule: str = ""
 
     @property
     def params(self) -> Params:
@@ -118,11 +122,16 @@ class Request:
     @classmethod
     def from_json(cls, text: str) -> Request:
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
+        fields = {k: v for k, v in json.loads(text).items() if k in known}
+        if "header" in fields:
+            fields["header"] = tuple(tuple(action) for action in fields["header"])
+        return cls(**fields)
 
     def instead(self, syntax: str) -> Request:
-        """The same request for another syntax, without its parameters (a fallback)."""
-        return Request(syntax=syntax, keep_sop_instance_uid=self.keep_sop_instance_uid)
+        """The same request for another syntax, without its parameters (a fallback); its header
+        rules still apply."""
+        return Request(syntax=syntax, keep_sop_instance_uid=self.keep_sop_instance_uid, header=self.header,
+                       header_rule=self.header_rule)
 
 
 # what a destination that refused the rule's syntax is sent instead, first accepted first

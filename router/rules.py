@@ -155,6 +155,8 @@ def decide(rules: list[Rule], attributes: Attributes, keep_sop_instance_uid: boo
             verify=rule.verify,
             max_error=rule.max_error,
             keep_sop_instance_uid=keep_sop_instance_uid,
+            header=rule.header,
+            header_rule=label if rule.header else "",
         )
         return Decision(label, request, f"rule {index} ({label!r}): {why}: {rule.syntax}", rule.priority)
     return Decision("", None, "no rule matched: not forwarded")

@@ -39,7 +39,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 
 from router import codecs
-from router.codecs import pixeldata
+from router.codecs import header, pixeldata
 from router.codecs.encode import CannotCarry, Mismatch, encode_frames, for_syntax, repack_frames
 from router.codecs.label import lossy_bookkeeping
 from router.codecs.nested import make_valid
@@ -53,7 +53,7 @@ from router.compat.pydicom import resolve_ambiguous_vrs, teach_jpeg_xl
 from router.receive.dicomfile import read_header
 from router.request import ORIGINAL, Reason, Request, fallback
 
-__all__ = ["Transcoded", "TranscodeError", "UnknownSyntax", "transcode_file"]
+__all__ = ["HeaderRefusal", "Transcoded", "TranscodeError", "UnknownSyntax", "transcode_file"]
 
 teach_jpeg_xl()  # the output may be in a JPEG XL syntax pydicom 3.0 does not know
 
@@ -63,6 +63,18 @@ T = TypeVar("T")
 class TranscodeError(ValueError):
     """This input cannot be transcoded, and trying again will not change that (see the module
     docstring); the message says why."""
+
+
+class HeaderRefusal(TranscodeError):
+    """The destination's header rules cannot be applied to this instance (`reason`: unmapped, ...):
+    it is not sent there without them."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:
+        return type(self), (str(self), self.reason)  # it crosses from the codec worker
 
 
 class UnknownSyntax(TranscodeError, KeyError):
@@ -89,6 +101,7 @@ class Transcoded:
     # CPU seconds of this call by stage: decode (read the input, decode its pixels), encode,
     # verify (decode the output back and compare), write (the output file)
     cpu: dict[str, float] = field(default_factory=dict, compare=False)
+    header: tuple[tuple[str, str], ...] = ()  # header rules applied: (action, attribute), never values
 
 
 # ---------------------------------------------------------------- entry point
@@ -124,7 +137,10 @@ def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False
         raise TranscodeError(f"{src}: not readable as DICOM: {exc}") from exc
     if "SOPInstanceUID" not in ds or "SOPClassUID" not in ds:
         raise TranscodeError(f"{src}: not a DICOM instance (no SOP Class / Instance UID)")
-    transcoding = _Transcoding(src, dst, request, ds, start, cpu_start, max_decoded_bytes)
+    try:
+        transcoding = _Transcoding(src, dst, request, ds, start, cpu_start, max_decoded_bytes)
+    except header.HeaderRefused as exc:
+        raise HeaderRefusal(str(exc), exc.reason) from None
     try:
         return transcoding.run(target)
     except TranscodeError:
@@ -161,6 +177,9 @@ class _Transcoding:
                             and raw.length != 0xFFFFFFFF else None)
         self._photometric = str(ds.get("PhotometricInterpretation", ""))
         self._splice = False  # only the main Pixel Data changed: the output may be spliced
+        # the header rules' changes, read from the header as received; made just before the write
+        self._header = header.plan(ds, request.header) if request.header else []
+        self._header_done: tuple[tuple[str, str], ...] = ()
 
     def lap(self, stage: str) -> None:
         """Count the CPU time since the last lap under `stage`."""
@@ -171,6 +190,14 @@ class _Transcoding:
     # -- outcomes
 
     def unchanged(self, note: str, reason: Reason | None = None) -> Transcoded:
+        if self.request.header:  # the pixels as received, the header as the rules say: written all the same
+            self.lap("decode")
+            self.check_pixel_data()
+            self._apply_header()
+            uid = EXPLICIT_LE if self.ts == EXPLICIT_BE else self.ts  # big endian is written little
+            write_file(self.ds, self.src, self.dst, self.ts, uid, None)
+            return replace(self.written(codecs.get(ORIGINAL), uid, None, note + "; header rules applied"),
+                           fallback_reason=reason)
         self.lap("decode")
         return Transcoded(
             path=self.src,
@@ -198,7 +225,13 @@ class _Transcoding:
             fallback_reason=None,
             seconds=time.perf_counter() - self.start,
             cpu=dict(self.cpu),
+            header=self._header_done,
         )
+
+    def _apply_header(self) -> None:
+        if self._header:
+            self._header_done = tuple((c.action, c.attribute) for c in header.apply(self._header))
+            self._header = []
 
     # -- decisions
 
@@ -352,7 +385,8 @@ class _Transcoding:
         """The main image done: the nested ones made valid in ``uid``, the file written."""
         nested = make_valid(self.ds, self.ts, syntax, uid, self.request, self.lap)
         self.check_pixel_data()  # also gives every element one VR
-        splice = self._raw_pixels if self._splice and not nested.changed else None
+        splice = self._raw_pixels if self._splice and not nested.changed and not self._header else None
+        self._apply_header()
         write_file(self.ds, self.src, self.dst, self.ts, uid, splice)
         return self.written(syntax, uid, ratio, note + nested.note)
 

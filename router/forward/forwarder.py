@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from router import codecs, log, metrics
-from router.codecs.transcode import TranscodeError, Transcoded
+from router.codecs.transcode import HeaderRefusal, TranscodeError, Transcoded
 from router.codecs.workers import CodecCrash, CodecPool, CodecTimeout, PoolClosed
 from router.config import Destination, DestinationRules
 from router.forward.outbound import backoff_delay
@@ -35,7 +35,7 @@ from router.queue.spool import LateRemoval, Spool
 from router.receive.intake import decide_for
 from router.request import ORIGINAL, Outcome, Reason, Request, fallback
 from router.rules import Context, Decision
-from router.uids import UNCOMPRESSED
+from router.uids import EXPLICIT_BE, EXPLICIT_LE, UNCOMPRESSED
 
 OVERTAKE_CHECK_S = 0.25
 
@@ -267,6 +267,10 @@ class Forwarder:
                 item.refused = True  # refused on the connection in force: what it takes is made instead
             else:
                 item.submitted = self.codecs.submit(source, self.spool.out_path(job.id), item.request)
+        elif item.request.header:  # the pixels as they are, the header as its rules say: one write
+            if inst.transfer_syntax_uid == EXPLICIT_BE:
+                item.possible.add(EXPLICIT_LE)
+            item.submitted = self.codecs.submit(source, self.spool.out_path(job.id), item.request)
         return item
 
     def _decision(self, rule_file: DestinationRules, job: Job, item_log) -> Decision:  # noqa: ANN001
@@ -363,6 +367,14 @@ class Forwarder:
             self._discard_output(item)
             self.record(destination, item.job, Outcome.RETRY, f"cannot transcode now: {result}")
             return Ready.SKIP
+        if isinstance(result, HeaderRefusal) or (isinstance(result, TranscodeError) and item.request.header
+                                                  and item.request.syntax == ORIGINAL):
+            # never sent without its header rules (a site prefix, a de-identification)
+            self._discard_output(item)
+            metrics.HEADER_REFUSALS.labels(destination=self.name,
+                                           reason=getattr(result, "reason", "header_rule")).inc()
+            self.record(destination, item.job, Outcome.DEAD, f"header rules ({item.request.header_rule}): {result}")
+            return Ready.SKIP
         if isinstance(result, BaseException):
             reason = (Reason.CODEC_TIMEOUT if isinstance(result, CodecTimeout)
                       else Reason.CODEC_CRASH if isinstance(result, CodecCrash) else Reason.CODEC_ERROR)
@@ -378,8 +390,12 @@ class Forwarder:
         cannot carry the image or whose output does not verify is fallen back from in the
         worker (`_use` counts it). SEND, or SKIP once the job is recorded."""
         failed = item.request
-        instead = fallback(failed, reason, accepted)
         refused = reason is Reason.REFUSED_BY_DESTINATION
+        if not refused and failed.syntax == ORIGINAL and failed.header:  # the header rewrite itself failed
+            self.record(destination, item.job, Outcome.RETRY,
+                        f"header rules ({failed.header_rule}) not applied: {error or reason}")
+            return Ready.SKIP
+        instead = fallback(failed, reason, accepted)
         if refused and instead is None:
             self.record(destination, item.job, Outcome.DEAD,
                         f"destination accepts no presentation context for SOP class {item.job.instance.sop_class_uid}")
@@ -389,8 +405,10 @@ class Forwarder:
             item.log.error("transcode_failed", syntax=failed.syntax, error=error,
                            action="forwarded as received" if instead is None else f"fallback {instead.syntax}")
             if instead is None:
-                item.request = Request(syntax=ORIGINAL, keep_sop_instance_uid=failed.keep_sop_instance_uid)
-                return Ready.SEND
+                item.request = failed.instead(ORIGINAL)
+                if not item.request.header:
+                    return Ready.SEND
+                instead = item.request  # as received, with its header rules: written all the same
         result = self.codecs.run(item.source, self.spool.out_path(item.job.id, "-" + instead.syntax), instead)
         if not refused:
             item.request = instead
@@ -420,6 +438,11 @@ class Forwarder:
             metrics.CPU_SECONDS.labels(stage=stage).inc(seconds)
         if result.changed:
             metrics.TRANSCODE_SECONDS.labels(syntax=result.syntax).observe(result.seconds)
+        for action, attribute in result.header:
+            metrics.HEADER_CHANGES.labels(destination=self.name, rule=item.request.header_rule, action=action).inc()
+        if result.header:
+            item.log.info("header_changed", rule=item.request.header_rule,
+                          changes=[f"{action} {attribute}" for action, attribute in result.header])
         if result.fallback_reason:  # fallen back in the worker: the codec cannot carry it, or it did not verify
             _counted(self.name, result.fallback_reason)
             item.log.warning("fallback", reason=str(result.fallback_reason), note=result.note, syntax=result.syntax)

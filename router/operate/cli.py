@@ -157,7 +157,38 @@ def cmd_explain(args: argparse.Namespace, cfg: config.Loaded) -> int:
             print(escape(f"  {rule_file.name}: {target}  ({decision.reason})"))
             if decision.forward:
                 print(f"  {' ' * len(rule_file.name)}  {_when(rule_file.destination, decision.priority, now)}")
+            if decision.request is not None and decision.request.header:
+                status = max(status, _explain_header(rule_file.name, header, decision.request, args.show_values))
     return status
+
+
+def _explain_header(name: str, received, request, show_values: bool) -> int:  # noqa: ANN001
+    """The header changes `request`'s rules would make: attribute, before -> after; values of
+    patient identity hidden unless asked."""
+    from router.codecs import header as rules
+
+    indent = " " * (len(name) + 4)
+    try:
+        changes = rules.apply(rules.plan(received, request.header))
+    except rules.HeaderRefused as exc:
+        print(escape(f"{indent}header rules ({request.header_rule}): not sent: {exc}"))
+        return EXIT_FAILURE
+    if not changes:
+        print(escape(f"{indent}header rules ({request.header_rule}): nothing to change"))
+    for change in changes:
+        def shown(value: str | None) -> str:
+            if value is None:
+                return "(absent)" if change.action != "remove" else "(removed)"
+            if rules.is_identity(change.attribute) and not show_values:
+                return "(value hidden: --show-values)"
+            return repr(value)
+
+        if change.action == "remove":
+            print(escape(f"{indent}remove {change.attribute}" + (
+                f": {shown(change.before)} -> (removed)" if change.before is not None else " (the group)")))
+            continue
+        print(escape(f"{indent}{change.action} {change.attribute}: {shown(change.before)} -> {shown(change.after)}"))
+    return EXIT_OK
 
 
 def _when(destination, priority: str, now: float) -> str:  # noqa: ANN001
@@ -180,9 +211,18 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     from router.request import Request
     from router.codecs.transcode import transcode_file
 
-    request = Request(syntax=args.syntax, quality=args.quality, near=args.near, ratio=args.ratio,
-                      fallback=args.fallback, verify=args.verify, max_error=args.max_error,
-                      keep_sop_instance_uid=args.keep_uid)
+    if args.destination:  # what that destination's rules make of this file, header rules included
+        found = _destination_request(args)
+        if isinstance(found, int):
+            return found
+        request = found
+    elif not args.syntax:
+        print("dicom-router transcode: give --syntax, or --config and --destination", file=sys.stderr)
+        return EXIT_CONFIG
+    else:
+        request = Request(syntax=args.syntax, quality=args.quality, near=args.near, ratio=args.ratio,
+                          fallback=args.fallback, verify=args.verify, max_error=args.max_error,
+                          keep_sop_instance_uid=args.keep_uid)
     try:
         syntax = codecs.get(request.syntax)
         if request.fallback is not None:
@@ -208,6 +248,35 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     ratio = f", ratio {transcoded.ratio:.2f}" if transcoded.ratio else ""
     print(escape(f"{args.output}: {transcoded.syntax} ({transcoded.transfer_syntax_uid}){ratio}: {transcoded.note}"))
     return EXIT_OK
+
+
+def _destination_request(args: argparse.Namespace):  # noqa: ANN202 - a Request, or an exit code
+    from router import config
+    from router.receive.intake import decide_for
+    from router.rules import Context
+
+    if not args.config:
+        print("dicom-router transcode: --destination needs --config", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        cfg = config.load(args.config)
+        rule_file = cfg.destination(args.destination)
+    except config.ConfigError as exc:
+        print(escape(str(exc)), file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyError:
+        print(escape(f"dicom-router transcode: no destination {args.destination!r} in {args.config}"),
+              file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        _, [(_, decision)] = decide_for(Path(args.input), Context("", cfg.router.listen.ae_title, ""), [rule_file])
+    except Exception as exc:  # noqa: BLE001 - the router would refuse it with the same words
+        print(escape(_one_line(args.input, exc)), file=sys.stderr)
+        return EXIT_FAILURE
+    if decision.request is None:
+        print(escape(f"{args.input}: not forwarded to {args.destination} ({decision.reason})"), file=sys.stderr)
+        return EXIT_FAILURE
+    return decision.request
 
 
 def _one_line(path: str, exc: BaseException) -> str:
@@ -383,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--calling-ae", default="", help="CallingAE to assume (default: empty)")
     explain.add_argument("--called-ae", default="", help="CalledAE to assume (default: the listen AE title)")
     explain.add_argument("--source-ip", default="", help="SourceIP to assume (default: empty)")
+    explain.add_argument("--show-values", action="store_true",
+                         help="header rules: show the values of patient identity too (hidden by default)")
     explain.add_argument("files", nargs="+")
     explain.set_defaults(func=cmd_explain)
 
@@ -402,7 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     max_decoded_mb = Transcode.model_fields["max_decoded_mb"].default
     transcode = sub.add_parser("transcode", help="run the router's transcoder on one file, offline")
-    transcode.add_argument("--syntax", required=True, help="registry name (e.g. jpeg-ls-lossless) or UID")
+    transcode.add_argument("--syntax", help="registry name (e.g. jpeg-ls-lossless) or UID")
+    transcode.add_argument("--config", help="with --destination: router.toml")
+    transcode.add_argument("--destination", help="write what this destination's rules make of the file "
+                                                 "(its syntax and header rules) instead of --syntax")
     transcode.add_argument("--quality", type=int, help=f"encoder quality ({declared('quality')})")
     transcode.add_argument("--near", type=int, help=f"largest pixel error ({declared('near')})")
     transcode.add_argument("--ratio", type=float, help=f"target compression ratio ({declared('ratio')})")

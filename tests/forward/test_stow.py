@@ -534,3 +534,49 @@ def test_parse_answer_and_retry_after():
     assert retry_after_s("30") == 30.0
     assert retry_after_s("Wed, 02 Dec 2026 20:00:30 GMT", now=lambda: 1796241600.0) == 30.0
     assert retry_after_s("soon") == 0.0
+
+
+# -- header rules on the way out --------------------------------------------------------------------------------
+def test_header_rules_reach_the_destination_and_are_counted_by_rule_and_action(site, servers, tmp_path):
+    server = servers()
+    changes = counter(metrics.HEADER_CHANGES, destination="ARCHIVE", rule="north", action="template")
+    s = site(server, '[[rule]]\nname = "north"\nsyntax = "jpeg-ls-lossless"\n'
+                     'set = { InstitutionName = "North Clinic" }\ntemplate = { PatientID = "N-{PatientID}" }\n')
+    s.receive([CT])
+    [spooled] = list(s.spool.instances.iterdir())
+    before = spooled.read_bytes()
+    s.forwarder.start()
+    wait_until(lambda: len(server.stored) == 1, 30, what="stored")
+    [part] = server.stored.values()
+    ds = part.dataset
+    assert ds.InstitutionName == "North Clinic" and ds.PatientID == f"N-{dcmread(CT).PatientID}"
+    assert part.transfer_syntax == JPEGLSLossless
+    assert np.array_equal(ds.pixel_array, dcmread(CT).pixel_array)
+    assert counter(metrics.HEADER_CHANGES, destination="ARCHIVE", rule="north", action="template") == changes + 1
+    assert dcmread(__import__("io").BytesIO(before)).PatientID == dcmread(CT).PatientID  # the spool unchanged
+
+
+def test_an_unmapped_value_with_on_unmapped_dead_is_a_dead_letter_never_sent(site, servers, tmp_path):
+    server = servers()
+    table = tmp_path / "ids.csv"
+    table.write_text("someone-else,ENT-1\n")
+    refusals = counter(metrics.HEADER_REFUSALS, destination="ARCHIVE", reason="unmapped")
+    s = site(server, f'[[rule]]\nname = "ids"\nsyntax = "original"\nmap = {{ PatientID = "{table}" }}\n'
+                     'on_unmapped = "dead"\n')
+    s.receive([CT])
+    s.forwarder.start()
+    wait_until(lambda: s.jobs("dead"), 30, what="the dead letter")
+    error = s.jobs("dead")[0].last_error
+    assert "header rules (ids): PatientID is not in ids.csv" in error and str(dcmread(CT).PatientID) not in error
+    assert server.requests == []
+    assert counter(metrics.HEADER_REFUSALS, destination="ARCHIVE", reason="unmapped") == refusals + 1
+
+
+def test_a_refused_syntax_decompressed_keeps_its_header_rules(site, servers, tmp_path):
+    server = servers(_refuse_compressed(415))
+    s = site(server, '[[rule]]\nname = "north"\nsyntax = "jpeg-ls-lossless"\nset = { InstitutionName = "N" }\n')
+    s.receive([CT])
+    s.forwarder.start()
+    wait_until(lambda: len(server.stored) == 1, 30, what="stored decompressed")
+    [part] = server.stored.values()
+    assert part.transfer_syntax == ExplicitVRLittleEndian and part.dataset.InstitutionName == "N"

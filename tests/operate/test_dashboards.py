@@ -195,7 +195,8 @@ def scraped(tmp_path_factory):
     archive = StowServer()  # a DICOMweb destination too, so that its metrics have values
     router = RouterProcess(
         tmp / "router", [Destination("PACS", pacs.port, '[[rule]]\nname = "all"\nsyntax = "jpeg-ls-lossless"\n'),
-                         Destination("ARCHIVE", 0, '[[rule]]\nname = "all"\nsyntax = "original"\n', url=archive.url)]
+                         Destination("ARCHIVE", 0, '[[rule]]\nname = "all"\nsyntax = "original"\n'
+                                                 'set = { InstitutionName = "Archive copy" }\n', url=archive.url)]
     )
     prometheus = None
     try:
