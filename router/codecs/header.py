@@ -120,7 +120,18 @@ def _name(tag: int) -> str:
     return keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+def _normal(vr: str, value: Any) -> Any:  # noqa: ANN401 - a TOML value
+    """A TOML number written for a decimal or integer string (DS, IS) as its text."""
+    if vr in ("DS", "IS"):
+        if isinstance(value, list):
+            return [str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for v in value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    return value
+
+
 def _check_value(vr: str, value: Any, where: str) -> None:  # noqa: ANN401 - a TOML value
+    value = _normal(vr, value)
     for item in value if isinstance(value, list) else [value]:
         if vr in ("US", "SS", "UL", "SL", "UV", "SV", "FL", "FD") and not isinstance(item, (int, float)):
             raise ValueError(f"{where}: {item!r} is not a number (VR {vr})")
@@ -255,7 +266,7 @@ def plan(ds: Dataset, header: tuple[tuple[str, ...], ...]) -> list[_Planned]:
             vr = _vr(last.tag)
             before = _text(holder[last.tag].value) if last.tag in holder else None
             if action == "set":
-                value = json.loads(args[0])
+                value = _normal(vr, json.loads(args[0]))
             elif action == "template":
                 value = args[0].format_map(received)
             else:  # map

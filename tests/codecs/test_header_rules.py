@@ -103,6 +103,15 @@ def test_a_codec_that_cannot_carry_the_image_still_applies_the_header_rules(tmp_
     assert pydicom.dcmread(out.path).InstitutionName == "N"
 
 
+def test_numbers_for_integer_and_decimal_strings_and_several_values(tmp_path):
+    out = transcode_file(CT, tmp_path / "out.dcm", request(
+        set={"SeriesNumber": 501, "SliceThickness": 1.25, "ImageType": ["DERIVED", "SECONDARY"]}))
+    ds = pydicom.dcmread(out.path)
+    assert ds.SeriesNumber == 501 and ds["SeriesNumber"].VR == "IS"
+    assert float(ds.SliceThickness) == 1.25 and ds["SliceThickness"].VR == "DS"
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY"]
+
+
 def test_lossy_output_with_header_rules_gets_one_new_uid_and_its_bookkeeping(tmp_path):
     mr = data("MR2_UNCR.dcm")
     original = pydicom.dcmread(mr)
