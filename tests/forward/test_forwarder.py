@@ -27,13 +27,6 @@ from tests.support.peers import data, make_series, wait_until
 CT = data("693_UNCR.dcm")
 
 
-@pytest.fixture(scope="module")
-def codec_pool():
-    pool = CodecPool(workers=2)
-    yield pool
-    pool.shutdown()
-
-
 class Site:
     """A spool, a queue, intake and one destination's forwarder, as `serve` wires them."""
 

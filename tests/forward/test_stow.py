@@ -33,13 +33,6 @@ ORIGINAL = '[[rule]]\nsyntax = "original"\n'
 RETRY = "{ max_attempts = 5, backoff_s = 0.1, max_backoff_s = 0.2 }"
 
 
-@pytest.fixture(scope="module")
-def codec_pool():
-    pool = CodecPool(workers=2)
-    yield pool
-    pool.shutdown()
-
-
 class Site:
     """A spool, a queue, intake and one DICOMweb destination's forwarder, as `serve` wires them."""
 
