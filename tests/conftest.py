@@ -77,3 +77,13 @@ def postgres_url(postgres_server, request):
     yield admin.rsplit("/", 1)[0] + "/" + name
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# -- the codec pool the in-process forwarding tests share, one per test module, as `serve` keeps one --
+@pytest.fixture(scope="module")
+def codec_pool():
+    from router.codecs.workers import CodecPool
+
+    pool = CodecPool(workers=2)
+    yield pool
+    pool.shutdown()

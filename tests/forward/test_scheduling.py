@@ -18,7 +18,7 @@ from router.queue.sqlite import SqliteQueue
 from router.request import Request
 from router.rules import Context
 from tests.support.peers import data, make_series, wait_until
-from tests.forward.test_forwarder import Site, codec_pool  # noqa: F401 - the module's codec pool fixture
+from tests.forward.test_forwarder import Site
 from tests.support.queues import backend  # noqa: F401 - the fixture
 
 CT = data("693_UNCR.dcm")

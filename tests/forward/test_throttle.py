@@ -13,7 +13,7 @@ from pynetdicom import AE
 from router.compat.pynetdicom import throttle_sends
 from router.forward.throttle import CHUNK, TokenBucket, bytes_per_second
 from tests.support.peers import data, make_series, wait_until
-from tests.forward.test_forwarder import Site, codec_pool  # noqa: F401 - the module's codec pool fixture
+from tests.forward.test_forwarder import Site
 
 CT = data("693_UNCR.dcm")
 

@@ -17,7 +17,7 @@ from router.queue.sqlite import SqliteQueue
 from router.request import Request
 from router.forward.waiting import waiting, when
 from tests.support.peers import data, wait_until
-from tests.forward.test_forwarder import Site, codec_pool  # noqa: F401 - the module's codec pool fixture
+from tests.forward.test_forwarder import Site
 from tests.forward.test_scheduling import brussels
 
 CT = data("693_UNCR.dcm")

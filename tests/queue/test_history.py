@@ -14,7 +14,7 @@ from router.queue import sqlite as sqlite_queue
 from router.queue.sqlite import SqliteQueue
 from router.request import Outcome, Request
 from tests.support.peers import data, make_series, wait_until
-from tests.forward.test_forwarder import codec_pool, site  # noqa: F401 - fixtures
+from tests.forward.test_forwarder import site  # noqa: F401 - a fixture
 from tests.support.queues import backend  # noqa: F401 - the fixture
 
 CT = data("693_UNCR.dcm")
