@@ -32,6 +32,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def field_error(model: BaseModel, field: str, message: str, kind: str) -> ValidationError:
+    """An error for a model validator to raise: pydantic files it under `field` of the model."""
+    from pydantic_core import InitErrorDetails, PydanticCustomError
+
+    error = PydanticCustomError(kind, "{message}", {"message": message})
+    return ValidationError.from_exception_data(type(model).__name__, [InitErrorDetails(
+        type=error, loc=(field,), input=getattr(model, field, None))])
+
+
 def is_valid_ae_title(value: str) -> bool:
     """1 to 16 printable characters, no backslash (PS3.5 AE VR)."""
     return 0 < len(value) <= 16 and "\\" not in value and value.isprintable()
@@ -369,12 +378,8 @@ class Destination(_Strict):
 
     @model_validator(mode="after")
     def _one_protocol(self) -> Destination:
-        from pydantic_core import InitErrorDetails, PydanticCustomError
-
         def refused(field: str, message: str) -> ValidationError:
-            error = PydanticCustomError("protocol", "{message}", {"message": message})
-            return ValidationError.from_exception_data("Destination", [InitErrorDetails(
-                type=error, loc=(field,), input=getattr(self, field, None))])
+            return field_error(self, field, message, "protocol")
 
         if self.url is not None:
             for field in DIMSE_ONLY:
@@ -421,13 +426,8 @@ class Destination(_Strict):
     def _stable_max_after_stable(self) -> Destination:
         if self.study_stable_max is not None and self.study_stable_s > 0 \
                 and parse_duration(self.study_stable_max) < self.study_stable_s:
-            from pydantic_core import InitErrorDetails, PydanticCustomError
-
-            # raised from a model validator, pydantic files it under the field named here
-            error = PydanticCustomError("duration", "{message}", {"message": (
-                f"study_stable_max ({self.study_stable_max}) must be at least study_stable ({self.study_stable})")})
-            raise ValidationError.from_exception_data("Destination", [InitErrorDetails(
-                type=error, loc=("study_stable_max",), input=self.study_stable_max)])
+            raise field_error(self, "study_stable_max", f"study_stable_max ({self.study_stable_max}) must be at "
+                              f"least study_stable ({self.study_stable})", "duration")
         return self
 
     @property
@@ -525,8 +525,6 @@ class Rule(_Strict):
     def _header_rules(self) -> Rule:
         if not (self.set or self.template or self.remove or self.map):
             return self
-        from pydantic_core import InitErrorDetails, PydanticCustomError
-
         from router.codecs import header
 
         tables = {"set": self.set, "template": self.template, "map": self.map, "remove": self.remove}
@@ -538,9 +536,7 @@ class Rule(_Strict):
             field = next(name for name in reversed(tables) if tables[name])
             header.check_rule(**tables)  # one action per attribute
         except ValueError as exc:
-            error = PydanticCustomError("header", "{message}", {"message": str(exc)})
-            raise ValidationError.from_exception_data(
-                "Rule", [InitErrorDetails(type=error, loc=(field,), input=getattr(self, field))]) from None
+            raise field_error(self, field, str(exc), "header") from None
         return self
 
     @functools.cached_property
@@ -576,16 +572,10 @@ class Rule(_Strict):
     def _parameters_fit_syntax(self) -> Rule:
         if self.syntax == SKIP:
             return self
-        from pydantic_core import InitErrorDetails, PydanticCustomError
-
         from router.request import Params
 
         def refuse(field: str, message: str) -> ValidationError:
-            # raised from a model validator, pydantic files it under the rule's field
-            error = PydanticCustomError("parameter", "{message}", {"message": message})
-            return ValidationError.from_exception_data(
-                "Rule", [InitErrorDetails(type=error, loc=(field,), input=getattr(self, field))]
-            )
+            return field_error(self, field, message, "parameter")
 
         syntax = registry.get(self.syntax)
         try:

@@ -51,7 +51,7 @@ READ_CHUNK = 64 * 1024  # bytes read from a file and handed to the socket at a t
 MAX_RESPONSE = 16 * 1024 * 1024  # a response body larger than this is not read (not a STOW-RS answer)
 REFUSAL_MEMORY_S = 600.0  # a syntax the server refused is not encoded for it for this long
 MAX_RETRY_AFTER_S = 3600.0
-TS_NOT_SUPPORTED = 0xC122  # PS3.18 Table 10.5.3-? "Referenced Transfer Syntax not supported"
+TS_NOT_SUPPORTED = 0xC122  # PS3.18 STOW-RS Failure Reason: Referenced Transfer Syntax not supported
 SPLIT_ON = (400, 413)  # a whole request refused: one instance may be the cause
 
 # DICOM JSON (PS3.18 F.2) tags of the STOW-RS response
