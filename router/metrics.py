@@ -503,6 +503,11 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
     """
 
     daemon_threads = True
+    # The kernel's queue of connections not yet accepted. socketserver's default of 5 overflows
+    # when a few dozen clients loop on the page: the kernel then drops a probe's SYN and the
+    # client only tries again a second or more later. Accepted at once, a connection past the
+    # budget is closed (or answered 503) by the rules below instead.
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address) -> None:  # noqa: ANN001 - socketserver API
         """A client that hung up before its answer (a load balancer's health check, a scraper
