@@ -501,6 +501,23 @@ def _fallback_syntax(value: str) -> str:
     return value
 
 
+class Deidentify(_Strict):
+    """A rule's `deidentify`: DICOM PS3.15 Annex E for what leaves (router.codecs.deidentify)."""
+
+    profile: Literal["basic"] = "basic"
+    options: list[str] = Field(default_factory=list)
+    secret_file: Path
+    burned_in: Literal["refuse", "allow"] = "refuse"
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, options: list[str]) -> list[str]:
+        from router.codecs.deidentify import check_options
+
+        check_options(options)
+        return options
+
+
 class Rule(_Strict):
     name: str = ""
     match: dict[str, MatchValue] = Field(default_factory=dict)
@@ -520,6 +537,7 @@ class Rule(_Strict):
     remove: list[str] = Field(default_factory=list)
     map: dict[str, Path] = Field(default_factory=dict)
     on_unmapped: Literal["keep", "dead"] = "keep"
+    deidentify: Deidentify | None = None
 
     @model_validator(mode="after")
     def _header_rules(self) -> Rule:
@@ -542,16 +560,18 @@ class Rule(_Strict):
     @functools.cached_property
     def header(self) -> tuple[tuple[str, ...], ...]:
         """The header actions, as a request carries them (made once per rule)."""
-        if not (self.set or self.template or self.remove or self.map):
+        if not (self.set or self.template or self.remove or self.map or self.deidentify):
             return ()
         from router.codecs import header
 
-        return header.actions(self.set, self.template, self.map, self.remove, self.on_unmapped)
+        return header.actions(self.set, self.template, self.map, self.remove, self.on_unmapped, self.deidentify)
 
     @field_validator("match")
     @classmethod
     def _keys_and_values(cls, match: dict[str, Any]) -> dict[str, Any]:
-        from pydicom.datadict import keyword_dict  # pydicom loads numpy: only when a rule file is read
+        from pydicom.datadict import (
+            keyword_dict,  # pydicom loads numpy: only when a rule file is read
+        )
 
         for key, value in match.items():
             if key not in CONTEXT_KEYS and key not in keyword_dict:
@@ -718,13 +738,25 @@ def load_rule_file(path: Path) -> DestinationRules:
 
 
 def _with_maps(path: Path, index: int, rule: Rule) -> Rule:
-    """The rule with its map files resolved next to the rule file, each read once to check it."""
+    """The rule with its map files and de-identification key resolved next to the rule file, each
+    read once to check it (the key's content is never printed)."""
+    where = f"{path}: rule {index + 1}" + (f" ({rule.name!r})" if rule.name else "")
+    if rule.deidentify is not None:
+        from router.codecs.deidentify import read_secret
+
+        secret = (path.parent / rule.deidentify.secret_file).resolve()
+        if why := _unreadable(secret):
+            raise ConfigError(f"{where}, field deidentify.secret_file: {why}")
+        try:
+            read_secret(secret)
+        except ValueError as exc:
+            raise ConfigError(f"{where}, field deidentify.secret_file: {exc}") from None
+        rule = rule.model_copy(update={"deidentify": rule.deidentify.model_copy(update={"secret_file": secret})})
     if not rule.map:
         return rule
     from router.codecs.header import read_map
 
     resolved = {attribute: (path.parent / file).resolve() for attribute, file in rule.map.items()}
-    where = f"{path}: rule {index + 1}" + (f" ({rule.name!r})" if rule.name else "")
     for attribute, file in resolved.items():
         if why := _unreadable(file):
             raise ConfigError(f"{where}, field map.{attribute}: {why}")

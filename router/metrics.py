@@ -74,14 +74,15 @@ FORWARD_SECONDS = Histogram(
 )
 HEADER_CHANGES = Counter(
     "dicom_router_header_changes",
-    "Attributes changed by a destination's header rules, by rule and action (set, template, map, remove)",
+    "Attributes changed by a destination's header rules, by rule and action (set, template, map, remove, "
+    "deidentify)",
     ["destination", "rule", "action"],
 )
-HEADER_REFUSAL_REASONS = ("unmapped", "header_rule")
+HEADER_REFUSAL_REASONS = ("unmapped", "header_rule", "burned_in_annotation")
 HEADER_REFUSALS = Counter(
     "dicom_router_header_refusals",
     "Instances kept from a destination because its header rules could not be applied (reason: unmapped, "
-    "header_rule)",
+    "header_rule, burned_in_annotation)",
     ["destination", "reason"],
 )
 STOW_REQUESTS = Counter(

@@ -7,6 +7,7 @@ A rule's actions reach the codec workers as plain tuples (`Request.header`, see 
     ("template", path, text)          "{Keyword}" replaced by the received header's values
     ("map", path, csv file, keep|dead) the received value looked up in a two-column CSV (from,to)
     ("remove", path)                  the attribute, or a whole group ("0009,xxxx", nested items too)
+    ("deidentify", settings json)     PS3.15 Annex E (codecs.deidentify), first: the others follow it
 
 A path is a keyword or "gggg,eeee", or a path into sequences ("RequestAttributesSequence[*].
 RequestedProcedureID": every item; "[0]": the first). `plan` reads what to change from the data
@@ -32,6 +33,8 @@ from pydicom.datadict import dictionary_VR, keyword_dict, keyword_for_tag, tag_f
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
+
+from router.codecs import deidentify as deid
 
 ACTIONS = ("set", "template", "map", "remove")
 # what a header rule never touches: the identity of the instance and the file, and the pixels'
@@ -192,9 +195,13 @@ def _mapping(path: Path) -> dict[str, str]:
 
 
 def actions(set_: dict[str, Any], template: dict[str, str], mapped: dict[str, Path], remove: list[str],
-            on_unmapped: str) -> tuple[tuple[str, ...], ...]:
-    """A rule's header actions as `Request.header` carries them (plain, picklable, JSON)."""
+            on_unmapped: str, deidentify: Any = None) -> tuple[tuple[str, ...], ...]:  # noqa: ANN401 - config.Deidentify
+    """A rule's header actions as `Request.header` carries them (plain, picklable, JSON): the
+    de-identification first, the coercion after it."""
     out: list[tuple[str, ...]] = []
+    if deidentify is not None:
+        settings = deid.Settings(tuple(deidentify.options), Path(deidentify.secret_file), deidentify.burned_in)
+        out.append(("deidentify", settings.to_json()))
     out += [("set", path, json.dumps(value)) for path, value in set_.items()]
     out += [("template", path, text) for path, text in template.items()]
     out += [("map", path, str(file), on_unmapped) for path, file in mapped.items()]
@@ -247,12 +254,43 @@ class _Planned:
     change: Change
 
 
-def plan(ds: Dataset, header: tuple[tuple[str, ...], ...]) -> list[_Planned]:
+@dataclass
+class _Deidentified:
+    """The de-identification of a data set: made by `deidentify_now` (before the pixels are
+    encoded, so that lossy bookkeeping follows it) or else by `apply`, first."""
+
+    ds: Dataset
+    settings: deid.Settings
+    changes: list[Change] | None = None
+
+    def run(self) -> list[Change]:
+        if self.changes is None:
+            try:
+                outcome = deid.deidentify(self.ds, self.settings)
+            except deid.BurnedIn as exc:
+                raise HeaderRefused(f"de-identification: the pixels may carry identity ({exc})",
+                                    "burned_in_annotation") from None
+            except ValueError as exc:  # the key file, changed since the rules loaded
+                raise HeaderRefused(f"de-identification: {exc}") from None
+            self.changes = [Change("deidentify", f"{path} ({action})", before, after)
+                            for action, path, before, after in outcome.changes]
+        return self.changes
+
+
+def plan(ds: Dataset, header: tuple[tuple[str, ...], ...]) -> list[_Planned | _Deidentified]:
     """What the actions change in `ds`, read from it as received; HeaderRefused when one cannot be
-    applied to this instance."""
+    applied to this instance. The coercion reads the values as received, and is made after the
+    de-identification (so that it may set what the profile removed)."""
     received = _Received(ds)
-    planned: list[_Planned] = []
+    planned: list[_Planned | _Deidentified] = []
     for action, path, *args in header:
+        if action == "deidentify":
+            settings = deid.Settings.from_json(path)
+            if settings.burned_in != "allow" and (why := deid.burned_in(ds)):
+                raise HeaderRefused(f"de-identification: the pixels may carry identity ({why}; "
+                                    "burned_in = \"allow\" sends it all the same)", "burned_in_annotation")
+            planned.append(_Deidentified(ds, settings))
+            continue
         segments = parse_path(path, action)
         last = segments[-1]
         for holder in _targets(ds, segments):
@@ -287,16 +325,31 @@ def plan(ds: Dataset, header: tuple[tuple[str, ...], ...]) -> list[_Planned]:
     return planned
 
 
-def apply(planned: list[_Planned]) -> list[Change]:
-    """Make the planned changes; what was changed."""
+def deidentify_now(planned: list[_Planned | _Deidentified]) -> deid.Settings | None:
+    """Make the planned de-identification now (`apply` then reports it); its settings, or None."""
     for item in planned:
+        if isinstance(item, _Deidentified):
+            item.run()
+            return item.settings
+    return None
+
+
+def apply(planned: list[_Planned | _Deidentified]) -> list[Change]:
+    """Make the planned changes; what was changed."""
+    changes: list[Change] = []
+    for item in planned:
+        if isinstance(item, _Deidentified):
+            changes += item.run()
+            continue
+        changes.append(item.change)
         if item.value is None and item.tag is None:
             _remove_group(item.holder, item.group)
         elif item.value is None:
-            del item.holder[item.tag]
+            if item.tag in item.holder:  # the de-identification may have removed it already
+                del item.holder[item.tag]
         else:
             item.holder[item.tag] = DataElement(item.tag, _vr(item.tag), item.value)
-    return [item.change for item in planned]
+    return changes
 
 
 def _remove_group(ds: Dataset, group: int) -> None:
@@ -308,8 +361,11 @@ def _remove_group(ds: Dataset, group: int) -> None:
                 _remove_group(item, group)
 
 
-def is_identity(path: str) -> bool:
-    """Whether a change of `path` shows patient identity (its values hidden by `explain`)."""
+def is_identity(path: str, action: str = "") -> bool:
+    """Whether a change of `path` shows patient identity (its values hidden by `explain`); every
+    value the de-identification changes does."""
+    if action == "deidentify":
+        return True
     try:
         segments = parse_path(path, "remove")
     except ValueError:

@@ -4,6 +4,8 @@ and (unless the destination keeps it) a new SOP Instance UID with the source ref
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
@@ -12,7 +14,10 @@ from router.codecs.registry import Syntax
 from router.request import Params
 
 
-def lossy_bookkeeping(ds: Dataset, syntax: Syntax, ratio: float, params: Params, keep_sop_instance_uid: bool) -> None:
+def lossy_bookkeeping(ds: Dataset, syntax: Syntax, ratio: float, params: Params, keep_sop_instance_uid: bool,
+                      new_uid: Callable[[str], str] | None = None) -> None:
+    """`new_uid`: the new SOP Instance UID made from the one it replaces (a de-identified
+    instance's, derived from its secret), by default a random one."""
     ds.LossyImageCompression = "01"
     ratios = _values(ds.get("LossyImageCompressionRatio"))
     methods = _values(ds.get("LossyImageCompressionMethod"))
@@ -42,7 +47,7 @@ def lossy_bookkeeping(ds: Dataset, syntax: Syntax, ratio: float, params: Params,
         source.PurposeOfReferenceCodeSequence = Sequence([purpose])
         existing = list(ds.get("SourceImageSequence", []) or [])
         ds.SourceImageSequence = Sequence(existing + [source])
-        ds.SOPInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid() if new_uid is None else new_uid(str(ds.SOPInstanceUID))
 
 
 def _values(value: object) -> list[str]:

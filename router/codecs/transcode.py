@@ -28,6 +28,7 @@ Data), `write` (the output file). What each syntax can carry, takes and writes i
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,6 +41,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 
 from router import codecs
 from router.codecs import header, pixeldata
+from router.codecs.deidentify import lossy_uid
 from router.codecs.encode import CannotCarry, Mismatch, encode_frames, for_syntax, repack_frames
 from router.codecs.label import lossy_bookkeeping
 from router.codecs.nested import make_valid
@@ -141,6 +143,13 @@ def transcode_file(src: Path, dst: Path, request: Request, checked: bool = False
         transcoding = _Transcoding(src, dst, request, ds, start, cpu_start, max_decoded_bytes)
     except header.HeaderRefused as exc:
         raise HeaderRefusal(str(exc), exc.reason) from None
+    except Exception as exc:
+        if is_transient(exc) or not request.header:
+            raise
+        # the header rules cannot be applied to this data set (a value the de-identification
+        # cannot read): the same every time, and never sent without them
+        raise HeaderRefusal(f"{src}: header rules cannot be applied: {type(exc).__name__}: {exc}",
+                            "header_rule") from exc
     try:
         return transcoding.run(target)
     except TranscodeError:
@@ -180,6 +189,9 @@ class _Transcoding:
         # the header rules' changes, read from the header as received; made just before the write
         self._header = header.plan(ds, request.header) if request.header else []
         self._header_done: tuple[tuple[str, str], ...] = ()
+        # de-identified now, before the pixels: the lossy bookkeeping follows it, and its new
+        # SOP Instance UID is derived from the de-identified one
+        self._deid = header.deidentify_now(self._header) if self._header else None
 
     def lap(self, stage: str) -> None:
         """Count the CPU time since the last lap under `stage`."""
@@ -341,7 +353,8 @@ class _Transcoding:
         if pixels.image.bits > image.bits_stored:
             note += f"; values above Bits Stored kept: coded at {image.bits} bits"
         if syntax.lossy:
-            lossy_bookkeeping(ds, syntax, ratio, params, self.request.keep_sop_instance_uid)
+            new_uid = None if self._deid is None else functools.partial(lossy_uid, self._deid.secret_file)
+            lossy_bookkeeping(ds, syntax, ratio, params, self.request.keep_sop_instance_uid, new_uid)
             note += "; lossy: new SOP Instance UID" if not self.request.keep_sop_instance_uid else "; lossy"
         elif self.lossy_input:
             ds.LossyImageCompression = "01"

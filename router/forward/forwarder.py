@@ -16,6 +16,7 @@ failed, or the destination refused the syntax), `Forwarder._fall_back` alone app
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from collections.abc import Callable
@@ -438,11 +439,16 @@ class Forwarder:
             metrics.CPU_SECONDS.labels(stage=stage).inc(seconds)
         if result.changed:
             metrics.TRANSCODE_SECONDS.labels(syntax=result.syntax).observe(result.seconds)
-        for action, attribute in result.header:
-            metrics.HEADER_CHANGES.labels(destination=self.name, rule=item.request.header_rule, action=action).inc()
         if result.header:
+            counts = collections.Counter(action for action, _ in result.header)
+            for action, count in counts.items():
+                metrics.HEADER_CHANGES.labels(destination=self.name, rule=item.request.header_rule,
+                                              action=action).inc(count)
+            # the coercion attribute by attribute; the de-identification, by the number it changed
             item.log.info("header_changed", rule=item.request.header_rule,
-                          changes=[f"{action} {attribute}" for action, attribute in result.header])
+                          changes=[f"{action} {attribute}" for action, attribute in result.header
+                                   if action != "deidentify"],
+                          **({"deidentified": counts["deidentify"]} if "deidentify" in counts else {}))
         if result.fallback_reason:  # fallen back in the worker: the codec cannot carry it, or it did not verify
             _counted(self.name, result.fallback_reason)
             item.log.warning("fallback", reason=str(result.fallback_reason), note=result.note, syntax=result.syntax)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import string
 import sys
 import time
 from collections.abc import Callable
@@ -91,6 +92,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _check_deidentify(path: Path, number: int, rule) -> None:  # noqa: ANN001 - config.Rule
+    """What a de-identifying rule does, and what in it may defeat it."""
+    from router.codecs.deidentify import EDITION
+    from router.codecs.header import is_identity
+
+    deid = rule.deidentify
+    where = f"{path}: rule {number}" + (f" ({rule.name!r})" if rule.name else "")
+    options = ", ".join(deid.options) or "none"
+    burned = "sent all the same" if deid.burned_in == "allow" else "refused (dead letters)"
+    print(escape(f"{where}: de-identifies: PS3.15 E.1-1 ({EDITION}) basic profile; options: {options}; "
+                 f"images that may carry burned-in identity: {burned}"))
+    for attribute, text in rule.template.items():
+        if any(is_identity(field) for _, field, _, _ in string.Formatter().parse(text) if field):
+            print(escape(f"{where}: warning: template {attribute} reads the received header: it puts identity "
+                         "back into the de-identified copy"))
+    try:
+        if deid.secret_file.stat().st_mode & 0o077:
+            print(escape(f"{where}: warning: {deid.secret_file} can be read by other users; chmod 600 it"))
+    except OSError:
+        pass
+
+
 @_configured
 def cmd_check(args: argparse.Namespace, cfg: config.Loaded) -> int:
     from router.forward.waiting import pacing
@@ -106,6 +129,9 @@ def cmd_check(args: argparse.Namespace, cfg: config.Loaded) -> int:
                      f"{len(dest.rules)} rule(s)" + (f"; {paced}" if paced else "")))
         if d.protocol == "dicomweb" and d.url.startswith("http://") and d.auth is not None:
             print(f"{dest.path}: warning: {dest.name}'s credentials go in clear over http://; use https://")
+        for number, rule in enumerate(dest.rules, start=1):
+            if rule.deidentify is not None:
+                _check_deidentify(dest.path, number, rule)
         last = dest.rules[-1]
         if last.match:
             print(f"{dest.path}: note: the last rule has a match table; instances matching no rule are not "
@@ -176,10 +202,13 @@ def _explain_header(name: str, received, request, show_values: bool) -> int:  # 
     if not changes:
         print(escape(f"{indent}header rules ({request.header_rule}): nothing to change"))
     for change in changes:
-        def shown(value: str | None) -> str:
+        def shown(value: str | None, after: bool = False) -> str:
             if value is None:
-                return "(absent)" if change.action != "remove" else "(removed)"
-            if rules.is_identity(change.attribute) and not show_values:
+                return "(removed)" if change.action == "deidentify" and after else (
+                    "(absent)" if change.action != "remove" else "(removed)")
+            if after and change.action == "deidentify":
+                return repr(value)  # a pseudonym, a dummy, a new UID: never the patient's
+            if rules.is_identity(change.attribute, change.action) and not show_values:
                 return "(value hidden: --show-values)"
             return repr(value)
 
@@ -187,7 +216,8 @@ def _explain_header(name: str, received, request, show_values: bool) -> int:  # 
             print(escape(f"{indent}remove {change.attribute}" + (
                 f": {shown(change.before)} -> (removed)" if change.before is not None else " (the group)")))
             continue
-        print(escape(f"{indent}{change.action} {change.attribute}: {shown(change.before)} -> {shown(change.after)}"))
+        print(escape(f"{indent}{change.action} {change.attribute}: {shown(change.before)} -> "
+                     f"{shown(change.after, after=True)}"))
     return EXIT_OK
 
 
@@ -208,8 +238,8 @@ def cmd_transcode(args: argparse.Namespace) -> int:
     import warnings
 
     from router import codecs
-    from router.request import Request
     from router.codecs.transcode import transcode_file
+    from router.request import Request
 
     if args.destination:  # what that destination's rules make of this file, header rules included
         found = _destination_request(args)
@@ -297,8 +327,8 @@ def cmd_trace(args: argparse.Namespace, cfg: config.Loaded) -> int:
     """Where the instances of a study, series or SOP instance are, at each destination."""
     import json
 
-    from router.queue import open_queue
     from router.operate.trace import summary, trace
+    from router.queue import open_queue
 
     found = trace(open_queue(cfg), study=args.study, series=args.series, sop=args.sop)
     if args.json:
@@ -343,9 +373,8 @@ def cmd_queue(args: argparse.Namespace, cfg: config.Loaded) -> int:
         print(f"{count} dead letter(s) put back to pending")
         print("a running router picks them up within a second")
         return EXIT_OK
-    from router.queue.holds import Holds
-
     from router.forward.waiting import waiting
+    from router.queue.holds import Holds
 
     counts = queue.counts()
     oldest = queue.oldest_pending()

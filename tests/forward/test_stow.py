@@ -565,6 +565,26 @@ def test_an_unmapped_value_with_on_unmapped_dead_is_a_dead_letter_never_sent(sit
     assert counter(metrics.HEADER_REFUSALS, destination="ARCHIVE", reason="unmapped") == refusals + 1
 
 
+def test_a_de_identified_copy_reaches_the_destination_and_burned_in_pixels_are_a_dead_letter(site, servers, tmp_path):
+    server = servers()
+    (tmp_path / "deid.key").write_text("a research key of more than sixteen bytes\n")
+    changes = counter(metrics.HEADER_CHANGES, destination="ARCHIVE", rule="research", action="deidentify")
+    refusals = counter(metrics.HEADER_REFUSALS, destination="ARCHIVE", reason="burned_in_annotation")
+    s = site(server, f'[[rule]]\nname = "research"\nsyntax = "jpeg-ls-lossless"\n'
+                     f'deidentify = {{ secret_file = "{tmp_path / "deid.key"}" }}\n')
+    s.receive([CT, data("US1_UNCR.dcm")])
+    s.forwarder.start()
+    wait_until(lambda: len(server.stored) == 1 and s.jobs("dead"), 30, what="one stored, one dead letter")
+    [part] = server.stored.values()
+    assert part.dataset.PatientIdentityRemoved == "YES" and part.transfer_syntax == JPEGLSLossless
+    assert str(dcmread(CT).PatientName).encode() not in part.data
+    assert np.array_equal(part.dataset.pixel_array, dcmread(CT).pixel_array)
+    [dead] = s.jobs("dead")
+    assert "header rules (research): de-identification: the pixels may carry identity" in dead.last_error
+    assert counter(metrics.HEADER_REFUSALS, destination="ARCHIVE", reason="burned_in_annotation") == refusals + 1
+    assert counter(metrics.HEADER_CHANGES, destination="ARCHIVE", rule="research", action="deidentify") > changes + 10
+
+
 def test_a_refused_syntax_decompressed_keeps_its_header_rules(site, servers, tmp_path):
     server = servers(_refuse_compressed(415))
     s = site(server, '[[rule]]\nname = "north"\nsyntax = "jpeg-ls-lossless"\nset = { InstitutionName = "N" }\n')

@@ -124,3 +124,26 @@ def test_credentials_over_plain_http_are_warned_of(tmp_path):
     result = run_check(cfg)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PACS's credentials go in clear over http://" in result.stdout
+
+
+def test_the_shipped_research_example_checks_and_says_what_it_de_identifies(tmp_path):
+    (tmp_path / "rules").mkdir()
+    (tmp_path / "rules" / "RESEARCH.toml").write_text((REPO / "rules" / "examples" / "RESEARCH.toml").read_text())
+    key = tmp_path / "rules" / "RESEARCH.key"
+    key.write_text("a key of more than sixteen bytes, never printed\n")
+    key.chmod(0o644)
+    cfg = tmp_path / "router.toml"
+    cfg.write_text('[storage]\nspool_dir = "spool"\n[rules]\ndir = "rules"\n')
+    result = run_check(cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ("rule 1 ('research copy'): de-identifies: PS3.15 E.1-1 (2026c) basic profile; options: "
+            "retain-longitudinal-modified-dates, clean-descriptors; images that may carry burned-in identity: "
+            "refused (dead letters)") in result.stdout
+    assert "can be read by other users; chmod 600 it" in result.stdout
+    assert "never printed" not in result.stdout + result.stderr
+    key.chmod(0o600)
+    (tmp_path / "rules" / "RESEARCH.toml").write_text(
+        (REPO / "rules" / "examples" / "RESEARCH.toml").read_text() + 'template = { StudyID = "{PatientID}" }\n')
+    result = run_check(cfg)
+    assert "warning: template StudyID reads the received header: it puts identity back" in result.stdout
+    assert "chmod 600" not in result.stdout
