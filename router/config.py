@@ -508,6 +508,9 @@ class Deidentify(_Strict):
     options: list[str] = Field(default_factory=list)
     secret_file: Path
     burned_in: Literal["refuse", "allow"] = "refuse"
+    # with retain-safe-private: { "PRIVATE CREATOR" = ["gggg,xxee", ...] }, the private attributes
+    # known safe at this site (PS3.15 E.3.10)
+    safe_private: dict[str, list[str]] = Field(default_factory=dict)
 
     @field_validator("options")
     @classmethod
@@ -516,6 +519,20 @@ class Deidentify(_Strict):
 
         check_options(options)
         return options
+
+    @model_validator(mode="after")
+    def _safe_private_listed(self) -> Deidentify:
+        from router.codecs.deidentify import parse_safe_private
+
+        try:
+            parse_safe_private(self.safe_private)
+        except ValueError as exc:
+            raise field_error(self, "safe_private", str(exc), "deidentify") from None
+        if ("retain-safe-private" in self.options) != bool(self.safe_private):
+            raise field_error(self, "safe_private", "retain-safe-private keeps the private attributes safe_private "
+                              "lists, as { \"PRIVATE CREATOR\" = [\"gggg,xxee\", ...] }: give both or neither",
+                              "deidentify")
+        return self
 
 
 class Rule(_Strict):

@@ -13,12 +13,13 @@ overriding the profile:
     X/Z, X/D, Z/D, X/Z/D: the value that keeps the attribute present (Z or D), since whether the
     IOD needs it is not known here; X/Z/U*: the sequence kept, the UIDs in it replaced.
 
-An attribute the table does not list is kept, a text without the identifying values of the
-instance (its patient's names and IDs, birth date, accession number, institution, physicians,
-station). Every private attribute is removed, and so are curves and overlays (the whole repeating group, so
-that no overlay is described without its data). A UID that is not in the
-table and not a well-known one (a SOP class, a transfer syntax, a coding scheme) is replaced as
-well, so that nothing refers back to the original. New UIDs ("2.25." and a keyed hash shaped as a
+Every private attribute is removed; with retain-safe-private, those the rule names as known safe
+at this site (by private creator and element) are kept with their creators. Curves and overlays
+are removed (the whole repeating group, so that no overlay is described without its data). An
+attribute the table does not list is kept, a text without the identifying values of the instance
+(its patient's names and IDs, birth date, accession number, institution, physicians, station). A
+UID that is not in the table and not a well-known one (a SOP class, a transfer syntax, a coding
+scheme) is replaced as well, so that nothing refers back to the original. New UIDs ("2.25." and a keyed hash shaped as a
 UUID) and the patient pseudonym are derived from the original values and the secret alone: every
 node of a cluster that has the same secret file gives the same study, series, instance and
 patient the same new identity, today and next month, and references between instances stay
@@ -58,6 +59,7 @@ OPTIONS: dict[str, tuple[str, str, str]] = {
     "retain-longitudinal-modified-dates": ("rtnLongModifDatesOpt", "113107",
                                            "Retain Longitudinal Temporal Information Modified Dates Option"),
     "clean-descriptors": ("cleanDescOpt", "113105", "Clean Descriptors Option"),
+    "retain-safe-private": ("rtnSafePrivOpt", "113111", "Retain Safe Private Option"),
 }
 BASIC = ("113100", "Basic Application Confidentiality Profile")
 # where Burned In Annotation is absent, the pixels of these may well carry a name
@@ -87,15 +89,39 @@ class Settings:
     options: tuple[str, ...]
     secret_file: Path
     burned_in: str = "refuse"
+    # with retain-safe-private: the private attributes known safe, as (creator, group, element
+    # within the creator's block)
+    safe_private: tuple[tuple[str, int, int], ...] = ()
 
     def to_json(self) -> str:
         return json.dumps({"options": list(self.options), "secret_file": str(self.secret_file),
-                           "burned_in": self.burned_in}, separators=(",", ":"))
+                           "burned_in": self.burned_in, "safe_private": [list(s) for s in self.safe_private]},
+                          separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str) -> Settings:
         data = json.loads(text)
-        return cls(tuple(data["options"]), Path(data["secret_file"]), data.get("burned_in", "refuse"))
+        return cls(tuple(data["options"]), Path(data["secret_file"]), data.get("burned_in", "refuse"),
+                   tuple((c, g, e) for c, g, e in data.get("safe_private", ())))
+
+
+_SAFE_PRIVATE = re.compile(r"^([0-9A-Fa-f]{4}),[Xx]{2}([0-9A-Fa-f]{2})$")
+
+
+def parse_safe_private(table: dict[str, list[str]]) -> tuple[tuple[str, int, int], ...]:
+    """`{"CREATOR" = ["gggg,xxee", ...]}` as (creator, group, element) triples; ValueError naming
+    what is wrong."""
+    out: list[tuple[str, int, int]] = []
+    for creator, tags in table.items():
+        if not creator.strip() or len(creator) > 64 or "\\" in creator:
+            raise ValueError(f"safe_private: {creator!r} is not a private creator (1 to 64 characters, LO)")
+        for text in tags:
+            found = _SAFE_PRIVATE.match(text.strip())
+            if not found or not int(found[1], 16) & 1 or int(found[1], 16) < 9:
+                raise ValueError(f"safe_private: {creator}: {text!r} is not \"gggg,xxee\" with gggg an odd group "
+                                 "above 0008 (xx: the block the creator reserved)")
+            out.append((creator.strip(), int(found[1], 16), int(found[2], 16)))
+    return tuple(out)
 
 
 def check_options(options: list[str]) -> None:
@@ -161,8 +187,8 @@ def _option_columns() -> dict[str, dict[int, str]]:
 
     columns: dict[str, dict[int, str]] = {column: {} for column, _, _ in OPTIONS.values()}
     for tag, _name, _basic, options in deid_options.ROWS:
-        if "X" in tag.upper():
-            continue  # no option retains a whole group
+        if not re.fullmatch(r"[0-9A-F]{8}", tag.upper()):
+            continue  # a row for a whole group (curves, overlays, private attributes): handled in _Run.walk
         for column, action in options.items():
             if column in columns:
                 columns[column][int(tag, 16)] = action
@@ -228,6 +254,7 @@ class Outcome:
 class _Run:
     def __init__(self, ds: Dataset, settings: Settings, secret: bytes) -> None:
         self.options = tuple(o for o in settings.options if o in OPTIONS)
+        self.safe_private = set(settings.safe_private) if "retain-safe-private" in self.options else set()
         self.secret = secret
         self.pseudonym = pseudonym(secret, ds)
         self.shift = _shift_days(secret, self.pseudonym)
@@ -239,10 +266,15 @@ class _Run:
                                      None if after is None else _text(after)))
 
     def walk(self, ds: Dataset, prefix: str = "") -> None:
+        safe = self._safe_private(ds)
         for element in list(ds):
             tag = int(element.tag)
             path = prefix + (keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})")
             if BaseTag(tag).is_private:
+                if tag in safe:
+                    if element.VR == "SQ":
+                        self._items(element, path)
+                    continue
                 del ds[tag]
                 self.note("X", path, "(private)", None)
                 continue
@@ -267,6 +299,23 @@ class _Run:
                         self._set(ds, element, cleaned, path, "C")
                 continue
             self.apply(ds, element, action, path)
+
+    def _safe_private(self, ds: Dataset) -> set[int]:
+        """The private tags of `ds` kept by retain-safe-private, their creators' included."""
+        if not self.safe_private:
+            return set()
+        creators = {}
+        for tag in ds.keys():
+            if tag.group & 1 and 0x10 <= tag.element <= 0xFF:
+                creators[(tag.group, tag.element)] = str(ds[tag].value).strip()
+        kept: set[int] = set()
+        for tag in ds.keys():
+            if tag.group & 1 and tag.element > 0xFF:
+                block = tag.element >> 8
+                creator = creators.get((tag.group, block))
+                if creator is not None and (creator, tag.group, tag.element & 0xFF) in self.safe_private:
+                    kept.update((int(tag), tag.group << 16 | block))
+        return kept
 
     def _items(self, element: DataElement, path: str) -> None:
         for index, item in enumerate(element.value or []):

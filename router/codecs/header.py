@@ -200,7 +200,8 @@ def actions(set_: dict[str, Any], template: dict[str, str], mapped: dict[str, Pa
     de-identification first, the coercion after it."""
     out: list[tuple[str, ...]] = []
     if deidentify is not None:
-        settings = deid.Settings(tuple(deidentify.options), Path(deidentify.secret_file), deidentify.burned_in)
+        settings = deid.Settings(tuple(deidentify.options), Path(deidentify.secret_file), deidentify.burned_in,
+                                 deid.parse_safe_private(deidentify.safe_private))
         out.append(("deidentify", settings.to_json()))
     out += [("set", path, json.dumps(value)) for path, value in set_.items()]
     out += [("template", path, text) for path, text in template.items()]

@@ -40,9 +40,9 @@ def key(tmp_path: Path, name: str = "deid.key") -> Path:
 
 
 def request(tmp_path: Path, syntax: str = "original", options: list[str] | None = None, secret: Path | None = None,
-            burned_in: str = "refuse", **coercion) -> Request:  # noqa: ANN003
+            burned_in: str = "refuse", safe_private: dict | None = None, **coercion) -> Request:  # noqa: ANN003
     rule = Rule(syntax=syntax, deidentify={"options": options or [], "secret_file": secret or key(tmp_path),
-                                           "burned_in": burned_in}, **coercion)
+                                           "burned_in": burned_in, "safe_private": safe_private or {}}, **coercion)
     return Request(syntax=syntax, header=rule.header, header_rule="research copy")
 
 
@@ -259,8 +259,27 @@ def test_a_key_file_changed_to_something_too_short_refuses_instead_of_sending(tm
         transcode_file(SIEMENS, tmp_path / "out.dcm", req)
 
 
+def test_retain_safe_private_keeps_the_listed_private_attributes_and_their_creator_only(tmp_path):
+    safe = {"SIEMENS MEDCOM HEADER": ["0029,xx31", "0029,xx32"]}  # software version, a size
+    out = pydicom.dcmread(transcode_file(SIEMENS, tmp_path / "out.dcm", request(
+        tmp_path, options=["retain-safe-private"], safe_private=safe)).path)
+    private = {int(e.tag): e.value for e in out if e.tag.is_private}
+    assert private[0x00290010] == "SIEMENS MEDCOM HEADER"
+    assert private[0x00291031] == "4.0.12412818" and private[0x00291032] == 468512
+    assert set(private) == {0x00290010, 0x00291031, 0x00291032}  # the other creator's block is gone
+    assert "113111" in [c.CodeValue for c in out.DeidentificationMethodCodeSequence]
+    without = pydicom.dcmread(transcode_file(SIEMENS, tmp_path / "b.dcm", request(tmp_path)).path)
+    assert not [e for e in without if e.tag.is_private]
+    # the same element offset under another creator is not safe
+    moved = pydicom.dcmread(transcode_file(SIEMENS, tmp_path / "c.dcm", request(
+        tmp_path, options=["retain-safe-private"], safe_private={"ACME": ["0029,xx31"]})).path)
+    assert not [e for e in moved if e.tag.is_private]
+
+
 @pytest.mark.parametrize(("fields", "message"), [
     ('options = ["retain-everything"]', "unknown de-identification option 'retain-everything'"),
+    ('options = ["retain-safe-private"]', "give both or neither"),
+    ('options = ["retain-safe-private"], safe_private = { ACME = ["0028,xx10"] }', "an odd group"),
     ('options = ["retain-longitudinal-full-dates", "retain-longitudinal-modified-dates"]', "exclude each other"),
     ('profile = "extended"', "deidentify.profile"),
 ])
