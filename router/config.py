@@ -218,6 +218,42 @@ class Commitment(_Strict):
         }})
 
 
+_AUDIT_URL = re.compile(r"^(tls|tcp|udp)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})$")
+
+
+class Audit(_Strict):
+    """IHE ATNA audit messages (DICOM PS3.15 A.5) to the site's audit record repository over
+    syslog (router.audit); no `url`: none are made."""
+
+    url: str | None = None  # tls://host:6514 (RFC 5425), tcp://host:port, udp://host:514 (RFC 5426)
+    tls: Tls | None = None  # for tls://: ca verifies the repository, cert/key are the router's (mutual TLS)
+    source_id: str = ""  # the Audit Source ID; default: the node name (the host name)
+    max_spool_mb: int = Field(64, ge=1, description="records waiting for the repository, at most; past it new "
+                                                    "records are dropped and counted")
+    retry_s: float = Field(2, gt=0, description="first wait before the repository is tried again; doubles up to "
+                                                "a minute")
+    confirm_s: float = Field(2, gt=0, description="a record sent over TCP or TLS is kept until the connection "
+                                                  "has stayed up this long after it (sent again otherwise)")
+
+    @field_validator("url")
+    @classmethod
+    def _syslog_url(cls, url: str | None) -> str | None:
+        if url is not None and not _AUDIT_URL.match(url):
+            raise ValueError(f"{url!r} is not tls://host:port, tcp://host:port or udp://host:port")
+        return url
+
+    @property
+    def transport(self) -> str:
+        return (self.url or "").split("://", 1)[0]
+
+    @property
+    def address(self) -> tuple[str, int]:
+        found = _AUDIT_URL.match(self.url or "")
+        if found is None:
+            raise ValueError("no [audit] url")
+        return found[2].strip("[]"), int(found[3])
+
+
 class RouterConfig(_Strict):
     listen: Listen = Field(default_factory=Listen)
     storage: Storage = Field(default_factory=Storage)
@@ -226,6 +262,7 @@ class RouterConfig(_Strict):
     transcode: Transcode = Field(default_factory=Transcode)
     queue: Queue = Field(default_factory=Queue)
     commitment: Commitment = Field(default_factory=Commitment)
+    audit: Audit = Field(default_factory=Audit)
 
 
 class Retry(_Strict):
@@ -804,9 +841,13 @@ def load(path: Path | str) -> Loaded:
     if listen.tls is not None:
         listen = listen.model_copy(update={"tls": listen.tls.resolved(base)})
     commitment = router.commitment.resolved(base)
+    audit = router.audit
+    if audit.tls is not None:
+        audit = audit.model_copy(update={"tls": audit.tls.resolved(base)})
     router = router.model_copy(update={"storage": storage, "rules": RulesDir(dir=rules_dir), "transcode": transcode,
-                                       "listen": listen, "commitment": commitment})
+                                       "listen": listen, "commitment": commitment, "audit": audit})
     missing = [f"{path}: field listen.tls.{k}: file not found: {v}" for k, v in _tls_files(listen.tls)]
+    missing += [f"{path}: field audit.tls.{k}: file not found: {v}" for k, v in _tls_files(audit.tls)]
     missing += [f"{path}: field commitment.modalities.{title}.tls.{k}: file not found: {v}"
                 for title, address in commitment.modalities.items() for k, v in _tls_files(address.tls)]
     if missing:

@@ -85,6 +85,14 @@ HEADER_REFUSALS = Counter(
     "header_rule, burned_in_annotation)",
     ["destination", "reason"],
 )
+AUDIT_RECORDS = Counter("dicom_router_audit_records", "Audit messages written to the audit spool")
+AUDIT_DROPPED = Counter("dicom_router_audit_dropped",
+                        "Audit messages lost: the audit spool was full ([audit] max_spool_mb), or the record "
+                        "could not be written")
+AUDIT_SENT = Counter("dicom_router_audit_sent", "Audit messages sent to the audit record repository (again after "
+                                                "an outage: counted again)")
+AUDIT_SEND_FAILURES = Counter("dicom_router_audit_send_failures",
+                              "Times the audit record repository could not be reached or dropped the connection")
 STOW_REQUESTS = Counter(
     "dicom_router_stow_requests",
     "STOW-RS requests to a DICOMweb destination, by HTTP status class (2xx..5xx; error: no answer)",
@@ -378,7 +386,7 @@ class _AllProcesses(Collector):
             COMMITMENT_REQUESTS, COMMITMENT_REPORTS, COMMITMENT_INSTANCES, COMMITMENT_REPORT_FAILURES,
             COMMITMENT_RELAYED_INSTANCES, COMMITMENT_RELAY_REPORTS_REFUSED, DUPLICATE_SENDS, CODEC_POOL_RESTARTS,
             STOW_REQUESTS, STOW_REQUEST_SECONDS, STOW_REQUEST_INSTANCES, STOW_REQUEST_BYTES, HEADER_CHANGES,
-            HEADER_REFUSALS,
+            HEADER_REFUSALS, AUDIT_RECORDS, AUDIT_DROPPED, AUDIT_SENT, AUDIT_SEND_FAILURES,
         )
     }
 

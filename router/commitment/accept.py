@@ -69,6 +69,11 @@ def record_report(queue: CommitmentQueue, event_type_id: int | None, information
         metrics.COMMITMENT_RELAY_REPORTS_REFUSED.labels(reason=reason).inc()
         bound.warning("commitment_relay_report_refused", destination=destination, transaction_uid=transaction_uid,
                       reason=why, cause=reason, status=f"0x{PROCESSING_FAILURE:04X}")
+        from router import audit
+
+        audit.security_alert(("110126", "Node Authentication"),
+                             f"storage commitment report for {destination} refused: {why}",
+                             audit.peer_ae(calling_ae, address))
         status = Dataset()
         status.Status = PROCESSING_FAILURE
         status.ErrorComment = REFUSED_COMMENT

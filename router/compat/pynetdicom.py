@@ -176,12 +176,46 @@ def reject_association(assoc: Association, result: int, source: int, diagnostic:
     assoc.kill()
 
 
+STORAGE_ROOT = "1.2.840.10008.5.1.4.1.1."  # every composite storage SOP class of the standard is under it
+
+
 def accept_unknown_storage_classes(enabled: bool) -> None:
-    """Accept, as an SCP, every private or unknown abstract syntax as part of the storage service
-    (pynetdicom 2.0's `_config.UNRESTRICTED_STORAGE_SERVICE`, module-level, hence process-wide:
-    call it from the receiving process's entry point). Known non-storage services (C-FIND,
-    C-MOVE, N-ACTION...) are still negotiated against the supported contexts only."""
+    """Accept, as an SCP, a private SOP class, or a storage class of the standard newer than
+    pynetdicom, as part of the storage service (pynetdicom 2.0's
+    `_config.UNRESTRICTED_STORAGE_SERVICE`, module-level, hence process-wide: call it from the
+    receiving process's entry point), with the transfer syntaxes the AE supports for storage.
+
+    pynetdicom's own unrestricted negotiation (`presentation.negotiate_unrestricted`) takes any
+    abstract syntax whose keyword its `sop_class` module lacks for storage, Modality Worklist
+    FIND among them (pydicom names it differently), and accepts it with whatever transfer syntax
+    is proposed first, one the router cannot read included. `_negotiate_storage_like` replaces
+    it: the storage-like contexts are negotiated as if supported with the AE's storage transfer
+    syntaxes, everything else against the supported contexts only."""
+    from pynetdicom import acse
+
     _config.UNRESTRICTED_STORAGE_SERVICE = enabled
+    acse.negotiate_unrestricted = _negotiate_storage_like  # type: ignore[assignment]
+
+
+def is_storage_like(uid: str) -> bool:
+    """A private abstract syntax, or one under the standard's storage root (known or newer)."""
+    return not uid.startswith("1.2.840.10008.") or uid.startswith(STORAGE_ROOT)
+
+
+def _negotiate_storage_like(rq_contexts: list, ac_contexts: list, roles: dict | None = None) -> tuple:
+    from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+    supported = {cx.abstract_syntax for cx in ac_contexts}
+    storage_syntaxes = next((list(cx.transfer_syntax) for cx in ac_contexts
+                             if str(cx.abstract_syntax).startswith(STORAGE_ROOT)), [])
+    extra = []
+    for abstract in {str(cx.abstract_syntax) for cx in rq_contexts}:
+        if abstract not in supported and is_storage_like(abstract):
+            context = PresentationContext()
+            context.abstract_syntax = abstract
+            context.transfer_syntax = storage_syntaxes
+            extra.append(context)
+    return negotiate_as_acceptor(rq_contexts, list(ac_contexts) + extra, roles)
 
 
 def throttle_sends(assoc: Association, take: Callable[[int], object], chunk: int) -> None:

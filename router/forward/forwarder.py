@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import threading
+import urllib.parse
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ from router.forward.outbound import backoff_delay
 from router.forward.sender import Outgoing, Ready, Sender, Sent
 from router.forward.senders import sender_for
 from router.forward.waiting import holding_of
+from router import audit
 from router.queue import HIGH, Delivery, Job, JobQueue
 from router.queue.holds import Holds
 from router.queue.spool import LateRemoval, Spool
@@ -465,6 +467,8 @@ class Forwarder:
         """
         if not delivered:
             return
+        if audit.current() is not None:
+            self._audit(delivered)
         deliveries = [_delivery(sent.item, sent.size) for sent in delivered]
         try:
             self._removal.remove(self.queue.complete(deliveries, durable=False))
@@ -487,6 +491,26 @@ class Forwarder:
             metrics.FORWARDED_BYTES.labels(destination=self.name, syntax=item.syntax).inc(size)
             metrics.FORWARDED_BYTES_AS_RECEIVED.labels(destination=self.name).inc(item.job.instance.size)
             metrics.END_TO_END_SECONDS.labels(destination=self.name).observe(max(0.0, now - item.job.instance.received_at))
+
+    def _audit(self, delivered: list[Sent]) -> None:
+        """The audit trail of what the destination stored: per study, DICOM Instances Transferred
+        with the UIDs as sent, or Export for a de-identified copy."""
+        try:
+            items = [(sent.item.job.instance.study_instance_uid, str(sent.item.source), str(sent.item.path),
+                      sent.item.job.instance.sop_class_uid,
+                      any(action[0] == "deidentify" for action in sent.item.request.header)) for sent in delivered]
+            as_received, as_sent, deidentified = audit.sent_studies(items)
+            d = self._destination()
+        except Exception as exc:  # noqa: BLE001 - the audit trail never holds a delivery back
+            self.log.error("audit_record_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        peer = audit.peer_ae(d.ae_title or "", d.host or "") if d.protocol == "dimse" else \
+            audit.Participant(user_id=d.url or "", requestor=False, address=urllib.parse.urlsplit(d.url or "").hostname
+                              or "")
+        if deidentified:
+            audit.export(peer, as_received, as_sent)
+        else:
+            audit.instances_transferred(False, peer, as_sent)
 
     def record(self, destination: Destination, job: Job, outcome: Outcome, why: str,
                not_before_s: float = 0.0) -> None:

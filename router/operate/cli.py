@@ -92,6 +92,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from router.operate.conformance import statement
+
+    cfg = None
+    if args.config:
+        cfg = _load_or_say_why(args.config)
+        if cfg is None:
+            return EXIT_CONFIG
+    sys.stdout.write(statement(cfg))
+    return EXIT_OK
+
+
 def _check_deidentify(path: Path, number: int, rule) -> None:  # noqa: ANN001 - config.Rule
     """What a de-identifying rule does, and what in it may defeat it."""
     from router.codecs.deidentify import EDITION
@@ -475,6 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate router.toml and every rule file; exit 2 naming what is wrong")
     check.add_argument("--config", required=True)
     check.set_defaults(func=cmd_check)
+
+    conformance = sub.add_parser("conformance", help="print the DICOM Conformance Statement (Markdown), for the "
+                                                     "default configuration or a site's own")
+    conformance.add_argument("--config", help="router.toml: the site's AE title, destinations and rules")
+    conformance.set_defaults(func=cmd_conformance)
 
     explain = sub.add_parser("explain", help="print, per file and destination, the rule that matches and why")
     explain.add_argument("--config", required=True)

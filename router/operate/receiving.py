@@ -32,7 +32,7 @@ if __name__ == "__main__":  # before pydicom: a receiving process never needs nu
     sys.meta_path.insert(0, _WithoutNumpy)  # type: ignore[arg-type]
 
 from router import config as config_mod  # noqa: E402
-from router import log, metrics  # noqa: E402
+from router import audit, log, metrics  # noqa: E402
 from router.commitment.reports import AssociationReports  # noqa: E402
 from router.compat.pynetdicom import accept_unknown_storage_classes, stream_datasets_to_files, use_poll  # noqa: E402
 from router.config import ConfigError, DestinationRules  # noqa: E402
@@ -77,6 +77,9 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     stream_datasets_to_files(spool.incoming)
     accept_unknown_storage_classes(cfg.router.listen.accept_unknown_sop_classes)
     queue = open_queue(cfg, pool_size=min(8, cfg.router.listen.max_associations))
+    # this process writes the audit records of what it receives (the forwarding process sends them)
+    audit.configure(cfg.router.audit, cfg.spool_dir, cfg.router.listen.ae_title,
+                    cfg.router.queue.node if cfg.router.queue.url else "")
     intake = Intake(spool, queue, destinations, cfg.router.listen.max_instance_mb, notify)
     commitments = AssociationReports(queue, cfg.router.commitment, destinations=destinations) \
         if cfg.router.commitment.mode != "off" else None

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 from router import config as config_mod
-from router import log, metrics
+from router import audit, log, metrics
 from router.codecs.workers import CodecPool
 from router.commitment.relay import Relayer
 from router.commitment.reporter import Reporter
@@ -62,6 +62,7 @@ class Router:
         self.status_page: StatusPage | None = None
         self.reporter: Reporter | None = None
         self.relayer: Relayer | None = None
+        self.audit_sender: audit.AuditSender | None = None
 
     # -- the rules the other parts read ---------------------------------------------------------
     def destinations(self) -> list[DestinationRules]:
@@ -86,6 +87,9 @@ class Router:
                 self.forwarders.pop(name).stop(timeout=0)
         self._start_forwarders()
         _log.info("rules_reloaded", destinations=sorted(self._destinations))
+        audit.security_alert(("110131", "Software Configuration"),
+                             f"rules reloaded from {self.cfg.router.rules.dir}: destinations "
+                             f"{', '.join(sorted(self._destinations)) or '(none)'}", outcome="success")
         return True
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -227,6 +231,11 @@ class Router:
     def start(self) -> None:
         use_poll()
         self.recover()
+        auditor = audit.configure(self.cfg.router.audit, self.cfg.spool_dir, self.cfg.router.listen.ae_title,
+                                  self.cfg.router.queue.node if self.cfg.router.queue.url else "")
+        if auditor is not None:
+            self.audit_sender = audit.AuditSender(auditor).start()
+            audit.application(started=True)
         if self.queue.shared:
             self._heartbeat = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
             self._heartbeat.start()
@@ -294,6 +303,9 @@ class Router:
             self.http.shutdown()
         if self.status_page is not None:
             self.status_page.stop()
+        if self.audit_sender is not None:
+            audit.application(started=False)
+            self.audit_sender.stop(timeout=min(5.0, max(1.0, timeout - (time.monotonic() - started))))
         self._stopped.set()
         if self._heartbeat is not None:
             self._heartbeat.join(5.0)

@@ -45,6 +45,7 @@ class Received:
     sop_instance_uid: str
     context: Context
     priority: int = 0  # the C-STORE request's Priority; high makes the instance high priority everywhere
+    association: int = 0  # which association it came on (for the audit trail: one message per study)
 
 
 def job_priority(decision: Decision, store_priority: int = 0) -> int:
@@ -92,12 +93,15 @@ class Intake:
         destinations: Callable[[], list[DestinationRules]],
         max_instance_mb: int = 0,
         on_enqueued: Callable[[list[str]], None] = lambda names: None,
+        on_stored: Callable[[Received, Instance, str, str], None] | None = None,
     ) -> None:
         self.spool = spool
         self.queue = queue
         self.destinations = destinations
         self.max_instance_bytes = max_instance_mb * 1024 * 1024
         self.on_enqueued = on_enqueued
+        # each instance made durable, with its Patient ID and Name (the audit trail's `received`)
+        self.on_stored = on_stored
         self.cpu_seconds = 0.0  # CPU spent in accept() so far: the "spool" stage
 
     def accept(self, received: Received) -> int:
@@ -216,4 +220,7 @@ class Intake:
                    destinations=names, duration=round(time.monotonic() - started, 4))
         if names:
             self.on_enqueued(names)
+        if self.on_stored is not None:
+            self.on_stored(received, instance, str(header.get("PatientID", "") or ""),
+                           str(header.get("PatientName", "") or ""))
         return SUCCESS

@@ -34,6 +34,8 @@ from router.compat.pydicom import teach_jpeg_xl
 from router.compat.listener import Cut, GuardedAssociationServer, Hooks, Limits
 from router.compat.pynetdicom import register_server, reject_association
 from router.config import AllowedCaller, Listen
+from router import audit
+from router.queue import Instance
 from router.receive.intake import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, Intake, Received
 from router.commitment.accept import record_report
 from router.request import Reason
@@ -83,6 +85,30 @@ class _SharedPortServer(GuardedAssociationServer):
         super().server_bind()
 
 
+def listening_ae(listen: Listen, commitment_mode: str) -> AE:
+    """The AE the router listens as, with every presentation context it accepts: the one table
+    the receiving processes and the conformance statement (`operate.conformance`) read.
+    `commitment_mode`: [commitment] mode ("off": storage commitment is not offered)."""
+    teach_jpeg_xl()  # the AE accepts every transfer syntax, JPEG XL's too
+    ae = AE(ae_title=listen.ae_title)
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+    if commitment_mode == "relay":
+        # modalities ask with the default roles; a destination reporting proposes to be the SCP
+        ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+                                 scu_role=True, scp_role=True)
+    elif commitment_mode != "off":
+        ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.require_called_aet = listen.require_called_ae_title
+    ae.maximum_associations = listen.max_associations
+    ae.maximum_pdu_size = listen.max_pdu
+    ae.acse_timeout = listen.acse_timeout_s
+    ae.dimse_timeout = listen.dimse_timeout_s
+    ae.network_timeout = listen.network_timeout_s
+    return ae
+
+
 class Receiver:
     """The inbound side: owns the pynetdicom AE; every C-STORE goes to `intake`."""
 
@@ -97,6 +123,10 @@ class Receiver:
         if commitments is not None:
             known |= set(commitments.config.modalities)
         metrics.bound_callers(frozenset(known), listen.max_caller_labels)
+        # the audit trail: what each association sent, by study, written when it ends
+        self.transfers = audit.Transfers() if audit.current() is not None else None
+        if self.transfers is not None:
+            intake.on_stored = self._stored
 
     # -- handlers ----------------------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:
@@ -107,6 +137,18 @@ class Receiver:
     def _refuse(self, reason: Reason, why: str, calling: str, address: str) -> None:
         metrics.REJECTED.labels(reason=reason.value).inc()
         _log.warning("association_rejected", reason=why, calling_ae=calling, source_ip=address)
+        if reason is Reason.NOT_ALLOWED:
+            audit.security_alert(("110132", "Use of Restricted Function"), f"association refused: {why}",
+                                 audit.peer_ae(calling, address))
+
+    def _stored(self, received: Received, instance: Instance, patient_id: str, patient_name: str) -> None:
+        assert self.transfers is not None
+        self.transfers.add(received.association, audit.peer_ae(received.context.calling_ae, received.context.source_ip),
+                           instance.study_instance_uid, instance.sop_class_uid, patient_id, patient_name)
+
+    def _on_ended(self, event: evt.Event) -> None:
+        if self.transfers is not None:
+            self.transfers.end(id(event.assoc))
 
     def _on_requested(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.primitive.calling_ae_title
@@ -143,6 +185,7 @@ class Receiver:
             sop_instance_uid=str(request.AffectedSOPInstanceUID),
             context=context,
             priority=int(request.Priority or 0),
+            association=id(assoc),
         ))
 
     def _on_n_action(self, event: evt.Event) -> tuple[int, None]:
@@ -175,6 +218,9 @@ class Receiver:
         reason = _CUT_REASONS[cut]
         metrics.REJECTED.labels(reason=reason.value).inc()
         _log.warning("connection_closed", reason=detail, cause=cut.value, source_ip=address)
+        if cut is Cut.TLS_FAILED:
+            audit.security_alert(("110126", "Node Authentication"), f"TLS handshake failed: {detail}",
+                                 audit.Participant(user_id=address or "unknown", requestor=True, address=address))
 
     def _on_receiving(self, assoc: Association, sop_instance_uid: str, received: int) -> int | None:
         return self.intake.check_receiving(received, assoc.requestor.ae_title.strip(), sop_instance_uid)
@@ -191,24 +237,7 @@ class Receiver:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def make_ae(self) -> AE:
-        teach_jpeg_xl()  # the AE accepts every transfer syntax, JPEG XL's too
-        ae = AE(ae_title=self.listen.ae_title)
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        if self.relays:
-            # modalities ask with the default roles; a destination reporting proposes to be the SCP
-            ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
-                                     scu_role=True, scp_role=True)
-        elif self.commitments is not None:
-            ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-        ae.require_called_aet = self.listen.require_called_ae_title
-        ae.maximum_associations = self.listen.max_associations
-        ae.maximum_pdu_size = self.listen.max_pdu
-        ae.acse_timeout = self.listen.acse_timeout_s
-        ae.dimse_timeout = self.listen.dimse_timeout_s
-        ae.network_timeout = self.listen.network_timeout_s
-        return ae
+        return listening_ae(self.listen, "off" if self.commitments is None else self.commitments.config.mode)
 
     def start(self, reuse_port: bool = False) -> None:
         """Listen; with `reuse_port`, several processes share the port (SO_REUSEPORT).
@@ -228,6 +257,9 @@ class Receiver:
             handlers.append((evt.EVT_N_ACTION, self._on_n_action))
         if self.relays:
             handlers.append((evt.EVT_N_EVENT_REPORT, self._on_n_event_report))
+        if self.transfers is not None:
+            handlers += [(evt.EVT_RELEASED, self._on_ended), (evt.EVT_ABORTED, self._on_ended),
+                         (evt.EVT_CONN_CLOSE, self._on_ended)]
         ssl_context = server_context(self.listen.tls) if self.listen.tls is not None else None
         limits = Limits(
             request_timeout=self.listen.request_timeout_s,
