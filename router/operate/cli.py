@@ -160,6 +160,15 @@ def cmd_check(args: argparse.Namespace, cfg: config.Loaded) -> int:
         if not any(asked.values()):
             print("commitment: note: mode = \"relay\" but no destination has `commitment` set: every destination's "
                   "C-STORE success is its commitment, as in \"delivered\"")
+    audit = cfg.router.audit
+    if audit.url:
+        mutual = " (mutual TLS)" if audit.tls is not None and audit.tls.cert is not None else ""
+        print(escape(f"audit: IHE ATNA messages to {audit.url}{mutual}, Audit Source ID "
+                     f"{audit.source_id or '(the node name)'}; waiting records at most {audit.max_spool_mb} MB"))
+        if audit.transport == "udp":
+            print("audit: note: over UDP a message the repository does not get is lost; tls:// keeps them")
+    else:
+        print("audit: note: no [audit] url: no audit messages are made (IHE ATNA needs a repository)")
     queue = cfg.router.queue
     if queue.url:
         from router.queue.postgres import probe

@@ -160,3 +160,39 @@ def test_the_refused_reports_counter_is_exported_from_the_start(router_factory):
     for reason in metrics.RELAY_REPORT_REFUSED_REASONS:
         assert f'dicom_router_commitment_relay_reports_refused_total{{reason="{reason}"}}' in text
         assert metric_value(text, "dicom_router_commitment_relay_reports_refused_total", reason=reason) == 0
+
+
+def test_a_forged_report_is_a_security_alert_in_the_audit_trail(router_side, archives, tmp_path):
+    import base64
+    from pathlib import Path
+
+    import lxml.etree as ET
+
+    from router import audit
+    from router.config import Audit
+
+    queue, receiver, relayer, in_force = router_side
+    archive = archives(report="never")
+    in_force[:] = [rule_file("ARCHIVE", archive.port, host="localhost")]
+    received(queue, "2.25.1", "ARCHIVE")
+    deliver(queue, "ARCHIVE")
+    request_for(queue, ["2.25.1"])
+    assert relayer.once(wait_s=10) == 1
+    [(_, transaction_uid, _)] = archive.requests
+    auditor = audit.configure(Audit(url="tcp://127.0.0.1:9"), tmp_path / "audit", "ROUTER", "node-a")
+    try:
+        assert report_as(receiver.port, "EVIL", transaction_uid, ["2.25.1"]).Status == REFUSED
+        [(_, frame)] = auditor.spool.pending()
+    finally:
+        audit.configure(Audit(), tmp_path, "ROUTER")
+    schema = ET.RelaxNG(ET.parse(str(Path(__file__).resolve().parents[1] / "data" / "audit" /
+                                     "dicom-audit-message.rng")))
+    document = ET.fromstring(frame.split(b"\xef\xbb\xbf", 1)[1])
+    assert schema.validate(document), schema.error_log.last_error
+    assert document.find("EventIdentification/EventID").get("csd-code") == "110113"
+    assert document.find("EventIdentification/EventTypeCode").get("csd-code") == "110126"
+    assert any(p.get("UserID") == "EVIL" and p.get("NetworkAccessPointID") == "127.0.0.1"
+               for p in document.findall("ActiveParticipant"))
+    detail = document.find("ParticipantObjectIdentification/ParticipantObjectDetail").get("value")
+    assert "storage commitment report for ARCHIVE refused" in base64.b64decode(detail).decode()
+    assert transaction_uid.encode() not in frame  # the Transaction UID stays out of the audit trail too

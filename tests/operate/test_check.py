@@ -147,3 +147,17 @@ def test_the_shipped_research_example_checks_and_says_what_it_de_identifies(tmp_
     result = run_check(cfg)
     assert "warning: template StudyID reads the received header: it puts identity back" in result.stdout
     assert "chmod 600" not in result.stdout
+
+
+def test_check_says_where_audit_messages_go_and_refuses_a_url_it_cannot_use(tmp_path):
+    cfg = write(tmp_path, DEST + '[[rule]]\nsyntax = "original"\n',
+                '[audit]\nurl = "tls://audit.example.org:6514"\nsource_id = "ROUTER-A"\n')
+    result = run_check(cfg)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "audit: IHE ATNA messages to tls://audit.example.org:6514, Audit Source ID ROUTER-A" in result.stdout
+    none = write(tmp_path, DEST + '[[rule]]\nsyntax = "original"\n', "")
+    assert "no [audit] url: no audit messages are made" in run_check(none).stdout
+    bad = write(tmp_path, DEST + '[[rule]]\nsyntax = "original"\n', '[audit]\nurl = "https://audit.example.org"\n')
+    refused = run_check(bad)
+    assert refused.returncode == 2
+    assert "field audit.url: 'https://audit.example.org' is not tls://host:port" in refused.stderr
