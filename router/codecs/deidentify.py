@@ -227,10 +227,13 @@ def pseudonym(secret: bytes, ds: Dataset) -> str:
     """The patient's pseudonym: from the Issuer of Patient ID and Patient ID (or, without an ID,
     the name and birth date), 12 letters and digits."""
     patient_id = str(ds.get("PatientID", "") or "").strip()
+    name = str(ds.get("PatientName", "") or "").strip()
     if patient_id:
         key = f"id\0{str(ds.get('IssuerOfPatientID', '') or '').strip()}\0{patient_id}"
-    else:
-        key = f"name\0{str(ds.get('PatientName', '') or '').strip()}\0{ds.get('PatientBirthDate', '') or ''!s}"
+    elif name:
+        key = f"name\0{name}\0{ds.get('PatientBirthDate', '') or ''!s}"
+    else:  # nobody named: one pseudonym per study, so that unknown patients are not merged into one
+        key = f"study\0{ds.get('StudyInstanceUID', '') or ''!s}"
     digest = hmac.new(secret, b"patient\0" + key.encode(), hashlib.sha256).digest()
     return base64.b32encode(digest).decode()[:12]
 

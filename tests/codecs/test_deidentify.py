@@ -400,3 +400,15 @@ def test_an_attribute_the_table_does_not_list_keeps_no_identifying_value(tmp_pat
     assert family.encode() not in written and str(ds.PatientID).encode() not in written
     assert out.BodyPartExamined == "HEAD"
     assert out.ContentDescription == "ROI of"
+
+
+def test_patients_without_id_or_name_in_two_studies_get_two_pseudonyms(tmp_path):
+    paths = []
+    for n, source in enumerate((SIEMENS, SERIES[0])):
+        ds = pydicom.dcmread(source)
+        ds.PatientID, ds.PatientName, ds.PatientBirthDate = "", "", ""
+        paths.append(tmp_path / f"{n}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    a, b = (pydicom.dcmread(transcode_file(p, tmp_path / f"out-{p.name}", request(tmp_path)).path) for p in paths)
+    assert a.StudyInstanceUID != b.StudyInstanceUID
+    assert a.PatientID != b.PatientID and len(a.PatientID) == 12
