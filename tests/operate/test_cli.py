@@ -122,5 +122,5 @@ def test_transcode_file_whose_declared_vr_encoding_is_wrong(tmp_path):
 def test_help_lists_the_user_commands_and_nothing_internal():
     result = subprocess.run([sys.executable, "-m", "router", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
-    assert "{serve,check,explain,transcode,queue,trace,pause,resume}" in result.stdout
+    assert "{serve,check,conformance,explain,transcode,queue,trace,pause,resume}" in result.stdout
     assert "SUPPRESS" not in result.stdout and "receive" not in result.stdout.split("positional arguments")[0]
