@@ -18,6 +18,8 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
+from router.compat.pynetdicom import park_reactor
+
 from tests.support import malformed
 from tests.support.malformed import CATALOGUE, Case
 from tests.support.peers import Destination, Pacs, RouterProcess, echo, metric_value, send, wait_until
@@ -80,6 +82,7 @@ def send_raw(port: int, paths: list[Path], calling_ae: str) -> list[int]:
             if not assoc.is_established:
                 statuses.append(-1)
                 continue
+            park_reactor(assoc)
             rsp = assoc.send_c_store(path)
             statuses.append(int(rsp.Status) if "Status" in rsp else -1)
     finally:

@@ -15,6 +15,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE
 
+from router.compat.pynetdicom import park_reactor
+
 from tests.support.peers import Destination, Pacs, RouterProcess, data, metric_value, wait_until
 
 RULE = '[[rule]]\nsyntax = "original"\n'
@@ -54,6 +56,7 @@ def store(port: int, *datasets: Dataset) -> list[int]:
     try:
         statuses = []
         for ds in datasets:
+            park_reactor(assoc)
             rsp = assoc.send_c_store(ds)
             statuses.append(int(rsp.Status) if "Status" in rsp else -1)
         return statuses

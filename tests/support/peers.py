@@ -24,6 +24,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from router.compat.pynetdicom import park_reactor
+
 DATA = Path(data_store.__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[2]
 
@@ -204,6 +206,7 @@ def send(port: int, files: list[Path], calling_ae: str = "MODALITY", called_ae: 
                 statuses.append(-1)
                 continue
             try:
+                park_reactor(assoc)  # the client's own reactor must not take the response (pynetdicom #435)
                 rsp = assoc.send_c_store(dcmread(path))
             except (RuntimeError, OSError):
                 statuses.append(-1)
