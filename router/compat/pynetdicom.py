@@ -49,7 +49,7 @@ def register_server(ae: AE, server: ThreadedAssociationServer) -> None:
     ae._servers.append(server)
 
 
-def park_reactor(assoc: Association, timeout: float = 0.05) -> None:
+def park_reactor(assoc: Association, timeout: float = 2.0) -> None:
     """Make sure pynetdicom's reactor thread is parked before a C-STORE is sent.
 
     `Association.send_c_store` pauses the association's reactor by clearing a checkpoint and
@@ -57,7 +57,10 @@ def park_reactor(assoc: Association, timeout: float = 0.05) -> None:
     reactor then takes the C-STORE response off the queue as an "unexpected" message and the
     sender waits for the DIMSE timeout (pynetdicom issues #435 and #850). The reactor raises the
     flag right before it waits at the checkpoint; seeing the flag down and then up again after
-    the checkpoint was cleared proves it is waiting with the checkpoint closed.
+    the checkpoint was cleared proves it is waiting with the checkpoint closed. That takes one
+    pass of the reactor, well under a millisecond, unless the machine is so loaded that the
+    thread is not scheduled: `timeout` is generous, so that the proof is not given up on (and
+    the race run) exactly when the machine is busiest; a reactor that has ended is not waited for.
     """
     checkpoint = getattr(assoc, "_reactor_checkpoint", None)
     if checkpoint is None or not hasattr(assoc, "_is_paused"):
@@ -67,7 +70,7 @@ def park_reactor(assoc: Association, timeout: float = 0.05) -> None:
         return  # waiting for work (`quiet_reactors`): its next step is the closed checkpoint
     deadline = time.monotonic() + timeout
     seen_running = False
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and assoc.is_alive():
         if not assoc._is_paused:
             seen_running = True
         elif seen_running:

@@ -461,3 +461,93 @@ def test_upstream_data_set_state_the_guard_reads_is_still_there():
     assert hasattr(message, "_data_set_file") and hasattr(message, "command_set") and hasattr(message, "context_id")
     assert "dimse.receive_primitive(" in inspect.getsource(fsm.DT_2)
     assert "self.message" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
+
+
+# -- quiet_reactors -----------------------------------------------------------------------------------
+QUIET = """
+import json, sys, threading, time
+from pydicom import dcmread
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from router.compat import pynetdicom as compat
+from tests.support.peers import data, free_port
+
+if sys.argv[1] == "quiet":
+    compat.quiet_reactors()
+compat.use_poll()
+ds = dcmread(data("693_UNCR.dcm"))
+stored = []
+scp = AE(ae_title="SCP")
+scp.add_supported_context(Verification)
+scp.add_supported_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+port = free_port()
+server = scp.start_server(("127.0.0.1", port), block=False,
+                          evt_handlers=[(evt.EVT_C_STORE, lambda e: stored.append(1) or 0x0000)])
+threads_before = threading.active_count()
+scu = AE(ae_title="SCU")
+scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = 5
+scu.add_requested_context(Verification)
+scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+out = {"statuses": [], "ends": [], "slow": 0}
+for n in range(60):
+    assoc = scu.associate("127.0.0.1", port)
+    if not assoc.is_established:
+        out["statuses"].append("no association")
+        continue
+    if n % 10 == 0:
+        time.sleep(0.15)  # both ends' reactors wait with nothing to do, then have to wake for the request
+    started = time.monotonic()
+    echo = assoc.send_c_echo()
+    compat.park_reactor(assoc)
+    store = assoc.send_c_store(ds)
+    out["statuses"].append([echo.get("Status"), store.get("Status")])
+    if n % 2:
+        assoc.release()
+    else:
+        assoc.abort()
+    out["slow"] += time.monotonic() - started > 4  # a lost wake-up waits for a timeout
+    out["ends"].append(assoc.is_released or assoc.is_aborted)
+# the server goes away under an idle association: the requestor notices
+assoc = scu.associate("127.0.0.1", port)
+server.shutdown()
+deadline = time.monotonic() + 10
+while assoc.is_established and time.monotonic() < deadline:
+    time.sleep(0.01)
+out["noticed_shutdown"] = not assoc.is_established
+deadline = time.monotonic() + 10
+while threading.active_count() > threads_before - 1 and time.monotonic() < deadline:  # the server's thread has gone too
+    time.sleep(0.01)
+out["threads_left"] = threading.active_count() - (threads_before - 1)
+out["stored"] = len(stored)
+print(json.dumps(out))
+"""
+
+
+def _quiet_run(mode: str) -> dict:
+    import json
+
+    result = subprocess.run([sys.executable, "-c", QUIET, mode], capture_output=True, text=True, timeout=180,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_upstream_reactors_still_sleep_a_millisecond_through_their_module_time():
+    """quiet_reactors replaces the `time` the two reactor loops sleep through; the day they stop
+    calling time.sleep(0.001) (or wait on something of their own), it can go."""
+    from pynetdicom import association, dul
+
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(dul.DULServiceProvider.run_reactor)
+    assert "self._run_loop_delay = 0.001" in inspect.getsource(dul.DULServiceProvider.__init__)
+    assert "time.sleep(0.001)" in inspect.getsource(association.Association._run_reactor)
+    assert dul.time is time or isinstance(dul.time, compat._ReactorTime)
+
+
+@pytest.mark.parametrize("mode", ["quiet", "upstream"])
+def test_reactors_that_wait_for_work_still_associate_store_release_abort_and_notice_a_closed_peer(mode):
+    out = _quiet_run(mode)
+    assert out["statuses"] == [[0, 0]] * 60, out
+    assert all(out["ends"]) and out["slow"] == 0, out
+    assert out["stored"] == 60
+    assert out["noticed_shutdown"], out
+    assert out["threads_left"] == 0, out  # no reactor thread left waiting
