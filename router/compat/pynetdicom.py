@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import select
 import socket
 import tempfile
@@ -66,8 +65,6 @@ def park_reactor(assoc: Association, timeout: float = 2.0) -> None:
     if checkpoint is None or not hasattr(assoc, "_is_paused"):
         return
     checkpoint.clear()
-    if getattr(assoc, "_router_idle", False):
-        return  # waiting for work (`quiet_reactors`): its next step is the closed checkpoint
     deadline = time.monotonic() + timeout
     seen_running = False
     while time.monotonic() < deadline and assoc.is_alive():
@@ -252,156 +249,3 @@ def throttle_sends(assoc: Association, take: Callable[[int], object], chunk: int
             sock.event_queue.put("Evt17")
 
     sock.send = send
-
-
-# -- reactors that wait for work instead of waking every millisecond ----------------------------------
-IDLE_WAIT_S = 0.02  # the longest a reactor waits with nothing to do (timers are checked this often)
-
-
-class _ReactorTime:
-    """Stands in for the `time` module inside `pynetdicom.dul` and `pynetdicom.association`.
-
-    Both reactor loops sleep 1 ms whenever a pass found nothing to do, so every open association
-    costs two threads waking a thousand times a second: about 5% of a core for each end of an
-    idle association, and the same between the PDUs of a busy one. Here a reactor thread's
-    `sleep(0.001)` waits for its work instead, up to IDLE_WAIT_S: the DUL thread for its socket
-    to be readable or a primitive to be queued (`_wake_dul`), the association thread for its
-    DUL to have handled an event (a DIMSE message, a release or an abort request). Any other
-    thread, and any other sleep, sleeps as before.
-    """
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        thread = threading.current_thread()
-        if seconds != 0.001:
-            time.sleep(seconds)
-            return
-        wake_fd = getattr(thread, "_router_wake_fd", None)
-        if wake_fd is not None:
-            _wait_dul(thread, wake_fd)
-            return
-        wake = getattr(thread, "_router_wake", None)
-        if wake is not None:
-            # while it waits here its next step is the checkpoint, so it counts as paused: a
-            # send_*() that pauses it (clears the checkpoint, waits for `_is_paused`) goes at once
-            thread._router_idle = thread._is_paused = True
-            wake.wait(IDLE_WAIT_S)
-            wake.clear()
-            thread._router_idle = False
-            return
-        time.sleep(seconds)
-
-
-def _wait_dul(dul: Any, wake_fd: int) -> None:  # noqa: ANN401 - a pynetdicom DULServiceProvider
-    if not dul.to_provider_queue.empty():
-        return
-    sock = getattr(getattr(dul, "socket", None), "socket", None)
-    poller = select.poll()
-    poller.register(wake_fd, select.POLLIN)
-    if sock is not None:
-        try:
-            if getattr(sock, "pending", None) is not None and sock.pending():
-                return  # TLS: data already decrypted, the socket itself may stay quiet
-            fd = sock.fileno()
-        except (OSError, ValueError):
-            fd = -1
-        if fd >= 0:
-            poller.register(fd, select.POLLIN | select.POLLPRI)
-    poller.poll(IDLE_WAIT_S * 1000)
-    try:
-        os.eventfd_read(wake_fd)
-    except BlockingIOError:
-        pass
-
-
-def _wake_dul(dul: Any) -> None:  # noqa: ANN401
-    fd = getattr(dul, "_router_wake_fd", None)
-    if fd is not None:
-        try:
-            os.eventfd_write(fd, 1)
-        except OSError:
-            pass
-
-
-class _WakingFlag:
-    """A reactor's stop flag (`DULServiceProvider._kill_thread`, `Association._kill`) that
-    wakes the waiting reactor when it is raised, from whichever thread raises it."""
-
-    def __init__(self, name: str, wake: Callable[[Any], None]) -> None:
-        self.name, self.wake = name, wake
-
-    def __get__(self, obj: Any, owner: type | None = None) -> Any:  # noqa: ANN401
-        if obj is None:
-            return self
-        return obj.__dict__.get(self.name, False)
-
-    def __set__(self, obj: Any, value: bool) -> None:  # noqa: ANN401
-        obj.__dict__[self.name] = value
-        if value:
-            self.wake(obj)
-
-
-def _wake_association(assoc: Any) -> None:  # noqa: ANN401
-    wake = getattr(assoc, "_router_wake", None)
-    if wake is not None:
-        wake.set()
-
-
-def quiet_reactors() -> None:
-    """Make pynetdicom's reactors wait for work (`_ReactorTime`). Process-wide by nature: call
-    it once, from each process's entry point, before any association is made."""
-    from pynetdicom import association, dul, fsm
-
-    if isinstance(dul.time, _ReactorTime):
-        return
-    dul.time = _ReactorTime()  # type: ignore[assignment]
-    association.time = _ReactorTime()  # type: ignore[assignment]
-    provider = dul.DULServiceProvider
-    run_dul, send_pdu = provider.run_reactor, provider.send_pdu
-
-    def run_reactor_waiting(self) -> None:  # noqa: ANN001
-        self._router_wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        try:
-            run_dul(self)
-        finally:
-            fd, self._router_wake_fd = self._router_wake_fd, None
-            os.close(fd)
-
-    def send_pdu_waking(self, primitive: Any) -> None:  # noqa: ANN001, ANN401
-        send_pdu(self, primitive)
-        _wake_dul(self)
-
-    provider.run_reactor = run_reactor_waiting  # type: ignore[method-assign]
-    provider.send_pdu = send_pdu_waking  # type: ignore[method-assign]
-    # the flag that stops the DUL (kill_dul, stop_dul) wakes it when raised
-    provider._kill_thread = _WakingFlag("_router_kill_thread", lambda d: _wake_dul(d))  # type: ignore[assignment]
-
-    run_association = association.Association.run_reactor
-
-    def association_waiting(self) -> None:  # noqa: ANN001
-        self._router_wake = threading.Event()
-        run_association(self)
-
-    association.Association.run_reactor = association_waiting  # type: ignore[method-assign]
-    association.Association._kill = _WakingFlag("_router_kill", _wake_association)  # type: ignore[assignment]
-    close = transport.AssociationSocket.close
-
-    def close_waking(self) -> None:  # noqa: ANN001
-        close(self)  # Evt17 for the DUL, from whichever thread closes it
-        assoc = getattr(self, "_assoc", None) or getattr(self, "assoc", None)
-        if assoc is not None:
-            _wake_dul(assoc.dul)
-
-    transport.AssociationSocket.close = close_waking  # type: ignore[method-assign]
-    do_action = fsm.StateMachine.do_action
-
-    def do_action_waking(self, event: str) -> None:  # noqa: ANN001
-        do_action(self, event)
-        wake = getattr(self.dul.assoc, "_router_wake", None)
-        if wake is not None:
-            wake.set()
-
-    fsm.StateMachine.do_action = do_action_waking  # type: ignore[method-assign]
