@@ -48,7 +48,7 @@ def register_server(ae: AE, server: ThreadedAssociationServer) -> None:
     ae._servers.append(server)
 
 
-def park_reactor(assoc: Association, timeout: float = 2.0) -> None:
+def park_reactor(assoc: Association, timeout: float = 0.5) -> None:
     """Make sure pynetdicom's reactor thread is parked before a C-STORE is sent.
 
     `Association.send_c_store` pauses the association's reactor by clearing a checkpoint and
@@ -57,9 +57,9 @@ def park_reactor(assoc: Association, timeout: float = 2.0) -> None:
     sender waits for the DIMSE timeout (pynetdicom issues #435 and #850). The reactor raises the
     flag right before it waits at the checkpoint; seeing the flag down and then up again after
     the checkpoint was cleared proves it is waiting with the checkpoint closed. That takes one
-    pass of the reactor, well under a millisecond, unless the machine is so loaded that the
-    thread is not scheduled: `timeout` is generous, so that the proof is not given up on (and
-    the race run) exactly when the machine is busiest; a reactor that has ended is not waited for.
+    pass of the reactor, about a millisecond, unless the machine is so loaded that the thread is
+    not scheduled: `timeout` is generous, so that the proof is not given up on (and the race
+    run) exactly when the machine is busiest; a reactor that has ended is not waited for.
     """
     checkpoint = getattr(assoc, "_reactor_checkpoint", None)
     if checkpoint is None or not hasattr(assoc, "_is_paused"):
