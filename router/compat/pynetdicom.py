@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import select
 import socket
 import tempfile
@@ -64,8 +65,13 @@ def park_reactor(assoc: Association, timeout: float = 0.5) -> None:
     checkpoint = getattr(assoc, "_reactor_checkpoint", None)
     if checkpoint is None or not hasattr(assoc, "_is_paused"):
         return
-    checkpoint.clear()
     deadline = time.monotonic() + timeout
+    if isinstance(checkpoint, _WakingCheckpoint):  # `quiet_reactors`: the reactor says when it waits there
+        generation = checkpoint.close()
+        while checkpoint.parked != generation and time.monotonic() < deadline and assoc.is_alive():
+            time.sleep(0.00005)
+        return
+    checkpoint.clear()
     seen_running = False
     while time.monotonic() < deadline and assoc.is_alive():
         if not assoc._is_paused:
@@ -249,3 +255,243 @@ def throttle_sends(assoc: Association, take: Callable[[int], object], chunk: int
             sock.event_queue.put("Evt17")
 
     sock.send = send
+
+
+# -- N-EVENT-REPORTs served in their own thread ---------------------------------------------------------
+_serving_report = threading.local()
+
+
+class _PauseFlag:
+    """`Association._is_paused`, kept to what the association's own threads say.
+
+    pynetdicom serves a received N-EVENT-REPORT request in a thread of its own (dimse.py:
+    "handled immediately ... would block the DUL otherwise"), and that thread runs
+    `_serve_request`, which raises `_is_paused` around the handler and lowers it afterwards, as
+    if it were the reactor. If the reactor is meanwhile parked at its closed checkpoint (a
+    `send_*()` or `release()` waiting for it, or one about to), the lowered flag says it is
+    running: the next `release()` or `send_*()` waits for ever for a flag nobody raises again
+    (`release()` has no timeout). The report thread's writes are left out: the reactor, free to
+    run, parks itself for any `send_*()` the handler makes, as for any other caller."""
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:  # noqa: ANN401
+        if obj is None:
+            return self
+        return obj.__dict__.get("_router_is_paused", False)
+
+    def __set__(self, obj: Any, value: bool) -> None:  # noqa: ANN401
+        if getattr(_serving_report, "assoc", None) is obj:
+            return
+        obj.__dict__["_router_is_paused"] = value
+
+
+def keep_pause_flag_to_the_reactor() -> None:
+    """Install `_PauseFlag` (pynetdicom's N-EVENT-REPORT thread). Process-wide by nature."""
+    serve = Association._serve_request
+    if getattr(serve, "_router_report_aware", False):
+        return
+
+    def serve_request(self, msg: Any, context_id: int) -> None:  # noqa: ANN001, ANN401
+        if threading.current_thread() is self:
+            serve(self, msg, context_id)
+            return
+        _serving_report.assoc = self  # the N-EVENT-REPORT thread
+        try:
+            serve(self, msg, context_id)
+        finally:
+            _serving_report.assoc = None
+
+    serve_request._router_report_aware = True  # type: ignore[attr-defined]
+    Association._serve_request = serve_request  # type: ignore[method-assign]
+    Association._is_paused = _PauseFlag()  # type: ignore[assignment]
+
+
+# -- reactors that wait for work instead of waking every millisecond ----------------------------------
+IDLE_WAIT_S = 0.02  # the longest a reactor waits with nothing to do (timers are checked this often)
+
+
+class _ReactorTime:
+    """Stands in for the `time` module inside `pynetdicom.dul` (`module="dul"`) or
+    `pynetdicom.association` (`module="association"`).
+
+    Both reactor loops sleep 1 ms whenever a pass found nothing to do, so every open association
+    costs two threads waking a thousand times a second: about 5% of a core for each end of an
+    idle association, and the same between the PDUs of a busy one. Here a reactor thread's
+    `sleep(0.001)` in its own loop waits for its work instead, up to IDLE_WAIT_S: the DUL thread
+    for its socket to be readable, a primitive or an event to be queued (`_wake_dul`), the
+    association thread for its DUL to have handled an event (a DIMSE message, a release or an
+    abort request), its stop flag, or its checkpoint to be closed by a `send_*()`/`release()`.
+
+    Nothing of pynetdicom's pause handshake (`_reactor_checkpoint`, `_is_paused`) is touched:
+    a waiting association thread is woken by the checkpoint's `clear()` and then takes the same
+    steps as upstream's, raising `_is_paused` only on its way to the closed checkpoint. Any other
+    thread, and any other sleep, sleeps as before.
+    """
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == 0.001:
+            thread = threading.current_thread()
+            if self.module == "dul":
+                wake_fd = getattr(thread, "_router_wake_fd", None)
+                if wake_fd is not None:
+                    _wait_dul(thread, wake_fd)
+                    return
+            else:
+                wake = getattr(thread, "_router_wake", None)
+                if wake is not None and getattr(thread, "_router_waiting", False):
+                    if wake.wait(IDLE_WAIT_S):
+                        wake.clear()  # whoever set it changed the state first: this pass sees it
+                    return
+        time.sleep(seconds)
+
+
+def _wait_dul(dul: Any, wake_fd: int) -> None:  # noqa: ANN401 - a pynetdicom DULServiceProvider
+    if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+        return
+    sock = getattr(getattr(dul, "socket", None), "socket", None)
+    poller = select.poll()
+    poller.register(wake_fd, select.POLLIN)
+    if sock is not None:
+        try:
+            if getattr(sock, "pending", None) is not None and sock.pending():
+                return  # TLS: data already decrypted, the socket itself may stay quiet
+            fd = sock.fileno()
+        except (OSError, ValueError):
+            fd = -1
+        if fd >= 0:
+            poller.register(fd, select.POLLIN | select.POLLPRI)
+    poller.poll(IDLE_WAIT_S * 1000)
+    try:
+        os.eventfd_read(wake_fd)
+    except BlockingIOError:
+        pass
+
+
+def _wake_dul(dul: Any) -> None:  # noqa: ANN401
+    fd = getattr(dul, "_router_wake_fd", None)
+    if fd is not None:
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError:
+            pass
+
+
+def _wake_association(assoc: Any) -> None:  # noqa: ANN401
+    wake = getattr(assoc, "_router_wake", None)
+    if wake is not None:
+        wake.set()
+
+
+class _WakingFlag:
+    """A reactor's stop flag (`DULServiceProvider._kill_thread`, `Association._kill`) that
+    wakes the waiting reactor when it is raised, from whichever thread raises it."""
+
+    def __init__(self, name: str, wake: Callable[[Any], None]) -> None:
+        self.name, self.wake = name, wake
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:  # noqa: ANN401
+        if obj is None:
+            return self
+        return obj.__dict__.get(self.name, False)
+
+    def __set__(self, obj: Any, value: bool) -> None:  # noqa: ANN401
+        obj.__dict__[self.name] = value
+        if value:
+            self.wake(obj)
+
+
+class _WakingCheckpoint(threading.Event):
+    """An association's reactor checkpoint whose `clear()` (the first step of every pause:
+    `send_*()`, `release()`, `park_reactor`) wakes the waiting reactor, so that it comes round
+    to the checkpoint at once rather than at the end of its wait; and which tells `park_reactor`
+    when the reactor has come to wait at it after a given `close()` (`parked`)."""
+
+    def __init__(self, wake: threading.Event) -> None:
+        super().__init__()
+        self._router_wake = wake
+        self.generation = self.parked = 0
+        self.set()
+
+    def close(self) -> int:
+        """Clear, and return the generation a reactor waiting from now on records."""
+        self.generation += 1  # before the flag goes down: a reactor that sees it down records this one
+        super().clear()
+        self._router_wake.set()
+        return self.generation
+
+    def clear(self) -> None:
+        self.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.is_set():
+            self.parked = self.generation  # only a set() lets it pass from here
+        return super().wait(timeout)
+
+
+def quiet_reactors() -> None:
+    """Make pynetdicom's reactors wait for work (`_ReactorTime`). Process-wide by nature: call
+    it once, from each process's entry point, before any association is made."""
+    from pynetdicom import association, dul, fsm
+
+    keep_pause_flag_to_the_reactor()  # a reactor woken at once reaches its checkpoint before the report thread is done
+    if isinstance(dul.time, _ReactorTime):
+        return
+    dul.time = _ReactorTime("dul")  # type: ignore[assignment]
+    association.time = _ReactorTime("association")  # type: ignore[assignment]
+    provider = dul.DULServiceProvider
+    run_dul, send_pdu = provider.run_reactor, provider.send_pdu
+
+    def run_reactor_waiting(self) -> None:  # noqa: ANN001
+        self._router_wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            run_dul(self)
+        finally:
+            fd, self._router_wake_fd = self._router_wake_fd, None
+            os.close(fd)
+
+    def send_pdu_waking(self, primitive: Any) -> None:  # noqa: ANN001, ANN401
+        send_pdu(self, primitive)
+        _wake_dul(self)
+
+    provider.run_reactor = run_reactor_waiting  # type: ignore[method-assign]
+    provider.send_pdu = send_pdu_waking  # type: ignore[method-assign]
+    provider._kill_thread = _WakingFlag("_router_kill_thread", _wake_dul)  # type: ignore[assignment]
+
+    init_association, run_association = association.Association.__init__, association.Association._run_reactor
+
+    def init_waking(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN001, ANN401
+        self._router_wake = threading.Event()
+        init_association(self, *args, **kwargs)
+        self._reactor_checkpoint = _WakingCheckpoint(self._router_wake)
+
+    def association_waiting(self) -> None:  # noqa: ANN001
+        self._router_waiting = True  # only the reactor loop itself waits (not a handler, not kill())
+        try:
+            run_association(self)
+        finally:
+            self._router_waiting = False
+
+    association.Association.__init__ = init_waking  # type: ignore[method-assign]
+    association.Association._run_reactor = association_waiting  # type: ignore[method-assign]
+    association.Association._kill = _WakingFlag("_router_kill", _wake_association)  # type: ignore[assignment]
+    close = transport.AssociationSocket.close
+
+    def close_waking(self) -> None:  # noqa: ANN001
+        close(self)  # Evt17 for the DUL, from whichever thread closes it
+        assoc = getattr(self, "_assoc", None) or getattr(self, "assoc", None)
+        if assoc is not None:
+            _wake_dul(assoc.dul)
+
+    transport.AssociationSocket.close = close_waking  # type: ignore[method-assign]
+    do_action = fsm.StateMachine.do_action
+
+    def do_action_waking(self, event: str) -> None:  # noqa: ANN001
+        do_action(self, event)
+        _wake_association(self.dul.assoc)
+
+    fsm.StateMachine.do_action = do_action_waking  # type: ignore[method-assign]

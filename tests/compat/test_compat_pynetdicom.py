@@ -462,3 +462,222 @@ def test_upstream_data_set_state_the_guard_reads_is_still_there():
     assert "dimse.receive_primitive(" in inspect.getsource(fsm.DT_2)
     assert "self.message" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
 
+
+
+# -- quiet_reactors -----------------------------------------------------------------------------------
+QUIET = """
+import json, sys, threading, time
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from router.compat import pynetdicom as compat
+from tests.support.peers import data, free_port
+
+COMMITMENT, COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.1.1"
+if sys.argv[1] == "quiet":
+    compat.quiet_reactors()
+compat.keep_pause_flag_to_the_reactor()  # in both: the reports below would otherwise run pynetdicom's own race
+compat.use_poll()
+ds = dcmread(data("693_UNCR.dcm"))
+stored = []
+scp = AE(ae_title="SCP")
+scp.add_supported_context(Verification)
+scp.add_supported_context(COMMITMENT)
+scp.add_supported_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+port = free_port()
+server = scp.start_server(("127.0.0.1", port), block=False,
+                          evt_handlers=[(evt.EVT_C_STORE, lambda e: stored.append(1) or 0x0000)])
+threads_before = threading.active_count()
+scu = AE(ae_title="SCU")
+scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = 5
+scu.add_requested_context(Verification)
+scu.add_requested_context(COMMITMENT)
+scu.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+out = {"statuses": [], "ends": [], "slow": 0, "releases": []}
+begun = time.monotonic()
+for n in range(60):
+    assoc = scu.associate("127.0.0.1", port)
+    if not assoc.is_established:
+        out["statuses"].append("no association")
+        continue
+    if n % 10 == 0:
+        time.sleep(0.15)  # both ends' reactors wait with nothing to do, then have to wake for the request
+    started = time.monotonic()
+    echo = assoc.send_c_echo()
+    compat.park_reactor(assoc)
+    store = assoc.send_c_store(ds)
+    out["statuses"].append([echo.get("Status"), store.get("Status")])
+    if n % 2:
+        assoc.release()
+    else:
+        assoc.abort()
+    out["slow"] += time.monotonic() - started > 4  # a lost wake-up waits for a timeout
+    out["ends"].append(assoc.is_released or assoc.is_aborted)
+
+# A report on the requestor's own association (storage commitment on the same association): the
+# requestor's reactor runs the N-EVENT-REPORT handler, with pynetdicom's pause flag raised, and the
+# requestor releases as soon as its answer is out (its reactor on its way back to waiting), or once
+# its reactor waits again. (Releasing while the handler still runs is wrong upstream too: the answer
+# would follow the A-RELEASE-RQ, an event pynetdicom's state machine refuses.)
+used = []
+
+def release_after_report(where):
+    answered_out = threading.Event()
+
+    def on_sent(event):
+        if type(event.message).__name__ == "N_EVENT_REPORT_RSP":
+            answered_out.set()
+
+    assoc = scu.associate("127.0.0.1", port, evt_handlers=[
+        (evt.EVT_N_EVENT_REPORT, lambda event: (0x0000, None)), (evt.EVT_DIMSE_SENT, on_sent)])
+    assert assoc.is_established
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        fresh = [a for a in server.active_associations if a.is_established and all(a is not u for u in used)]
+        if fresh:
+            break
+        time.sleep(0.001)
+    [acceptor] = fresh
+    used.append(acceptor)
+    info = Dataset()
+    info.TransactionUID = "2.25.1"
+    answered = []
+
+    def report():
+        compat.park_reactor(acceptor)
+        status, _ = acceptor.send_n_event_report(info, 1, COMMITMENT, COMMITMENT_INSTANCE)
+        answered.append(status.get("Status"))
+
+    reporter = threading.Thread(target=report)
+    reporter.start()
+    answered_out.wait(5)
+    if where == "idle":
+        time.sleep(0.1)  # its reactor is back waiting for work
+    started = time.monotonic()
+    assoc.release()
+    reporter.join(10)
+    return {"where": where, "released": assoc.is_released, "answered": answered,
+            "seconds": round(time.monotonic() - started, 2)}
+
+out["first_part_s"] = round(time.monotonic() - begun, 1)
+for n in range(30):
+    out["releases"].append(release_after_report("idle" if n % 5 == 0 else "just after its answer"))
+
+# the server goes away under an idle association: the requestor notices
+assoc = scu.associate("127.0.0.1", port)
+server.shutdown()
+deadline = time.monotonic() + 10
+while assoc.is_established and time.monotonic() < deadline:
+    time.sleep(0.01)
+out["noticed_shutdown"] = not assoc.is_established
+deadline = time.monotonic() + 10
+while threading.active_count() > threads_before - 1 and time.monotonic() < deadline:  # the server's thread has gone too
+    time.sleep(0.01)
+out["threads_left"] = threading.active_count() - (threads_before - 1)
+out["stored"] = len(stored)
+print(json.dumps(out))
+"""
+
+
+def _quiet_run(mode: str) -> dict:
+    import json
+
+    result = subprocess.run([sys.executable, "-c", QUIET, mode], capture_output=True, text=True, timeout=240,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_upstream_reactors_still_sleep_a_millisecond_through_their_module_time():
+    """quiet_reactors replaces the `time` the two reactor loops sleep through and wakes the
+    association's reactor from its checkpoint's clear(); the day they stop calling
+    time.sleep(0.001), or pause another way, it must be adapted or can go."""
+    from pynetdicom import association, dul
+
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(dul.DULServiceProvider.run_reactor)
+    assert "self._run_loop_delay = 0.001" in inspect.getsource(dul.DULServiceProvider.__init__)
+    loop = inspect.getsource(association.Association._run_reactor)
+    assert "time.sleep(0.001)" in loop and "self._reactor_checkpoint.wait()" in loop
+    assert "self._reactor_checkpoint.clear()" in inspect.getsource(association.Association.release)
+    assert dul.time is time or isinstance(dul.time, compat._ReactorTime)
+
+
+@pytest.mark.parametrize("mode", ["quiet", "upstream"])
+def test_reactors_that_wait_for_work_still_associate_store_report_release_abort_and_notice_a_closed_peer(mode):
+    out = _quiet_run(mode)
+    assert out["statuses"] == [[0, 0]] * 60, out
+    assert all(out["ends"]) and out["slow"] == 0, out
+    assert out["stored"] == 60
+    for release in out["releases"]:  # a release never waits for a reactor that is not coming
+        assert release["released"] and release["answered"] == [0] and release["seconds"] < 4, release
+    assert out["noticed_shutdown"], out
+    assert out["threads_left"] == 0, out  # no reactor thread left waiting
+
+
+REPORT_FLAG = """
+import json, sys, threading, time
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from router.compat import pynetdicom as compat
+from tests.support.peers import free_port
+
+COMMITMENT, COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1", "1.2.840.10008.1.20.1.1"
+if sys.argv[1] == "kept":
+    compat.keep_pause_flag_to_the_reactor()
+scp = AE(ae_title="SCP")
+scp.add_supported_context(COMMITMENT)
+port = free_port()
+server = scp.start_server(("127.0.0.1", port), block=False)
+scu = AE(ae_title="SCU")
+scu.acse_timeout = scu.dimse_timeout = scu.network_timeout = 5
+scu.add_requested_context(COMMITMENT)
+assoc = scu.associate("127.0.0.1", port, evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: (0x0000, None))])
+deadline = time.monotonic() + 5
+while not server.active_associations and time.monotonic() < deadline:
+    time.sleep(0.001)
+[acceptor] = server.active_associations
+compat.park_reactor(assoc)  # the requestor's reactor waits at its closed checkpoint, its pause flag up
+out = {"parked": assoc._is_paused}
+info = Dataset()
+info.TransactionUID = "2.25.1"
+compat.park_reactor(acceptor)
+status, _ = acceptor.send_n_event_report(info, 1, COMMITMENT, COMMITMENT_INSTANCE)
+out["answered"] = status.get("Status")
+deadline = time.monotonic() + 5  # the thread pynetdicom served the report in has ended
+while any("serve_request" in t.name for t in threading.enumerate()) and time.monotonic() < deadline:
+    time.sleep(0.001)
+out["flag_after_report"] = assoc._is_paused
+out["still_parked"] = not assoc._reactor_checkpoint.is_set() and assoc.is_alive()
+if out["flag_after_report"]:
+    assoc.release()  # would wait for ever on a lowered flag
+    out["released"] = assoc.is_released
+else:
+    assoc.abort()
+server.shutdown()
+print(json.dumps(out))
+"""
+
+
+def _report_flag_run(mode: str) -> dict:
+    import json
+
+    result = subprocess.run([sys.executable, "-c", REPORT_FLAG, mode], capture_output=True, text=True, timeout=60,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_upstream_the_thread_an_n_event_report_is_served_in_still_lowers_the_reactors_pause_flag():
+    """pynetdicom serves an N-EVENT-REPORT in a thread of its own that writes the reactor's
+    `_is_paused`; with the reactor parked, the flag then says "running" and the next release()
+    waits for ever. The day this fails, keep_pause_flag_to_the_reactor can go."""
+    out = _report_flag_run("upstream")
+    assert out["parked"] and out["answered"] == 0 and out["still_parked"], out
+    assert out["flag_after_report"] is False, out
+
+
+def test_a_report_served_while_the_reactor_is_parked_leaves_its_pause_flag_up_and_release_works():
+    out = _report_flag_run("kept")
+    assert out == {"parked": True, "answered": 0, "flag_after_report": True, "still_parked": True,
+                   "released": True}, out
