@@ -270,8 +270,9 @@ class _PauseFlag:
     if it were the reactor. If the reactor is meanwhile parked at its closed checkpoint (a
     `send_*()` or `release()` waiting for it, or one about to), the lowered flag says it is
     running: the next `release()` or `send_*()` waits for ever for a flag nobody raises again
-    (`release()` has no timeout). The report thread's writes are left out: the reactor, free to
-    run, parks itself for any `send_*()` the handler makes, as for any other caller."""
+    (`release()` has no timeout; pynetdicom issue #820, still so in 3.0). The report thread's
+    writes are left out: the reactor, free to run, parks itself for any `send_*()` the handler
+    makes, as for any other caller."""
 
     def __get__(self, obj: Any, owner: type | None = None) -> Any:  # noqa: ANN401
         if obj is None:
