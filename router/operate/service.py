@@ -266,9 +266,6 @@ class Router:
                                      Timeouts(acse_s=listen.acse_timeout_s, dimse_s=listen.dimse_timeout_s,
                                               network_s=listen.network_timeout_s), destinations=self.destinations)
             self.reporter.start()
-        if commitment.mode == "relay":
-            self.relayer = Relayer(self.queue, commitment, self.destinations, self.cfg.router.listen.ae_title)
-            self.relayer.start()
         if self.cfg.router.metrics.port:
             self.status_page = StatusPage(self.queue, self.destinations, Holds(self.spool.root),
                                           metrics.forwarded_by_destination)
@@ -279,6 +276,9 @@ class Router:
                                            pages=self.status_page.handle,
                                            page_connections=self.cfg.router.metrics.page_connections)
         self._start_receivers()
+        if commitment.mode == "relay":  # once listening: the PACS's report to an N-ACTION comes to our port
+            self.relayer = Relayer(self.queue, commitment, self.destinations, self.cfg.router.listen.ae_title)
+            self.relayer.start()
         _log.info("listening", ae_title=self.cfg.router.listen.ae_title, host=self.cfg.router.listen.host,
                   port=self.cfg.router.listen.port, processes=len(self.receivers),
                   destinations=sorted(self._destinations),

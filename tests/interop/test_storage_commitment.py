@@ -268,7 +268,9 @@ def test_relay_a_report_lost_while_the_router_was_killed_is_asked_for_again_afte
         report = modality.report(transaction)
         assert report.event_type == 1 and sorted(report.committed) == sorted(uid for _, uid in references(series))
         asked = _logged(router, "commitment_relay_sent")
-        assert len(asked) == 2 and asked[0]["transaction"] == asked[1]["transaction"]  # the same request, asked again
+        assert len(asked) == 2 and asked[0]["transaction"] == asked[1]["transaction"], router.log()  # asked again
+        # ... only once the restarted router listens: a report to an N-ACTION sent before would find no one
+        assert asked[1]["timestamp"] > _logged(router, "listening")[-1]["timestamp"], router.log()
     finally:
         router.kill()
 
