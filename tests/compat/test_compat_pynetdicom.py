@@ -520,8 +520,6 @@ for n in range(60):
 # requestor releases as soon as its answer is out (its reactor on its way back to waiting), or once
 # its reactor waits again. (Releasing while the handler still runs is wrong upstream too: the answer
 # would follow the A-RELEASE-RQ, an event pynetdicom's state machine refuses.)
-used = []
-
 def release_after_report(where):
     answered_out = threading.Event()
 
@@ -532,14 +530,14 @@ def release_after_report(where):
     assoc = scu.associate("127.0.0.1", port, evt_handlers=[
         (evt.EVT_N_EVENT_REPORT, lambda event: (0x0000, None)), (evt.EVT_DIMSE_SENT, on_sent)])
     assert assoc.is_established
+    ours = assoc.dul.socket.socket.getsockname()[1]  # the acceptor's end of this very connection
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        fresh = [a for a in server.active_associations if a.is_established and all(a is not u for u in used)]
+        fresh = [a for a in server.active_associations if a.is_established and a.requestor.port == ours]
         if fresh:
             break
         time.sleep(0.001)
     [acceptor] = fresh
-    used.append(acceptor)
     info = Dataset()
     info.TransactionUID = "2.25.1"
     answered = []
