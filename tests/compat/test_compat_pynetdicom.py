@@ -194,11 +194,16 @@ print(results, min(fds or [0]))
 """
 
 
-def _associate_with_high_fds(mode: str) -> str:
-    result = subprocess.run([sys.executable, "-c", HIGH_FDS, mode], capture_output=True, text=True, timeout=120,
+def _run_script(script: str, mode: str, timeout: float) -> str:
+    """Run `script` in a process of its own (what it installs is process-wide): its last line."""
+    result = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=timeout,
                             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip().splitlines()[-1]
+
+
+def _associate_with_high_fds(mode: str) -> str:
+    return _run_script(HIGH_FDS, mode, 120)
 
 
 def test_upstream_association_socket_still_asks_select():
@@ -581,10 +586,7 @@ print(json.dumps(out))
 def _quiet_run(mode: str) -> dict:
     import json
 
-    result = subprocess.run([sys.executable, "-c", QUIET, mode], capture_output=True, text=True, timeout=240,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(_run_script(QUIET, mode, 240))
 
 
 def test_upstream_reactors_still_sleep_a_millisecond_through_their_module_time():
@@ -660,10 +662,7 @@ print(json.dumps(out))
 def _report_flag_run(mode: str) -> dict:
     import json
 
-    result = subprocess.run([sys.executable, "-c", REPORT_FLAG, mode], capture_output=True, text=True, timeout=60,
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(_run_script(REPORT_FLAG, mode, 60))
 
 
 def test_upstream_the_thread_an_n_event_report_is_served_in_still_lowers_the_reactors_pause_flag():
