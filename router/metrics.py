@@ -9,6 +9,7 @@ callers, at most `max_caller_labels` others, the rest as "other").
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
 import socket
 import threading
@@ -21,7 +22,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from router import __version__
+from router import __version__, log
 from router.request import FALLBACK_REASONS, HELD_REASONS, REJECTION_REASONS, Outcome
 
 RECEIVED_INSTANCES = Counter(
@@ -392,12 +393,41 @@ class _AllProcesses(Collector):
 
     def collect(self):  # noqa: ANN201 - prometheus_client protocol
         seen = set()
-        for family in MultiProcessCollector(None).collect():
+        for family in _merged_process_files(os.environ["PROMETHEUS_MULTIPROC_DIR"]):
             seen.add(family.name)
             yield family
         for name, metric in self._DECLARED.items():
             if name not in seen:
                 yield from metric.describe()
+
+
+_unreadable: set[str] = set()  # metric files already logged as unreadable
+
+
+def _merged_process_files(directory: str) -> list:
+    """Every process's counters, summed. A process creates its file at its first sample of a
+    kind, empty for an instant before it is sized (and for ever if it was killed in that
+    instant), and files can go between listing and reading: such a file holds nothing yet, and
+    is left out of this scrape rather than failing it (prometheus/client_python#1199). One that
+    cannot be read for another reason is left out too, logged once."""
+    files = glob.glob(os.path.join(directory, "*.db"))
+    try:
+        return MultiProcessCollector.merge(files, accumulate=True)
+    except Exception:  # noqa: BLE001 - find the files that cannot be read, merge the rest
+        pass
+    readable = []
+    for path in files:
+        try:
+            MultiProcessCollector.merge([path], accumulate=True)
+        except FileNotFoundError:
+            continue
+        except Exception as exc:  # noqa: BLE001 - one bad file must not hide every process's counters
+            if os.path.exists(path) and os.path.getsize(path) > 0 and path not in _unreadable:
+                _unreadable.add(path)
+                log.get("metrics").warning("metrics_file_unreadable", file=path, error=str(exc))
+            continue
+        readable.append(path)
+    return MultiProcessCollector.merge(readable, accumulate=True)
 
 
 def install_state_collector(collector: StateCollector) -> None:
@@ -459,7 +489,7 @@ class _Handler(BaseHTTPRequestHandler):
         server.request_arrived(self.request)
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._answer(generate_latest(_registry()), CONTENT_TYPE_LATEST, 200)
+            self._metrics()
         elif path == "/healthz":
             self._answer(b"ok\n", "text/plain; charset=utf-8", 200)
         elif path == "/readyz":
@@ -467,6 +497,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._answer((why + "\n").encode(), "text/plain; charset=utf-8", 200 if ok else 503)
         elif server.page_request(self.request):
             self._page(server, path)
+
+    def _metrics(self) -> None:
+        """The scrape; if it cannot be made, a 500 that says why (never a connection closed
+        without an answer, which a scraper or a load balancer cannot tell from a dead node)."""
+        try:
+            body = generate_latest(_registry())
+        except Exception as exc:  # noqa: BLE001 - answer, and say why
+            log.get("metrics").error("metrics_scrape_failed", error=f"{type(exc).__name__}: {exc}")
+            self._answer(f"metrics could not be collected: {type(exc).__name__}\n".encode(),
+                         "text/plain; charset=utf-8", 500)
+            return
+        self._answer(body, CONTENT_TYPE_LATEST, 200)
 
     def _page(self, server: _BoundedHTTPServer, path: str) -> None:
         """The status page, or the 404, in the page's own budget and at its own pace."""

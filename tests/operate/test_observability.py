@@ -159,6 +159,24 @@ def test_health_endpoints(pacs, router_factory):
     assert status == 200 and "# TYPE dicom_router_received_instances_total counter" in body
 
 
+def test_a_metrics_file_being_created_or_broken_never_fails_the_scrape(pacs, router_factory):
+    """A process's metrics file is empty for an instant when it is created (and for ever if the
+    process was killed then); one may also be damaged. The scrape still answers, with every other
+    process's counters, and a damaged file is logged."""
+    router = router_factory([Destination("PACS", pacs.port, ORIGINAL)])
+    assert send(router.port, [data(IMAGES[0])]) == [0]
+    settled(router, lambda text: metric_value(text, "dicom_router_forwarded_instances_total") == 1, "forwarded")
+    directory = router.spool / "metrics"
+    (directory / "counter_999991.db").write_bytes(b"")
+    (directory / "histogram_999992.db").write_bytes((4096).to_bytes(4, "little") + bytes(4) + b"\x7f" * 64)
+    status, body = get(router.metrics_port, "/metrics")
+    assert status == 200, body
+    assert metric_value(body, "dicom_router_received_instances_total") == 1
+    assert metric_value(body, "dicom_router_forwarded_instances_total", destination="PACS") == 1
+    wait_until(lambda: "metrics_file_unreadable" in router.log(), 10, what="the damaged file logged")
+    assert "counter_999991" not in router.log()  # an empty file is one being created: nothing to say
+
+
 def log_events(text: str) -> list[dict]:
     events = []
     for number, line in enumerate(text.splitlines(), 1):
