@@ -120,12 +120,16 @@ class JobStore(SqlDialect):
                 f"AND {due_at} <= ? AND {IN_ORDER}", [*study_args, destination, now, *args, now])
 
     def next_due(self, destination: str, holding: Holding = Holding()) -> float | None:
+        sql, args = self._next_due_query(destination, holding)
+        with self._reading() as db:
+            return db.execute(sql, args).fetchone()[0]
+
+    def _next_due_query(self, destination: str, holding: Holding) -> tuple[str, tuple]:
+        """The statement of `next_due` (in this backend's placeholders) and its parameters."""
         studies, study_args = self._studies(holding, destination)
         due_at, args = self._due_at(holding)
-        with self._reading() as db:
-            return db.execute(self._sql(
-                f"SELECT MIN({due_at}) {_FROM_JOBS} {studies} WHERE j.destination = ? AND j.state = 'pending' "
-                f"AND {IN_ORDER}"), (*args, *study_args, destination)).fetchone()[0]
+        return (self._sql(f"SELECT MIN({due_at}) {_FROM_JOBS} {studies} WHERE j.destination = ? "
+                          f"AND j.state = 'pending' AND {IN_ORDER}"), (*args, *study_args, destination))
 
     def due_count(self, destination: str, now: float | None = None, holding: Holding = Holding(),
                   priority: int | None = None) -> int:
