@@ -743,7 +743,7 @@ VERBS: list[tuple[str, str]] = [
     (r"^SELECT (?:\$\d+|1) FROM jobs WHERE instance_id", "complete: any job left?"),
     (r"^DELETE FROM instances", "complete: delete the instance"),
     (r"^SELECT COUNT\(\*\) FROM jobs j JOIN instances", "due_count (overtaking check, waiting reasons)"),
-    (r"^SELECT MIN\(lease_until\)", "next_due: leases elsewhere"),
+    (r"^SELECT \(SELECT MIN\(", "next_due (pending, and leases elsewhere)"),
     (r"^SELECT MIN\(", "next_due: pending"),
     (r"pg_try_advisory_lock", "take_slot (a connection of its own)"),
     (r"^UPDATE nodes SET heartbeat_at", "heartbeat: the node"),
