@@ -307,6 +307,7 @@ def keep_pause_flag_to_the_reactor() -> None:
 
 
 # -- reactors that wait for work instead of waking every millisecond ----------------------------------
+WAKE_AFTER_PDUS = 8  # a waiting reactor is woken once this many PDUs are queued (or a message ends)
 IDLE_WAIT_S = 0.02  # the longest a reactor waits with nothing to do (timers are checked this often)
 
 
@@ -352,8 +353,18 @@ class _ReactorTime:
 
 
 def _wait_dul(dul: Any, wake_fd: int) -> None:  # noqa: ANN401 - a pynetdicom DULServiceProvider
-    if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
-        return
+    # raised before the queues are looked at: a PDU queued after the look finds it raised and
+    # wakes the poll; one queued before it is seen by the look (`send_pdu_waking`)
+    dul._router_waiting = True
+    try:
+        if not dul.to_provider_queue.empty() or not dul.event_queue.empty():
+            return
+        _poll_dul(dul, wake_fd)
+    finally:
+        dul._router_waiting = False
+
+
+def _poll_dul(dul: Any, wake_fd: int) -> None:  # noqa: ANN401
     sock = getattr(getattr(dul, "socket", None), "socket", None)
     poller = select.poll()
     poller.register(wake_fd, select.POLLIN)
@@ -371,6 +382,15 @@ def _wait_dul(dul: Any, wake_fd: int) -> None:  # noqa: ANN401 - a pynetdicom DU
         os.eventfd_read(wake_fd)
     except BlockingIOError:
         pass
+
+
+def _ends_message(primitive: Any) -> bool:  # noqa: ANN401
+    """Whether a primitive handed to the DUL is anything but a P-DATA that only carries
+    fragments before a message's last (PS3.8 E.2: bit 1 of the control header)."""
+    values = getattr(primitive, "presentation_data_value_list", None)
+    if not values:
+        return True
+    return any(not data or data[0] & 0x02 for _, data in values)
 
 
 def _wake_dul(dul: Any) -> None:  # noqa: ANN401
@@ -457,7 +477,12 @@ def quiet_reactors() -> None:
 
     def send_pdu_waking(self, primitive: Any) -> None:  # noqa: ANN001, ANN401
         send_pdu(self, primitive)
-        _wake_dul(self)
+        # only a reactor that waits needs the wake, and only once there is a message's end or
+        # a burst to send: a data set's PDUs go out WAKE_AFTER_PDUS at a time rather than each
+        # waking the reactor (and handing it the GIL) on its own
+        if getattr(self, "_router_waiting", True) and (
+                _ends_message(primitive) or self.to_provider_queue.qsize() >= WAKE_AFTER_PDUS):
+            _wake_dul(self)
 
     provider.run_reactor = run_reactor_waiting  # type: ignore[method-assign]
     provider.send_pdu = send_pdu_waking  # type: ignore[method-assign]
