@@ -47,7 +47,7 @@ WAIT_LEAVES = (
     "Association.send_c_store (pynetdicom/association.py:1960)",  # sleep(0.0001) until the reactor pauses
     "SqliteQueue._Tx.__enter__",  # BEGIN IMMEDIATE: waiting for SQLite's write lock
     "_wait_dul (router/compat/pynetdicom.py",  # the quiet reactor's poll() on socket + wake fd
-    "_poll (router/compat/pynetdicom.py",
+    "_poll_dul (router/compat/pynetdicom.py",
 )
 # innermost frames that are the kernel making data durable (fsync, SQLite COMMIT's fsync, unlink)
 IO_LEAVES = ("Spool.accept (", "_fsync_dir (", "SqliteQueue._Tx.__exit__ (", "Spool.remove (")

@@ -45,6 +45,15 @@ from router.tls import server_context
 _log = log.get("scp")
 
 
+UNBOUNDED_ASSOCIATIONS = 1 << 30
+
+
+def _in_progress(assoc: Association) -> bool:
+    """Whether an association counts against `max_associations`: neither released, aborted nor
+    rejected (its threads may still be ending)."""
+    return assoc.is_acceptor and not (assoc.is_released or assoc.is_aborted or assoc.is_rejected)
+
+
 def _caller_allowed(allowed: list[str | AllowedCaller], ae_title: str, address: str) -> bool:
     if not allowed:
         return True
@@ -101,7 +110,10 @@ def listening_ae(listen: Listen, commitment_mode: str) -> AE:
     elif commitment_mode != "off":
         ae.add_supported_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.require_called_aet = listen.require_called_ae_title
-    ae.maximum_associations = listen.max_associations
+    # the limit is the EVT_REQUESTED handler's (`Receiver._on_requested`): pynetdicom's own
+    # counts every association thread still alive, one released a moment ago included, and
+    # refuses a modality that releases and associates again at once (an association per image)
+    ae.maximum_associations = UNBOUNDED_ASSOCIATIONS
     ae.maximum_pdu_size = listen.max_pdu
     ae.acse_timeout = listen.acse_timeout_s
     ae.dimse_timeout = listen.dimse_timeout_s
@@ -153,10 +165,11 @@ class Receiver:
     def _on_requested(self, event: evt.Event) -> None:
         calling = event.assoc.requestor.primitive.calling_ae_title
         address = event.assoc.requestor.address
-        active = [a for a in event.assoc.ae.active_associations if a.is_acceptor]
+        active = [a for a in event.assoc.ae.active_associations if _in_progress(a)]
         if len(active) > self.listen.max_associations:
-            # pynetdicom refuses it (local limit exceeded); say so in our log and metrics
             self._refuse(Reason.BUSY, f"more than {self.listen.max_associations} associations", calling, address)
+            # rejected-transient, service provider (presentation), local limit exceeded
+            reject_association(event.assoc, 0x02, 0x03, 0x02)
             return
         called = event.assoc.requestor.primitive.called_ae_title
         if self.listen.require_called_ae_title and called.strip() != self.listen.ae_title.strip():

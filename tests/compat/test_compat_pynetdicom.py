@@ -4,6 +4,7 @@ that it works."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import socket
@@ -364,6 +365,47 @@ def test_a_guarded_server_closes_slow_silent_and_oversized_callers_and_still_ass
         server.shutdown()
     assert recorded.closed[0] == listener.Cut.PDU_TOO_LARGE
     assert sorted(recorded.closed[1:]) == [listener.Cut.CROWDED, listener.Cut.CROWDED, listener.Cut.REQUEST_TIMEOUT]
+
+
+def test_upstream_gives_each_association_a_deep_copy_of_the_servers_contexts():
+    """`_SupportedContexts.__deepcopy__` is the copy each accepted association gets only while
+    upstream copies `server.contexts` with deepcopy; when it stops, see whether it can go."""
+    assert "deepcopy(self.server.contexts)" in inspect.getsource(RequestHandler._create_association)
+
+
+def _negotiated(contexts: list) -> list[tuple]:
+    return [(c.abstract_syntax, list(c.transfer_syntax), c.context_id, c.result, c.scu_role, c.scp_role)
+            for c in contexts]
+
+
+def test_each_accepted_association_negotiates_on_its_own_copy_of_the_supported_contexts():
+    """Associations one after the other, each proposing other syntaxes: each is answered from
+    the server's table, and negotiating leaves that table as it was (a copy shared with an
+    association would carry its context IDs and results into the next one)."""
+    from router.config import Listen
+    from router.receive.scp import listening_ae
+
+    table = listening_ae(Listen(), "off").supported_contexts
+    copied = copy.deepcopy(listener._SupportedContexts(table))
+    assert _negotiated(copied) == _negotiated(table)
+    assert all(a is not b and a.transfer_syntax is not b.transfer_syntax for a, b in zip(copied, table))
+
+    _, server, port = _guarded(_Recorded())
+    before = _negotiated(server.contexts)
+    try:
+        for offered in ([ExplicitVRLittleEndian], ["1.2.840.10008.1.2.4.80"], [ExplicitVRLittleEndian]):
+            scu = AE()
+            scu.add_requested_context(Verification)
+            scu.add_requested_context(CTImageStorage, offered)
+            assoc = scu.associate("127.0.0.1", port)
+            assert assoc.is_established
+            accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage]
+            assert accepted == ([ExplicitVRLittleEndian] if offered == [ExplicitVRLittleEndian] else [])
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert _negotiated(server.contexts) == before
+    assert isinstance(server.contexts, listener._SupportedContexts)
 
 
 def _upstream_storage_server(directory: Path) -> tuple[ThreadedAssociationServer, int]:

@@ -69,6 +69,17 @@ def test_association_limit_refuses_clearly(router_factory, pacs):
     assert send(router.port, [data("693_UNCR.dcm")]) == [0]
 
 
+def test_a_modality_that_associates_again_right_after_a_release_is_not_refused_at_the_limit(router_factory, pacs):
+    """An association per image, at max_associations = 1: the association just released still
+    has threads ending when the next request arrives; it no longer counts."""
+    router = router_factory([Destination("PACS", pacs.port, RULE)], listen_extra="max_associations = 1\nprocesses = 1")
+    images = [data("693_UNCR.dcm"), data("MR2_UNCR.dcm")] * 10
+    statuses = [send(router.port, [image])[0] for image in images]
+    assert statuses == [0] * len(images)
+    wait_until(lambda: pacs.count() == len(images), 30, what="every image")
+    assert metric_value(router.metrics(), "dicom_router_rejected_total", reason="busy") == 0
+
+
 def test_instance_size_limit(router_factory, pacs):
     router = router_factory([Destination("PACS", pacs.port, RULE)], listen_extra="max_instance_mb = 1")
     assert send(router.port, [data("MR2_UNCR.dcm"), data("693_UNCR.dcm")]) == [0xA700, 0]
