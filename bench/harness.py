@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -350,6 +351,49 @@ def storescu(files: list[Path], port: int, workdir: Path, called_ae: str = "ROUT
     return proc
 
 
+class _OneByOne:
+    """storescu once per file, one after the other (an association per image), in a thread;
+    `poll`, `wait`, `kill` and `returncode` as a Popen's."""
+
+    def __init__(self, files: list[Path], port: int, workdir: Path, called_ae: str, tag: str) -> None:
+        self.returncode: int | None = None
+        self.current: subprocess.Popen | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(files, port, workdir, called_ae, tag), daemon=True)
+        self._thread.start()
+
+    def kill(self) -> None:
+        self._stop.set()
+        current = self.current
+        if current is not None and current.poll() is None:
+            current.kill()
+
+    def _run(self, files: list[Path], port: int, workdir: Path, called_ae: str, tag: str) -> None:
+        code = 0
+        for path in files:
+            if self._stop.is_set():
+                code = code or -9
+                break
+            self.current = storescu([path], port, workdir, called_ae, tag)
+            code = code or self.current.wait()
+        self.returncode = code
+
+    def poll(self) -> int | None:
+        return None if self._thread.is_alive() else self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._stop.set()
+            raise subprocess.TimeoutExpired("storescu (one per image)", timeout or 0)
+        return int(self.returncode or 0)
+
+
+def storescu_each(files: list[Path], port: int, workdir: Path, called_ae: str = "ROUTER", tag: str = "") -> _OneByOne:
+    """DCMTK storescu as a modality that opens an association per image."""
+    return _OneByOne(files, port, workdir, called_ae, tag)
+
+
 def wait_procs(procs: list[subprocess.Popen], timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     codes = []
@@ -357,7 +401,7 @@ def wait_procs(procs: list[subprocess.Popen], timeout: float) -> list[int]:
         try:
             codes.append(proc.wait(max(0.1, deadline - time.monotonic())))
         except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait(10)
             codes.append(-9)
     return codes

@@ -180,9 +180,10 @@ FULL = [
     "router-htj2k", "orthanc-original", "orthanc-jls", "orthanc-jpeg70", "naive-original", "naive-jls",
     "bare-default", "bare-unlimited", "direct:mr", "router-jpeg-lossy:mr", "direct:cr", "router-original:cr",
     "router-jls:cr", "orthanc-jls:cr", "stow-original", "stow-original-1", "stow-original-64", "stow-jls",
-    "cstore-original", "cstore-jls",
+    "cstore-original", "cstore-jls", "router-original-each", "orthanc-original-each", "bare-unlimited-each",
 ]
-QUICK = ["direct", "router-original", "router-jls", "naive-jls", "bare-default", "bare-unlimited", "stow-original"]
+QUICK = ["direct", "router-original", "router-jls", "naive-jls", "bare-default", "bare-unlimited", "stow-original",
+         "router-original-each"]
 
 
 @dataclass(frozen=True)
@@ -190,23 +191,27 @@ class Scenario:
     kind: str
     corpus: str
     senders: int
+    each: bool = False  # one association per image (a storescu per file), as many modalities send
 
     @property
     def key(self) -> str:
-        return f"{self.kind}{'-4x' if self.senders == 4 else ''}:{self.corpus}"
+        return f"{self.kind}{'-4x' if self.senders == 4 else ''}{'-each' if self.each else ''}:{self.corpus}"
 
 
 def parse_scenario(text: str) -> Scenario:
     name, _, corpus_name = text.partition(":")
-    senders = 1
+    senders, each = 1, False
+    if name.endswith("-each"):
+        name, each = name[:-5], True
     if name.endswith("-4x"):
         name, senders = name[:-3], 4
     if name not in KINDS:
-        raise SystemExit(f"unknown scenario {name!r}; known: {', '.join(KINDS)} (add -4x for 4 senders, :ct/:cr/:mr)")
+        raise SystemExit(f"unknown scenario {name!r}; known: {', '.join(KINDS)} (add -4x for 4 senders, -each for "
+                         "an association per image, :ct/:cr/:mr)")
     corpus_name = corpus_name or KINDS[name].corpus
     if corpus_name not in corpus.STUDIES:
         raise SystemExit(f"unknown corpus {corpus_name!r}; known: {', '.join(corpus.STUDIES)}")
-    return Scenario(name, corpus_name, senders)
+    return Scenario(name, corpus_name, senders, each)
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -273,7 +278,8 @@ def run_once(scenario: Scenario, study: corpus.Study, root: Path) -> dict:
         stages0 = harness.stage_cpu(setup.metrics_url) if setup.metrics_url else None
         cpu0 = harness.cpu_seconds(setup.middle.tree())
         t0 = time.monotonic()
-        senders = [harness.storescu(chunk, setup.port, work, setup.called_ae, f"-{i}")
+        send = harness.storescu_each if scenario.each else harness.storescu
+        senders = [send(chunk, setup.port, work, setup.called_ae, f"-{i}")
                    for i, chunk in enumerate(_split(study.files, scenario.senders))]
         t_send = t_done = None
         deadline = t0 + timeout
@@ -533,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=None, help="runs per scenario (default 3; --quick: 1)")
     parser.add_argument("--images", type=int, default=None, help="at most this many images per study (--quick: 100)")
     parser.add_argument("--scenarios", nargs="+", default=None,
-                        help="NAME[-4x][:CORPUS] ... ; names: " + ", ".join(KINDS))
+                        help="NAME[-4x][-each][:CORPUS] ... ; names: " + ", ".join(KINDS))
     parser.add_argument("--corpus-dir", type=Path, default=corpus.DEFAULT_CACHE)
     parser.add_argument("--codec-seconds", type=float, default=1.0, help="time per codec-limit measurement")
     parser.add_argument("--dest-dir", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
