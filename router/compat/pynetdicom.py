@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import functools
+import importlib
 import os
 import select
 import socket
@@ -14,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 
+from pydicom.uid import UID
 from pynetdicom import AE, _config, evt, transport
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
@@ -167,6 +170,45 @@ def use_poll() -> None:
     Process-wide by nature: call it once, from each process's entry point.
     """
     transport.select = PollingSelect  # type: ignore[assignment]
+
+
+# -- checking each UID once -----------------------------------------------------------------------------
+UID_CHECKS_KEPT = 4096  # distinct UIDs whose check is remembered (SOP classes and syntaxes recur)
+_MODULES_WITH_SET_UID = ("ae", "dimse_primitives", "pdu_items", "pdu_primitives", "presentation")
+
+
+def check_uids_once() -> None:
+    """Remember pynetdicom's verdict on each UID value (`utils.set_uid`) instead of checking it
+    again every time it is seen.
+
+    `set_uid` builds a pydicom `UID` (a regex), runs pynetdicom's own validator (another) and
+    `is_valid` (a third) for every UID of every PDU item and primitive, about 15 µs each: an
+    A-ASSOCIATE-RQ from a caller that proposes every storage SOP class in three syntaxes
+    carries some 500 UIDs, each checked twice (decoded, then put in the primitive), ~8 ms of
+    CPU per association, paid per image by a modality that associates for each. The verdict on
+    a value never changes: the same value gets the same (immutable) UID back; a value it
+    refuses is refused as before, every time. Process-wide by nature: call it once, from each
+    process's entry point.
+    """
+    from pynetdicom import utils
+
+    check = getattr(utils.set_uid, "_router_checks_once", None) or utils.set_uid
+
+    @functools.lru_cache(maxsize=UID_CHECKS_KEPT)
+    def remembered(value: str | bytes, name: str, allow_empty: bool, allow_none: bool, validate: bool) -> Any:  # noqa: ANN401
+        return check(value, name, allow_empty, allow_none, validate)
+
+    def set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: bool = True,  # noqa: ANN401
+                validate: bool = True) -> Any:  # noqa: ANN401
+        if type(value) in (str, bytes, UID):  # hashable and immutable; UID("x") and "x" are one key
+            return remembered(value, name, allow_empty, allow_none, validate)
+        return check(value, name, allow_empty, allow_none, validate)
+
+    set_uid._router_checks_once = check  # type: ignore[attr-defined]
+    for name in ("utils", *_MODULES_WITH_SET_UID):
+        module = importlib.import_module(f"pynetdicom.{name}")
+        if getattr(module, "set_uid", None) is not None:
+            module.set_uid = set_uid  # type: ignore[attr-defined]
 
 
 # -- rejecting from EVT_REQUESTED -------------------------------------------------------------------

@@ -35,7 +35,7 @@ from router import config as config_mod  # noqa: E402
 from router import audit, log, metrics  # noqa: E402
 from router.commitment.reports import AssociationReports  # noqa: E402
 from router.compat.pynetdicom import (  # noqa: E402
-    accept_unknown_storage_classes, quiet_reactors, stream_datasets_to_files, use_poll,
+    accept_unknown_storage_classes, check_uids_once, quiet_reactors, stream_datasets_to_files, use_poll,
 )
 from router.config import ConfigError, DestinationRules  # noqa: E402
 from router.lifetime import die_with_parent  # noqa: E402
@@ -53,6 +53,7 @@ def run_receiver_process(config_path: str, wake: str) -> int:
     abstract Unix socket, told which destinations have new work (and, once, that we listen)."""
     use_poll()
     quiet_reactors()
+    check_uids_once()
     parent = os.getppid()
     # a receiver that outlived the router would accept images no forwarder sends until the next start
     die_with_parent()

@@ -28,7 +28,7 @@ from router import audit, log, metrics
 from router.codecs.workers import CodecPool
 from router.commitment.relay import Relayer
 from router.commitment.reporter import Reporter
-from router.compat.pynetdicom import quiet_reactors, send_datasets_from_files, use_poll
+from router.compat.pynetdicom import check_uids_once, quiet_reactors, send_datasets_from_files, use_poll
 from router.config import ConfigError, DestinationRules, Loaded, Timeouts
 from router.forward.forwarder import Forwarder
 from router.forward.waiting import waiting
@@ -231,6 +231,7 @@ class Router:
     def start(self) -> None:
         use_poll()
         quiet_reactors()
+        check_uids_once()
         self.recover()
         auditor = audit.configure(self.cfg.router.audit, self.cfg.spool_dir, self.cfg.router.listen.ae_title,
                                   self.cfg.router.queue.node if self.cfg.router.queue.url else "")

@@ -250,6 +250,87 @@ def test_a_rejection_from_evt_requested_reaches_the_peer():
     assert _rejections(lambda event: compat.reject_association(event.assoc, 0x01, 0x01, 0x03)) == [(1, 1, 3)] * 3
 
 
+# -- check_uids_once -------------------------------------------------------------------------------------------
+UID_CHECKS = """
+import sys
+from pydicom.uid import UID
+from pynetdicom import AE, utils
+from pynetdicom.sop_class import CTImageStorage, MRImageStorage, Verification
+from router.compat import pynetdicom as compat
+from tests.support.peers import free_port
+
+if sys.argv[1] == "once":
+    compat.check_uids_once()
+    compat.check_uids_once()  # a second call adds no second layer
+refused = 0
+for _ in range(3):  # refused every time (longer than 64): never remembered as valid
+    for bad in ("1" * 70, b"2" * 65):
+        try:
+            utils.set_uid(bad, "Abstract Syntax")
+        except ValueError:
+            refused += 1
+good = utils.set_uid(b"1.2.840.10008.5.1.4.1.1.2", "Abstract Syntax")
+again = utils.set_uid("1.2.840.10008.5.1.4.1.1.2", "Abstract Syntax")
+assert isinstance(good, UID) and good == again == CTImageStorage
+# associations proposing several contexts, one of them not supported: negotiated alike each time
+ae = AE()
+ae.add_supported_context(CTImageStorage)
+ae.add_supported_context(Verification)
+port = free_port()
+server = ae.start_server(("127.0.0.1", port), block=False)
+accepted = []
+for _ in range(2):
+    scu = AE()
+    for sop in (CTImageStorage, MRImageStorage, Verification):
+        scu.add_requested_context(sop)
+    assoc = scu.associate("127.0.0.1", port)
+    accepted.append(sorted(cx.abstract_syntax for cx in assoc.accepted_contexts))
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+server.shutdown()
+print(refused, accepted[0] == accepted[1] == sorted([CTImageStorage, Verification]))
+"""
+
+REMEMBERED = """
+import sys
+from pynetdicom import pdu_items, utils
+from router.compat import pynetdicom as compat
+calls = []
+real = utils.set_uid
+def counting(*args, **kwargs):
+    calls.append(args[0])
+    return real(*args, **kwargs)
+utils.set_uid = counting  # pynetdicom's check, counted
+if sys.argv[1] == "once":
+    compat.check_uids_once()
+else:
+    pdu_items.set_uid = counting
+for _ in range(50):
+    pdu_items.set_uid(b"1.2.840.10008.1.2.1", "Transfer Syntax Name")
+print(len(calls))
+"""
+
+
+def test_upstream_modules_still_import_set_uid_by_name():
+    """check_uids_once replaces `set_uid` in each module that imported it by name."""
+    from pynetdicom import utils
+
+    for name in compat._MODULES_WITH_SET_UID:
+        module = __import__(f"pynetdicom.{name}", fromlist=["set_uid"])
+        assert getattr(module, "set_uid", None) is utils.set_uid, name
+
+
+@pytest.mark.parametrize("mode", ["upstream", "once"])
+def test_uids_checked_once_are_refused_or_accepted_as_before(mode):
+    """Invalid UIDs refused every time, valid ones the same UID, associations negotiated alike."""
+    assert _run_script(UID_CHECKS, mode, 60) == "6 True"
+
+
+@pytest.mark.parametrize("mode, checks", [("upstream", "50"), ("once", "1")])
+def test_a_uid_seen_again_is_not_checked_again(mode, checks):
+    assert _run_script(REMEMBERED, mode, 60) == checks
+
+
 # -- GuardedAssociationServer ---------------------------------------------------------------------------------
 def test_upstream_handshakes_tls_in_the_accept_loop():
     """GuardedAssociationServer moves the handshake to the connection's thread; when
