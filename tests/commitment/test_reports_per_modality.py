@@ -20,6 +20,7 @@ from router.commitment.accept import accept_request
 from router.commitment.messages import STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, Transaction
 from router.commitment.reporter import Reporter
 from router.commitment.reports import AssociationReports
+from router.compat.pynetdicom import keep_pause_flag_to_the_reactor
 from router.config import Commitment, Listen, ReplyAddress, Timeouts
 from router.queue import Instance
 from router.queue.spool import Spool
@@ -127,6 +128,7 @@ def ask_and_hold_silently(port: int, calling_ae: str, transaction_uid: str, uid:
     """A modality that asks for commitment, keeps its association, and answers no N-EVENT-REPORT
     on it until `answer` is set; returns the association and an event set when a report came."""
     came = threading.Event()
+    keep_pause_flag_to_the_reactor()  # its release() after the report (pynetdicom #820, see CommittingModality)
 
     def on_report(event: evt.Event) -> tuple[int, None]:
         came.set()

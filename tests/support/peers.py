@@ -24,7 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, build_context, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from router.compat.pynetdicom import park_reactor
+from router.compat.pynetdicom import keep_pause_flag_to_the_reactor, park_reactor
 
 DATA = Path(data_store.__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[2]
@@ -263,6 +263,11 @@ class CommittingModality:
     router opens to it with the SCP role (SCP/SCU Role Selection)."""
 
     def __init__(self, ae_title: str = "MODALITY") -> None:
+        # pynetdicom serves an N-EVENT-REPORT on the requestor's association in a thread that
+        # lowers the reactor's pause flag (#820): a release() after a report could then wait for
+        # ever. The router installs the same fix in each of its processes; this modality, being a
+        # pynetdicom requestor too, needs it as well (process-wide, and idempotent)
+        keep_pause_flag_to_the_reactor()
         self.ae_title = ae_title
         self.port = free_port()
         self.reports: list[Report] = []
