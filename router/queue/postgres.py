@@ -154,20 +154,10 @@ class PostgresQueue(JobStore, ReadingStore, CommitmentStore, Queue):
         self._spare: psycopg.Connection | None = None  # for trying association slots
         self._spare_lock = threading.Lock()
         self._returned: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> when last given back
-        self._pool = ConnectionPool(
-            url, min_size=1, max_size=max(2, pool_size), kwargs={**self._connect, "autocommit": True}, open=False,
-            check=self._check, reset=self._stamp, timeout=connect_timeout_s, name=f"queue-{node}",
-            reconnect_timeout=24 * 3600,
-        )
+        self._pool = self._new_pool(f"queue-{node}", 1, pool_size)
         # sessions whose commits do not wait for their WAL to reach the disk (`_unsynced`): a
         # connection is opened only once a statement needs one (a receiving process never does)
-        self._unsynced_pool = ConnectionPool(
-            url, min_size=0, max_size=max(2, pool_size), kwargs={**self._connect, "autocommit": True}, open=False,
-            configure=_commit_without_waiting, check=self._check, reset=self._stamp, timeout=connect_timeout_s,
-            name=f"queue-{node}-unsynced", reconnect_timeout=24 * 3600,
-        )
-        self._pool.open(wait=False)
-        self._unsynced_pool.open(wait=False)
+        self._unsynced_pool = self._new_pool(f"queue-{node}-unsynced", 0, pool_size, _commit_without_waiting)
         try:
             self._migrate()
         except BaseException:
@@ -176,6 +166,16 @@ class PostgresQueue(JobStore, ReadingStore, CommitmentStore, Queue):
             raise
 
     # -- connections and schema -------------------------------------------------------------
+    def _new_pool(self, name: str, min_size: int, pool_size: int, configure=None) -> ConnectionPool:  # noqa: ANN001
+        """A pool of autocommit connections, opened (its connections are made in the background)."""
+        pool = ConnectionPool(
+            self.url, min_size=min_size, max_size=max(2, pool_size), kwargs={**self._connect, "autocommit": True},
+            open=False, configure=configure, check=self._check, reset=self._stamp, timeout=self._timeout,
+            name=name, reconnect_timeout=24 * 3600,
+        )
+        pool.open(wait=False)
+        return pool
+
     def _stamp(self, conn: psycopg.Connection) -> None:
         self._returned[conn] = time.monotonic()
 
