@@ -20,6 +20,7 @@ from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom._handlers import standard_pdu_recv_handler
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -145,23 +146,36 @@ def _recv_exactly(sock: socket.socket, size: int, deadline: float) -> bytearray:
     return data
 
 
+READ_AHEAD = 256 * 1024  # bytes asked of the socket at once: a data set's PDUs arrive several per read
+
+
 class _GuardedSocket(AssociationSocket):
     """An association's socket that bounds each PDU's size and the time it takes to arrive,
-    and that first hands over the A-ASSOCIATE-RQ the listener already read."""
+    and that first hands over the A-ASSOCIATE-RQ the listener already read.
+
+    It reads ahead (READ_AHEAD bytes at a time, into `_buffer` from `_pos` on): pynetdicom asks
+    for a PDU's 6-byte header, then its body, two system calls per PDU otherwise, and
+    `_DataSetGuard.read_pdu` takes whole P-DATA-TF PDUs from what is already here."""
 
     def __init__(self, assoc: Association, connection: _Connection, limits: Limits) -> None:
         super().__init__(assoc, client_socket=connection.sock)
         self._connection = connection
         self._limits = limits
-        self._buffered = bytearray(connection.request)
+        self._buffer = bytearray(connection.request)
+        self._pos = 0  # where the bytes not handed over yet start in `_buffer`
         self._left = 0  # bytes of the current PDU's body still to come
         self._deadline = 0.0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes read from the socket and not handed over yet (`_poll_dul` does not wait then)."""
+        return len(self._buffer) - self._pos
 
     @property
     def ready(self) -> bool:
         if self.socket is None or self._is_connected is False:
             return False
-        if self._buffered:
+        if self._pos < len(self._buffer):
             return True
         if isinstance(self.socket, ssl.SSLSocket) and self.socket.pending():
             return True
@@ -171,32 +185,86 @@ class _GuardedSocket(AssociationSocket):
             self.event_queue.put("Evt17")  # transport connection closed, as upstream does
             return False
 
-    def recv(self, nr_bytes: int) -> bytearray:
-        if self._buffered:
-            data = self._buffered[:nr_bytes]
-            del self._buffered[:nr_bytes]
-            return data
+    def _fill(self, size: int, deadline: float) -> bool:
+        """Read until `size` bytes are buffered; False when the peer closed first, TimeoutError
+        at `deadline`."""
+        buffer = self._buffer
+        if self._pos:
+            del buffer[:self._pos]
+            self._pos = 0
         sock = cast(socket.socket, self.socket)
+        while len(buffer) < size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            sock.settimeout(remaining)
+            chunk = sock.recv(max(size - len(buffer), READ_AHEAD))
+            if not chunk:
+                return False
+            buffer += chunk
+        return True
+
+    def _take(self, size: int) -> bytearray:
+        """Up to `size` buffered bytes, handed over."""
+        data = self._buffer[self._pos:self._pos + size]
+        self._pos += len(data)
+        return data
+
+    def _timed_out(self) -> None:
+        self._connection.close_for(Cut.PDU_TIMEOUT, f"a PDU took more than {self._limits.pdu_timeout:g}s")
+
+    def _too_large(self, pdu_type: int, length: int) -> bool:
+        """Whether a PDU header declares more than the bound of its type (the connection is then closed)."""
+        bound = self._limits.pdu_bound(pdu_type)
+        if bound is None or length <= bound:
+            return False
+        self._connection.close_for(
+            Cut.PDU_TOO_LARGE, f"PDU of type 0x{pdu_type:02X} declares {length} bytes, more than {bound}",
+            abort=_ABORT_INVALID_PARAMETER)
+        return True
+
+    def recv(self, nr_bytes: int) -> bytearray:
         header = self._left == 0  # pynetdicom reads a PDU as its 6-byte header, then its body
         if header:
             self._deadline = time.monotonic() + self._limits.pdu_timeout
-        try:
-            data = _recv_exactly(sock, nr_bytes, self._deadline)
-        except TimeoutError:
-            self._connection.close_for(Cut.PDU_TIMEOUT, f"a PDU took more than {self._limits.pdu_timeout:g}s")
-            return bytearray()  # short: pynetdicom treats the connection as closed
+        if len(self._buffer) - self._pos < nr_bytes:
+            try:
+                self._fill(nr_bytes, self._deadline)
+            except TimeoutError:
+                self._timed_out()
+                return bytearray()  # short: pynetdicom treats the connection as closed
+        data = self._take(nr_bytes)
         if not header:
             self._left -= len(data)
         elif len(data) == 6:
             pdu_type, length = struct.unpack(">BxL", data)
-            bound = self._limits.pdu_bound(pdu_type)
-            if bound is not None and length > bound:
-                self._connection.close_for(
-                    Cut.PDU_TOO_LARGE, f"PDU of type 0x{pdu_type:02X} declares {length} bytes, more than {bound}",
-                    abort=_ABORT_INVALID_PARAMETER)
+            if self._too_large(pdu_type, length):
                 return bytearray()
             self._left = length
         return data
+
+    def next_data_pdu(self, wait: bool) -> int | None:
+        """The length of the P-DATA-TF PDU that comes next once it is all buffered (reading it
+        within `pdu_timeout` when `wait`), its body then at `_buffer[_pos + 6:]`; None when what
+        comes next is anything else, is not all here (not `wait`), or ends the connection:
+        `recv` then reads it as pynetdicom does."""
+        if self._left:  # in the middle of a PDU pynetdicom is reading
+            return None
+        available = len(self._buffer) - self._pos
+        deadline = time.monotonic() + self._limits.pdu_timeout
+        try:
+            if available < 6 and not (wait and self._fill(6, deadline)):
+                return None
+            pdu_type, length = struct.unpack_from(">BxL", self._buffer, self._pos)
+            bound = self._limits.pdu_bound(pdu_type)
+            if pdu_type != _P_DATA_TF or (bound is not None and length > bound):
+                return None  # `recv` closes the connection for a PDU too large
+            if len(self._buffer) - self._pos < 6 + length and not (wait and self._fill(6 + length, deadline)):
+                return None
+        except TimeoutError:
+            self._timed_out()
+            return None
+        return length
 
     def send(self, bytestream: bytes) -> None:
         if self.socket is not None:
@@ -224,14 +292,22 @@ class _DataSetGuard:
     aborts the association when a message held in memory passes HELD_BOUND.
     """
 
-    def __init__(self, assoc: Association, connection: _Connection, hooks: Hooks) -> None:
+    def __init__(self, assoc: Association, connection: _Connection, hooks: Hooks, sock: _GuardedSocket) -> None:
         self.assoc = assoc
         self.dimse = assoc.dimse
         self.connection = connection
         self.hooks = hooks
+        self.socket = sock
         self._held = 0  # bytes of the current message held in memory
         self._receive = assoc.dimse.receive_primitive
         assoc.dimse.receive_primitive = self.receive_primitive  # type: ignore[method-assign]
+        dul = assoc.dul
+        self._read_upstream = dul._read_pdu_data
+        # pynetdicom tells nothing of a P-DATA-TF received but to handlers bound to it (its
+        # own standard one logs nothing for it): with none, data set PDUs may take the short way
+        pdu_handlers = {handler for handler, _ in assoc.get_handlers(evt.EVT_PDU_RECV)}
+        if not assoc.get_handlers(evt.EVT_DATA_RECV) and pdu_handlers <= {standard_pdu_recv_handler}:
+            dul._read_pdu_data = self.read_pdu  # type: ignore[method-assign]
         self._files: list[tuple[Any, tuple[int, int]]] = []  # (open file, (device, inode))
         self._message: Any = None
         self._received = 0
@@ -266,13 +342,50 @@ class _DataSetGuard:
         self._held = 0
         if message is not self._message:
             self._start(message)
-        self._received += sum(len(data) - 1 for _, data in pdvs if not data[0] & 1)
+        self._count(message, sum(len(data) - 1 for _, data in pdvs if not data[0] & 1))
+
+    def _count(self, message: Any, size: int) -> None:
+        """`size` more bytes of `message`'s data set written: ask `Hooks.receiving` when due."""
+        self._received += size
         if self._received >= self._next_check:
             self._next_check = self._received + RECEIVING_CHECK
             uid = str(message.command_set.get("AffectedSOPInstanceUID", "") or "")
             status = self.hooks.receiving(self.assoc, uid, self._received)
             if status is not None:
                 self._abandon(message, status, [])
+
+    def read_pdu(self) -> None:
+        """The DUL's `_read_pdu_data`: the P-DATA-TF PDUs in the middle of a data set being
+        written to its file (every fragment a data set one, none its last) have their fragments
+        written straight to the file, as many as are already read, with no PDU object, state
+        machine event or P-DATA primitive for each; anything else is read by pynetdicom.
+
+        pynetdicom's own path for such a PDU (DT-2 in Sta6) does nothing but write those
+        fragments, in order, to the same file."""
+        dul = self.assoc.dul
+        message = self.dimse.message
+        if (message is None or message is not self._message or self._skipping is not None
+                or message._data_set_file is None or dul.state_machine.current_state != "Sta6"
+                or not dul.event_queue.empty() or not dul._recv_pdu.empty()):
+            self._read_upstream()
+            return
+        sock, fragments, size = self.socket, [], 0
+        while size < READ_AHEAD and (length := sock.next_data_pdu(wait=not fragments)) is not None:
+            middle = _middle_fragments(sock._buffer, sock._pos + 6, sock._pos + 6 + length)
+            if middle is None:
+                break
+            fragments += middle
+            size += length
+            sock._pos += 6 + length
+        if not fragments:
+            self._read_upstream()
+            return
+        try:
+            message._data_set_file.file.write(b"".join(fragments))
+        except Exception as exc:  # noqa: BLE001 - whatever writing the data set raised (a full disk)
+            self._abandon(message, self.hooks.unwritable(self.assoc, exc), [])
+            return
+        self._count(message, sum(len(fragment) for fragment in fragments))
 
     def _start(self, message: Any) -> None:
         self._files = [(f, ids) for f, ids in self._files if not f.closed]
@@ -318,6 +431,23 @@ class _DataSetGuard:
             if (stat.st_dev, stat.st_ino) == ids:
                 _unlink(file.name)
         self._files = []
+
+
+def _middle_fragments(buffer: bytearray, start: int, end: int) -> list[bytearray] | None:
+    """The data set fragments of the P-DATA-TF body `buffer[start:end]` when each of its
+    presentation data values is a data set fragment other than the last, else None."""
+    if start >= end:
+        return None
+    fragments = []
+    while start < end:
+        if end - start < 6:
+            return None
+        (length,) = struct.unpack_from(">L", buffer, start)
+        if length < 2 or start + 4 + length > end or buffer[start + 5] & 3:
+            return None  # malformed (pynetdicom refuses it), a command fragment, or a last one
+        fragments.append(buffer[start + 6:start + 4 + length])
+        start += 4 + length
+    return fragments
 
 
 def _data_after_command(pdvs: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
@@ -368,8 +498,9 @@ class _GuardedRequestHandler(RequestHandler):
         # "transport connection open" event: ours replaces it and queues its own
         assoc.dul.event_queue.get_nowait()
         assoc.dul.socket = None
-        assoc.set_socket(_GuardedSocket(assoc, self.connection, self.server.limits))
-        guard = _DataSetGuard(assoc, self.connection, self.server.hooks)
+        sock = _GuardedSocket(assoc, self.connection, self.server.limits)
+        assoc.set_socket(sock)
+        guard = _DataSetGuard(assoc, self.connection, self.server.hooks, sock)
         evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         assoc.start()
         assoc.join()

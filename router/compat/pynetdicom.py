@@ -407,7 +407,10 @@ def _wait_dul(dul: Any, wake_fd: int) -> None:  # noqa: ANN401 - a pynetdicom DU
 
 
 def _poll_dul(dul: Any, wake_fd: int) -> None:  # noqa: ANN401
-    sock = getattr(getattr(dul, "socket", None), "socket", None)
+    assoc_socket = getattr(dul, "socket", None)
+    if getattr(assoc_socket, "buffered", 0):
+        return  # bytes already read from the socket (a socket that reads ahead)
+    sock = getattr(assoc_socket, "socket", None)
     poller = select.poll()
     poller.register(wake_fd, select.POLLIN)
     if sock is not None:

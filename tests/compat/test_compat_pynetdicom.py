@@ -5,8 +5,12 @@ that it works."""
 from __future__ import annotations
 
 import copy
+import errno
 import inspect
+import io
 import os
+import resource
+import signal
 import socket
 import struct
 import subprocess
@@ -801,3 +805,133 @@ def test_a_report_served_while_the_reactor_is_parked_leaves_its_pause_flag_up_an
     out = _report_flag_run("kept")
     assert out == {"parked": True, "answered": 0, "flag_after_report": True, "still_parked": True,
                    "released": True}, out
+
+
+# -- a data set's P-DATA-TF PDUs written straight to its file (`_DataSetGuard.read_pdu`) ------------
+def test_upstream_dt_2_only_hands_the_pdu_to_dimse_which_writes_data_fragments_to_the_file():
+    """The short way for a data set's middle PDUs skips DT-2 and DIMSE's decode, sure that they
+    do nothing but write those fragments to the data set's file; when upstream does more, see
+    what the short way must do too."""
+    assert "dul.assoc.dimse.receive_primitive(" in inspect.getsource(fsm.DT_2)
+    decode = inspect.getsource(DIMSEMessage.decode_msg)
+    assert "self._data_set_file.write(data[1:])" in decode
+    assert "if control_header_byte & 2 != 0:" in decode
+
+
+def _storing_server(recorded: _Recorded, max_pdu: int = 1 << 20) -> tuple[listener.GuardedAssociationServer, int,
+                                                                          list[bytes]]:
+    """A guarded server whose C-STORE handler keeps each received file's bytes."""
+    stored: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        stored.append(Path(event.dataset_path).read_bytes())
+        return 0x0000
+
+    ae = AE()
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    limits = listener.Limits(request_timeout=5.0, pdu_timeout=5.0, max_pdu=max_pdu, tls_handshake_timeout=5.0,
+                             pending=4)
+    server = ae.make_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, on_store)],
+                            server_class=listener.GuardedAssociationServer, limits=limits, hooks=recorded.hooks())
+    compat.register_server(ae, server)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, port, stored
+
+
+def _p_data(pdvs: list[tuple[int, int, bytes]]) -> bytes:
+    """A P-DATA-TF PDU of (context ID, message control header, fragment) values."""
+    items = b"".join(struct.pack(">LBB", len(fragment) + 2, context, control) + fragment
+                     for context, control, fragment in pdvs)
+    return struct.pack(">BxL", 0x04, len(items)) + items
+
+
+def _ct_association(port: int):  # noqa: ANN202 - a pynetdicom Association
+    scu = AE()
+    scu.dimse_timeout = 10
+    scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", port)
+    assert assoc.is_established
+    return assoc
+
+
+def test_data_set_pdus_of_every_shape_and_cut_anywhere_arrive_whole(tmp_path, restore_pynetdicom_config):
+    """Several fragments per PDU, the command's end with the data set's start in one PDU, the
+    last fragment after middle ones in one PDU, and the byte stream cut at every kind of place
+    (inside a PDU header, a fragment header, a fragment): the file holds the data set as sent."""
+    compat.stream_datasets_to_files(tmp_path)
+    server, port, stored = _storing_server(_Recorded())
+    ds = dcmread(data("693_UNCR.dcm"))
+    assoc = _ct_association(port)
+    try:
+        context = next(cx.context_id for cx in assoc.accepted_contexts if cx.abstract_syntax == CTImageStorage)
+        command = data_set = b""
+        for p_data in store_request(ds).encode_msg(context, 0):
+            for _, value in p_data.presentation_data_value_list:
+                if value[0] & 1:
+                    command += value[1:]
+                else:
+                    data_set += value[1:]
+        cuts = [100, 7000, 7001, 6999, 40000, 40000, 1, 1, 2, 65536, 65536, 65536, 65536, 20000, 3]
+        assert sum(cuts) < len(data_set)
+        pieces, at = [], 0
+        for size in cuts:
+            pieces.append(data_set[at:at + size])
+            at += size
+        rest = data_set[at:]
+        stream = _p_data([(context, 0x03, command), (context, 0x00, pieces[0])])  # command's end + data
+        stream += _p_data([(context, 0x00, piece) for piece in pieces[1:4]])  # three middle fragments
+        stream += b"".join(_p_data([(context, 0x00, piece)]) for piece in pieces[4:-1])
+        stream += _p_data([(context, 0x00, pieces[-1]), (context, 0x02, rest)])  # middle, then the last
+        compat.park_reactor(assoc)
+        sock = assoc.dul.socket.socket
+        sizes = [1, 5, 7, 3, 11, 4099, 65537, 6, 131072]
+        at, turn = 0, 0
+        while at < len(stream):  # each piece its own segment
+            size = sizes[turn % len(sizes)]
+            sock.sendall(stream[at:at + size])
+            at, turn = at + size, turn + 1
+            if turn % 5 == 0:
+                time.sleep(0.001)
+        _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.set()
+        assert rsp is not None and rsp.Status == 0x0000
+        assert assoc.send_c_echo().Status == 0x0000
+        assert assoc.send_c_store(ds).Status == 0x0000  # and pynetdicom's own PDUs after it
+    finally:
+        assoc.release()
+        server.shutdown()
+    assert len(stored) == 2
+    for file in stored:
+        assert file.endswith(data_set) and file[128:132] == b"DICM"
+        assert dcmread(io.BytesIO(file)).PixelData == ds.PixelData
+
+
+def test_a_data_set_write_that_fails_midway_is_answered_and_the_association_goes_on(
+        tmp_path, restore_pynetdicom_config):
+    """A write refused by the system in the middle of a data set (here: past the file size
+    limit, EFBIG; a full disk is ENOSPC) is a failure status for that C-STORE, its file removed."""
+    compat.stream_datasets_to_files(tmp_path)
+    recorded = _Recorded()
+    server, port, stored = _storing_server(recorded, max_pdu=16384)  # the data set in 33 PDUs
+    ds = dcmread(data("693_UNCR.dcm"))  # 525 KB
+    assoc = _ct_association(port)
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    ignored = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, limit[1]))
+        try:
+            status = assoc.send_c_store(ds).Status
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        assert 0xC000 <= status <= 0xCFFF
+        assert assoc.send_c_echo().Status == 0x0000
+        assert assoc.send_c_store(ds).Status == 0x0000
+    finally:
+        signal.signal(signal.SIGXFSZ, ignored)
+        assoc.release()
+        server.shutdown()
+    assert [getattr(exc, "errno", None) for exc in recorded.unwritable] == [errno.EFBIG]
+    assert len(stored) == 1 and list(tmp_path.iterdir()) == []
