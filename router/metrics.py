@@ -14,7 +14,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Histogram, generate_latest
@@ -297,13 +297,8 @@ class StateCollector(Collector):
             leases.add_metric([self._node], sum(n for (_, state), n in counts.items() if state == "in_flight"))
         yield age
         yield leases
-        jobs = GaugeMetricFamily(
-            "dicom_router_queue_jobs", "Jobs in the queue by destination and state", labels=["destination", "state"]
-        )
-        for name in sorted(set(names) | {d for d, _ in counts}):
-            for state in ("pending", "in_flight", "dead"):
-                jobs.add_metric([name, state], counts.get((name, state), 0))
-        yield jobs
+        yield _by_destination("dicom_router_queue_jobs", "Jobs in the queue by destination and state",
+                              "state", ("pending", "in_flight", "dead"), names, counts)
         oldest = GaugeMetricFamily(
             "dicom_router_oldest_pending_seconds",
             "Age of the oldest job not yet delivered, by destination (0 when none)",
@@ -322,16 +317,11 @@ class StateCollector(Collector):
             paused.add_metric([name], 1 if name in held else 0)
         yield paused
         waiting = self._held()
-        held_jobs = GaugeMetricFamily(
+        yield _by_destination(
             "dicom_router_held_jobs",
             "Pending jobs a destination holds back, by reason: window (outside every window of its schedule), "
             "delay, study_stable (a study still receiving), throttled (due, going out at max_mbps)",
-            labels=["destination", "reason"],
-        )
-        for name in sorted(set(names) | {d for d, _ in waiting}):
-            for reason in HELD_REASONS:
-                held_jobs.add_metric([name, reason.value], waiting.get((name, reason.value), 0))
-        yield held_jobs
+            "reason", [reason.value for reason in HELD_REASONS], names, waiting)
         commitments = self._commitments()
         pending = GaugeMetricFamily(
             "dicom_router_commitment_pending_requests",
@@ -342,22 +332,27 @@ class StateCollector(Collector):
             pending.add_metric([state], commitments.get(state, 0))
         yield pending
         relays = self._relays()
-        relay_requests = GaugeMetricFamily(
+        yield _by_destination(  # 0 in every mode: relay or not
             "dicom_router_commitment_relay_requests",
             "Storage commitment requests to destinations not answered yet ([commitment] mode = \"relay\"), by "
             "state: sending (the destination has not taken the N-ACTION yet), awaiting_report",
-            labels=["destination", "state"],
-        )
-        for name in sorted(set(names) | {d for d, _ in relays}):  # 0 in every mode: relay or not
-            for state in ("sending", "awaiting_report"):
-                relay_requests.add_metric([name, state], relays.get((name, state), 0))
-        yield relay_requests
+            "state", ("sending", "awaiting_report"), names, relays)
         yield GaugeMetricFamily(
             "dicom_router_spool_free_bytes", "Free bytes on the spool's filesystem", value=self._spool_free_bytes()
         )
         build = GaugeMetricFamily("dicom_router_build_info", "Version of the running router", labels=["version"])
         build.add_metric([__version__], 1)
         yield build
+
+
+def _by_destination(metric: str, documentation: str, label: str, values: Iterable[str], names: Iterable[str],
+                    counts: dict[tuple[str, str], int]) -> GaugeMetricFamily:
+    """A gauge by destination and `label`: every configured destination and every value, 0 where none."""
+    family = GaugeMetricFamily(metric, documentation, labels=["destination", label])
+    for name in sorted(set(names) | {d for d, _ in counts}):
+        for value in values:
+            family.add_metric([name, value], counts.get((name, value), 0))
+    return family
 
 
 _collector: StateCollector | None = None

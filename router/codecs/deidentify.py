@@ -36,7 +36,6 @@ import hashlib
 import hmac
 import json
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +45,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag
 from pydicom.uid import UID_dictionary
+
+from router.watched import Watched
 
 EDITION = "2026c"
 # the option names of a rule file -> the column of Table E.1-1 and the code of CID 7050
@@ -142,18 +143,7 @@ def read_secret(path: Path) -> bytes:
     return secret
 
 
-_secrets: dict[Path, tuple[tuple[int, int], bytes]] = {}
-_secrets_lock = threading.Lock()
-
-
-def _secret(path: Path) -> bytes:
-    stat = path.stat()
-    key = (stat.st_mtime_ns, stat.st_size)
-    with _secrets_lock:
-        cached = _secrets.get(path)
-        if cached is None or cached[0] != key:
-            _secrets[path] = cached = (key, read_secret(path))
-    return cached[1]
+_secret = Watched(read_secret).read
 
 
 # -- the table ---------------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ import csv
 import json
 import re
 import string
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.valuerep import validate_value
 
 from router.codecs import deidentify as deid
+from router.watched import Watched
 
 ACTIONS = ("set", "template", "map", "remove")
 # what a header rule never touches: the identity of the instance and the file, and the pixels'
@@ -179,19 +179,7 @@ def read_map(path: Path) -> dict[str, str]:
     return table
 
 
-_maps: dict[Path, tuple[tuple[int, int], dict[str, str]]] = {}
-_maps_lock = threading.Lock()
-
-
-def _mapping(path: Path) -> dict[str, str]:
-    """The map file's table, read again when it changes (size or modification time)."""
-    stat = path.stat()
-    key = (stat.st_mtime_ns, stat.st_size)
-    with _maps_lock:
-        cached = _maps.get(path)
-        if cached is None or cached[0] != key:
-            _maps[path] = cached = (key, read_map(path))
-        return cached[1]
+_mapping = Watched(read_map).read  # the map file's table, read again when it changes
 
 
 def actions(set_: dict[str, Any], template: dict[str, str], mapped: dict[str, Path], remove: list[str],
