@@ -48,6 +48,7 @@ WAIT_LEAVES = (
     "SqliteQueue._Tx.__enter__",  # BEGIN IMMEDIATE: waiting for SQLite's write lock
     "_wait_dul (router/compat/pynetdicom.py",  # the quiet reactor's poll() on socket + wake fd
     "_poll_dul (router/compat/pynetdicom.py",
+    "Router._listen_for_wakeups (router/operate/service.py",  # recv on the wake-up socket
 )
 # innermost frames that are the kernel making data durable (fsync, SQLite COMMIT's fsync, unlink)
 IO_LEAVES = ("Spool.accept (", "_fsync_dir (", "SqliteQueue._Tx.__exit__ (", "Spool.remove (")
