@@ -324,17 +324,28 @@ class CommittingModality:
                 item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, uid
                 items.append(item)
             information.ReferencedSOPSequence = items
+        # the report is recorded by the handler, before pynetdicom sends its N-EVENT-REPORT-RSP:
+        # released at that moment, the response would never go out (and the router would rightly
+        # keep the report to send again). The modality releases once a P-DATA-TF went out after
+        # the report, i.e. its answer
+        answered = threading.Event()
+
+        def on_pdu_sent(event: evt.Event) -> None:
+            if type(event.pdu).__name__ == "P_DATA_TF" and self.report(transaction_uid):
+                answered.set()
+
         ae = AE(ae_title=self.ae_title)
         ae.add_requested_context(STORAGE_COMMITMENT, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         assoc = ae.associate("127.0.0.1", port, ae_title=called_ae,
-                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: self._on_report(event, True))])
+                             evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: self._on_report(event, True)),
+                                           (evt.EVT_PDU_SENT, on_pdu_sent)])
         if not assoc.is_established:
             return -1, transaction_uid
         try:
             status, _ = assoc.send_n_action(information, action_type, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE)
             code = int(status.Status) if "Status" in status else -1
             deadline = time.monotonic() + keep_open_s
-            while time.monotonic() < deadline and assoc.is_established and not self.report(transaction_uid):
+            while time.monotonic() < deadline and assoc.is_established and not answered.is_set():
                 time.sleep(0.05)
         finally:
             if assoc.is_established:
